@@ -1,0 +1,268 @@
+"""The `build-fundusgen` Prefect flow: ingest -> detect -> crop -> expand -> chain -> write.
+
+Work is done per shard of images. Every shard-stage is a task whose cache key is computed
+up front from content: the images' sha256, the stage's config section, the stage's code and
+the prompt templates it renders, chained through the upstream stage's key. So an unchanged
+re-run recomputes nothing, and an edited prompt re-runs only the stages that render it and
+those after them. Each shard-stage writes its rows to a content-addressed Parquet file under
+`OUT/stages/<stage>/`; Prefect keeps the cache records under `OUT/.cache/prefect`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
+
+import fundus_engine
+from fundus_engine import chain as chain_stage
+from fundus_engine import crop as crop_stage
+from fundus_engine import detect as detect_stage
+from fundus_engine import expand as expand_stage
+from fundus_engine import ingest as ingest_stage
+from fundus_engine import write as write_stage
+from fundus_engine.config import BuildConfig
+from fundus_engine.models import (Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject)
+from fundus_engine.prompts import fingerprint
+from fundus_engine.tables import read_rows, write_rows
+
+STAGES = ("ingest", "detect", "crop", "expand", "chain")
+# The tables each stage writes per shard, and their row models.
+TABLES: dict[str, dict[str, type[BaseModel]]] = {
+    "ingest": {"images": ImageRecord},
+    "detect": {"detections": Detection},
+    "crop": {"anatomy": Anatomy, "regions": Region},
+    "expand": {"expansions": Expansion},
+    "chain": {"records": InstructionRecord},
+}
+_SHARED_CODE = ("models.py", "vocabulary.py", "tables.py")
+
+
+class ShardOutput(BaseModel):
+    """What a shard-stage task returns (and Prefect caches): where its rows are, not the rows."""
+
+    stage: str
+    shard: int
+    key: str
+    files: dict[str, str]
+    rows: int
+    rejects: list[Reject] = []
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version(stage: str) -> str:
+    """The stage's own source plus the shared models: editing either re-runs the stage."""
+    root = Path(fundus_engine.__file__).parent
+    return digest(*[(root / name).read_text() for name in (f"{stage}.py", *_SHARED_CODE)])
+
+
+def shard_files(out: Path, stage: str, shard: int, key: str) -> dict[str, Path]:
+    return {name: out / "stages" / stage / f"{shard:05d}-{key[:16]}.{name}.parquet" for name in TABLES[stage]}
+
+
+def _cache_key(context, parameters) -> str:
+    return f"{parameters['stage']}-{parameters['key']}"
+
+
+def _save(out: Path, stage: str, shard: int, key: str, tables: dict[str, list], rejects: list[Reject]) -> ShardOutput:
+    files = shard_files(out, stage, shard, key)
+    for name, rows in tables.items():
+        write_rows(files[name], rows, TABLES[stage][name])
+    main = next(iter(tables.values()))
+    return ShardOutput(stage=stage, shard=shard, key=key, files={k: str(v) for k, v in files.items()},
+                       rows=len(main), rejects=rejects)
+
+
+def _load(output: ShardOutput, name: str) -> list:
+    return read_rows(Path(output.files[name]), TABLES[output.stage][name])
+
+
+@task(task_run_name="ingest-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
+def ingest_task(stage: str, shard: int, key: str, out: str, input_dir: str,
+                sources: list[ingest_stage.SourceFile], labels: dict, config: BuildConfig) -> ShardOutput:
+    records, rejects = ingest_stage.ingest(Path(input_dir), sources, labels, config.ingest)
+    return _save(Path(out), stage, shard, key, {"images": records}, rejects)
+
+
+@task(task_run_name="detect-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
+def detect_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput, config: BuildConfig) -> ShardOutput:
+    detections, rejects = detect_stage.detect(_load(ingested, "images"), config.detect)
+    return _save(Path(out), stage, shard, key, {"detections": detections}, rejects)
+
+
+@task(task_run_name="crop-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
+def crop_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput, detected: ShardOutput,
+              config: BuildConfig) -> ShardOutput:
+    anatomies, regions, rejects = crop_stage.crop(_load(ingested, "images"), _load(detected, "detections"),
+                                                  Path(out) / "crops", config.crop)
+    return _save(Path(out), stage, shard, key, {"anatomy": anatomies, "regions": regions}, rejects)
+
+
+@task(task_run_name="expand-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
+def expand_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput, cropped: ShardOutput,
+                config: BuildConfig) -> ShardOutput:
+    expander = expand_stage.make_expander(config.expand)
+    expansions, rejects = expand_stage.expand(expander, _load(ingested, "images"), _load(cropped, "anatomy"),
+                                              _load(cropped, "regions"))
+    return _save(Path(out), stage, shard, key, {"expansions": expansions}, rejects)
+
+
+@task(task_run_name="chain-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
+def chain_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput, cropped: ShardOutput,
+               expanded: ShardOutput, config: BuildConfig) -> ShardOutput:
+    records, rejects = chain_stage.chain(_load(ingested, "images"), _load(cropped, "anatomy"),
+                                         _load(cropped, "regions"), _load(expanded, "expansions"),
+                                         config.chain, config.write)
+    return _save(Path(out), stage, shard, key, {"records": records}, rejects)
+
+
+def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict, config: BuildConfig,
+               expand_prompts: str, chain_prompts: str, weights_sha: str) -> dict[str, str]:
+    """Every stage's cache key for one shard, each chained on the key before it."""
+    keys = {"ingest": digest("ingest", code_version("ingest"), [(s.relpath, s.sha256) for s in shard_sources],
+                             shard_labels, config.ingest.model_dump())}
+    keys["detect"] = digest(keys["ingest"], code_version("detect"), config.detect.model_dump(exclude={"weights"}),
+                            weights_sha)
+    keys["crop"] = digest(keys["detect"], code_version("crop"), config.crop.model_dump())
+    keys["expand"] = digest(keys["crop"], code_version("expand"), config.expand.model_dump(), expand_prompts)
+    keys["chain"] = digest(keys["expand"], code_version("chain"), config.chain.model_dump(),
+                           config.write.model_dump(include={"val_fraction", "test_fraction"}), chain_prompts)
+    return keys
+
+
+@task(task_run_name="write")
+def write_task(out: str, chained: list[ShardOutput], rejects: list[Reject], config: BuildConfig) -> dict:
+    records = [r for output in chained for r in _load(output, "records")]
+    files = write_stage.write_dataset(records, Path(out), config.write)
+    write_stage.write_rejects(rejects, Path(out))
+    return {"files": files, **write_stage.summarise(records, rejects)}
+
+
+def _prune(out: Path, keep: set[str]) -> None:
+    """Drop shard files of earlier builds that no current shard uses."""
+    for stage in STAGES:
+        for path in (out / "stages" / stage).glob("*.parquet"):
+            if str(path) not in keep:
+                path.unlink()
+
+
+def _publish(stage_rows: dict[str, list[dict]], summary: dict, out: Path, rejects: list[Reject], seconds: float):
+    for stage, rows in stage_rows.items():
+        create_table_artifact(key=f"fundusgen-{stage}", table=rows,
+                              description=f"{stage}: one row per shard (computed or cached, rows out, rejects)")
+    if rejects:
+        create_table_artifact(key="fundusgen-rejects", table=[r.model_dump() for r in rejects[:500]],
+                              description=f"Rejected items ({len(rejects)} in all; full table in {out}/rejects.parquet)")
+    lines = [f"# FundusGen build: {summary['records']} records from {summary['images']} images",
+             f"Output: `{out}` in {seconds:.1f} s", "", "| task | records |", "|---|---|"]
+    lines += [f"| {task} | {n} |" for task, n in summary["records_per_task"].items()]
+    lines += ["", "| split | images | records |", "|---|---|---|"]
+    lines += [f"| {s} | {summary['images_per_split'].get(s, 0)} | {summary['records_per_split'].get(s, 0)} |"
+              for s in write_stage.SPLITS]
+    lines += ["", f"Rejects: {summary['rejects']} {summary['rejects_per_stage']}", "",
+              "| stage | shards computed | shards cached |", "|---|---|---|"]
+    lines += [f"| {stage} | {sum(r['status'] == 'computed' for r in rows)} | {sum(r['status'] == 'cached' for r in rows)} |"
+              for stage, rows in stage_rows.items()]
+    create_markdown_artifact(key="fundusgen-summary", markdown="\n".join(lines), description="FundusGen build summary")
+
+
+@flow(name="build-fundusgen", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
+      log_prints=True, validate_parameters=True)
+def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = BuildConfig()) -> dict:
+    """Build a FundusGen-style instruction dataset from a folder of fundus photographs."""
+    started = time.monotonic()
+    logger = get_run_logger()
+    inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = out / ".cache" / "prefect"
+
+    sources, rejects = ingest_stage.scan(inp, exclude=out)
+    labels, label_rejects = ingest_stage.load_labels(inp, config.ingest)
+    rejects += label_rejects
+    matched = {s.relpath: ingest_stage.labels_for(s.relpath, labels) for s in sources}
+    logger.info("%d images in %s (%d rejected at scan), %d label entries", len(sources), inp, len(rejects), len(labels))
+
+    weights = detect_stage.weights_path(config.detect)
+    weights_sha = detect_stage.weights_sha256(weights)
+    expander = expand_stage.make_expander(config.expand)
+    chain_prompts = list({p.sha256: p for p in chain_stage.templates().values()}.values())
+    expand_fp, chain_fp = fingerprint(expander.prompts), fingerprint(chain_prompts)
+
+    tasks = {name: t.with_options(result_storage=storage) for name, t in
+             {"ingest": ingest_task, "detect": detect_task, "crop": crop_task, "expand": expand_task,
+              "chain": chain_task}.items()}
+    futures: dict[str, list] = {stage: [] for stage in STAGES}
+    for shard, start in enumerate(range(0, len(sources), config.shard_size)):
+        batch = sources[start:start + config.shard_size]
+        shard_labels = {s.relpath: matched[s.relpath] for s in batch if matched[s.relpath]}
+        keys = stage_keys(batch, shard_labels, config, expand_fp, chain_fp, weights_sha)
+        common = dict(shard=shard, out=str(out), config=config)
+
+        def submit(stage, **kw):
+            # A cache record whose shard files were deleted must not hit: recompute and overwrite it.
+            files_present = all(p.exists() for p in shard_files(out, stage, shard, keys[stage]).values())
+            stage_task = tasks[stage] if files_present else tasks[stage].with_options(refresh_cache=True)
+            future = stage_task.submit(stage=stage, key=keys[stage], **common, **kw)
+            futures[stage].append(future)
+            return future
+
+        i = submit("ingest", input_dir=str(inp), sources=batch, labels=shard_labels)
+        d = submit("detect", ingested=i)
+        c = submit("crop", ingested=i, detected=d)
+        e = submit("expand", ingested=i, cropped=c)
+        submit("chain", ingested=i, cropped=c, expanded=e)
+
+    stage_rows: dict[str, list[dict]] = {}
+    outputs: dict[str, list[ShardOutput]] = {}
+    for stage in STAGES:
+        stage_rows[stage], outputs[stage] = [], []
+        for shard, future in enumerate(futures[stage]):
+            future.wait()
+            state = future.state
+            if state.is_completed():
+                result: ShardOutput = future.result()
+                outputs[stage].append(result)
+                rejects += result.rejects
+                stage_rows[stage].append({"shard": result.shard, "status": "cached" if state.name == "Cached" else "computed",
+                                          "rows": result.rows, "rejects": len(result.rejects)})
+            else:
+                reason = f"{stage} failed for the whole shard: {state.message}"
+                if state.is_failed():
+                    rejects.append(Reject(stage=stage, item=f"shard {shard:05d}", reason=reason))
+                stage_rows[stage].append({"shard": shard, "status": state.name.lower(), "rows": 0, "rejects": 0})
+
+    result = write_task.with_options(result_storage=storage)(str(out), outputs["chain"], rejects, config)
+    _prune(out, {f for stage in STAGES for o in outputs[stage] for f in o.files.values()})
+
+    seconds = time.monotonic() - started
+    manifest = {
+        "engine_version": fundus_engine.__version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input_dir": str(inp),
+        "output_dir": str(out),
+        "config": config.model_dump(mode="json"),
+        "detector": {"weights": str(weights), "sha256": weights_sha},
+        "expand_backend": expander.name,
+        "prompts": [{"id": p.id, "version": p.version, "sha256": p.sha256}
+                    for p in [*expander.prompts, *chain_prompts]],
+        "labels": {"entries": len(labels), "matched_images": sum(1 for v in matched.values() if v)},
+        "stages": {stage: {"shards": len(rows), "computed": sum(r["status"] == "computed" for r in rows),
+                           "cached": sum(r["status"] == "cached" for r in rows)} for stage, rows in stage_rows.items()},
+        "wall_seconds": round(seconds, 2),
+        **result,
+    }
+    write_stage.write_manifest(out, manifest)
+    _publish(stage_rows, result, out, rejects, seconds)
+    logger.info("wrote %d records (%s) to %s; %d rejects", result["records"], result["records_per_task"],
+                out / "dataset", result["rejects"])
+    return manifest

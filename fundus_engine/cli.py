@@ -1,0 +1,98 @@
+"""`fundus-engine`: synth, build, serve, inspect."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+
+@app.command()
+def synth(n: int = typer.Option(32, "--n", help="number of images"),
+          seed: int = typer.Option(0, help="same seed, same images"),
+          out: Path = typer.Option(..., help="folder to write"),
+          size: int = typer.Option(512, help="image side in pixels"),
+          full_labels: bool = typer.Option(False, help="also write disc/fovea points and boxes to labels.json")):
+    """Write synthetic fundus photographs with ground truth (labels.json, YOLO labels)."""
+    from fundus_engine.synth import generate
+
+    records = generate(out, n, seed=seed, size=size, full_labels=full_labels)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.grade or r.diagnosis] = counts.get(r.grade or r.diagnosis, 0) + 1
+    console.print(f"wrote {len(records)} images to {out}: {counts}")
+
+
+@app.command()
+def build(input: Path = typer.Option(..., "--input", help="folder of fundus images (+ labels.json/csv)"),
+          out: Path = typer.Option(..., "--out", help="output folder"),
+          config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON build config"),
+          workers: Optional[int] = typer.Option(None, help="shards processed at once (default: CPU count)")):
+    """Run the build-fundusgen flow here, without a server (Prefect's ephemeral mode)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.build_fundusgen import build_fundusgen
+    from fundus_engine.config import BuildConfig
+
+    try:
+        cfg = BuildConfig.load(config)
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    flow = build_fundusgen.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers)) if workers else build_fundusgen
+    manifest = flow(input_dir=str(input), output_dir=str(out), config=cfg)
+    _print_summary(manifest)
+
+
+@app.command()
+def serve(limit: Optional[int] = typer.Option(None, help="flow runs at once")):
+    """Serve the build-fundusgen deployment (needs PREFECT_API_URL pointing at a server)."""
+    from flows.serve import serve as serve_flow
+
+    serve_flow(limit=limit)
+
+
+@app.command()
+def inspect(out: Path = typer.Argument(..., help="output folder of a build"),
+            stage: Optional[str] = typer.Option(None, help="ingest, detect, crop, expand, chain or dataset"),
+            rows: int = typer.Option(3, help="sample rows to show"),
+            overlays: int = typer.Option(4, help="overlay PNGs to write")):
+    """Per-stage counts and sample rows; overlay PNGs of the boxes for a sample."""
+    from fundus_engine import inspect as ins
+
+    try:
+        manifest = ins.manifest(out)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    table = Table("stage", "table", "rows", title=f"{out}")
+    for name, tables in ins.stage_counts(out).items():
+        for tname, n in tables.items():
+            table.add_row(name, tname, str(n))
+    console.print(table)
+    _print_summary(manifest)
+    for name in ([stage] if stage else ["dataset"]):
+        for row in ins.sample_rows(out, name, rows):
+            console.print_json(json.dumps(row, default=str))
+    for path in ins.write_overlays(out, overlays):
+        console.print(f"overlay: {path}")
+
+
+def _print_summary(manifest: dict) -> None:
+    table = Table("task", "records", title=f"{manifest['records']} records from {manifest['images']} images")
+    for task, n in manifest["records_per_task"].items():
+        table.add_row(task, str(n))
+    console.print(table)
+    console.print(f"splits (images): {manifest['images_per_split']}")
+    console.print(f"rejects: {manifest['rejects']} {manifest['rejects_per_stage']} -> {manifest['output_dir']}/rejects.parquet")
+    console.print(f"dataset: {manifest['output_dir']}/dataset  ({manifest['wall_seconds']} s)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,184 @@
+"""Crop: region crops with context, a box-marked copy for region-identification questions, and
+the measured facts a clinician would state (size and distance in disc diameters, clock hour
+and quadrant relative to the fovea, colour).
+
+The geometry is pure functions of boxes and points; only `crop_image` touches files.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fundus_engine.config import CropConfig
+from fundus_engine.ingest import decode
+from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Region, Reject
+from fundus_engine.vocabulary import BY_NAME
+
+STAGE = "crop"
+
+
+def centre(xyxy: list[float]) -> Point:
+    return Point(x=(xyxy[0] + xyxy[2]) / 2, y=(xyxy[1] + xyxy[3]) / 2)
+
+
+def box_999(xyxy: list[float], width: int, height: int) -> list[int]:
+    """InternVL box convention: integers 0-999 normalised by image width and height."""
+    x1, y1, x2, y2 = xyxy
+    scale = [width, height, width, height]
+    return [int(min(999, max(0, round(v / s * 999)))) for v, s in zip((x1, y1, x2, y2), scale)]
+
+
+def anatomy(record: ImageRecord, detections: list[Detection]) -> Anatomy:
+    """Disc and fovea from labels where given, otherwise from the detector."""
+    best = {d.label: d for d in sorted(detections, key=lambda d: d.confidence)}
+    disc_box = best.get("optic_disc")
+    cup_box = best.get("optic_cup")
+    disc_centre = record.disc or (centre(disc_box.xyxy) if disc_box else None)
+    disc_diameter = None
+    if disc_box:
+        disc_diameter = ((disc_box.xyxy[2] - disc_box.xyxy[0]) + (disc_box.xyxy[3] - disc_box.xyxy[1])) / 2
+    fovea_centre = record.fovea or (centre(best["fovea"].xyxy) if "fovea" in best else None)
+    cup_to_disc = None
+    if disc_box and cup_box:  # vertical cup-to-disc ratio, as glaucoma screening uses
+        cup_to_disc = round((cup_box.xyxy[3] - cup_box.xyxy[1]) / max(1e-6, disc_box.xyxy[3] - disc_box.xyxy[1]), 3)
+    laterality, source = record.laterality, "label"
+    if laterality == "unknown":
+        # The disc is nasal to the fovea: on the viewer's right in a right eye.
+        if disc_centre and fovea_centre and abs(disc_centre.x - fovea_centre.x) > 1:
+            laterality, source = ("OD" if disc_centre.x > fovea_centre.x else "OS"), "disc_position"
+        else:
+            source = "unknown"
+    return Anatomy(sha256=record.sha256, laterality=laterality, laterality_source=source,
+                   disc_centre=disc_centre, disc_diameter_px=round(disc_diameter, 2) if disc_diameter else None,
+                   fovea_centre=fovea_centre, cup_to_disc=cup_to_disc)
+
+
+def clock_hour(dx: float, dy: float) -> int:
+    """Clock hour as viewed, 12 superior and 3 on the viewer's right (image y grows downward)."""
+    angle = math.degrees(math.atan2(dx, -dy)) % 360
+    hour = round(angle / 30) % 12
+    return 12 if hour == 0 else hour
+
+
+def quadrant(dx: float, dy: float, laterality: str) -> str | None:
+    """Retinal quadrant around the fovea; nasal is toward the disc, so it mirrors between eyes."""
+    if laterality not in ("OD", "OS"):
+        return None
+    vertical = "supero" if dy < 0 else "infero"
+    nasal_is_right = laterality == "OD"
+    horizontal = "nasal" if (dx > 0) == nasal_is_right else "temporal"
+    return vertical + horizontal
+
+
+def colour_name(rgb: tuple[float, float, float]) -> str:
+    hsv = cv2.cvtColor(np.uint8([[rgb]]), cv2.COLOR_RGB2HSV)[0, 0]
+    hue, sat, val = int(hsv[0]) * 2, int(hsv[1]) / 255, int(hsv[2]) / 255
+    if sat < 0.28 and val > 0.6:
+        return "white"
+    if val < 0.45:
+        return "dark red"
+    if 35 <= hue <= 70:
+        return "yellow"
+    if 20 <= hue < 35:
+        return "yellow-orange" if sat > 0.5 else "pale yellow"
+    return "red" if sat > 0.5 else "pink"
+
+
+def region_facts(xyxy: list[float], anat: Anatomy) -> dict:
+    """Size and position in disc diameters; None where the disc or fovea was not found."""
+    facts: dict = {"size_dd": None, "area_disc_areas": None, "fovea_distance_dd": None,
+                   "disc_distance_dd": None, "clock_hour": None, "quadrant": None}
+    w, h = xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]
+    c = centre(xyxy)
+    dd = anat.disc_diameter_px
+    if dd:
+        facts["size_dd"] = round(max(w, h) / dd, 2)
+        facts["area_disc_areas"] = round(w * h / dd ** 2, 3)  # ellipse in box / disc circle
+        if anat.disc_centre:
+            facts["disc_distance_dd"] = round(math.hypot(c.x - anat.disc_centre.x, c.y - anat.disc_centre.y) / dd, 2)
+    if anat.fovea_centre:
+        dx, dy = c.x - anat.fovea_centre.x, c.y - anat.fovea_centre.y
+        if dd:
+            facts["fovea_distance_dd"] = round(math.hypot(dx, dy) / dd, 2)
+        if math.hypot(dx, dy) > 1:
+            facts["clock_hour"] = clock_hour(dx, dy)
+            facts["quadrant"] = quadrant(dx, dy, anat.laterality)
+    return facts
+
+
+def context_window(xyxy: list[float], width: int, height: int, config: CropConfig) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = xyxy
+    w = max(x2 - x1, 1) * (1 + 2 * config.context)
+    h = max(y2 - y1, 1) * (1 + 2 * config.context)
+    w, h = max(w, config.min_crop_px), max(h, config.min_crop_px)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left = int(max(0, min(width - w, cx - w / 2)))
+    top = int(max(0, min(height - h, cy - h / 2)))
+    return left, top, int(min(width, left + w)), int(min(height, top + h))
+
+
+def mean_colour(rgb: np.ndarray, xyxy: list[float]) -> list[int]:
+    """Mean colour of the box's central half, where the lesion rather than background lies."""
+    x1, y1, x2, y2 = xyxy
+    qx, qy = (x2 - x1) / 4, (y2 - y1) / 4
+    patch = rgb[int(y1 + qy):max(int(y1 + qy) + 1, int(y2 - qy)), int(x1 + qx):max(int(x1 + qx) + 1, int(x2 - qx))]
+    return [int(v) for v in patch.reshape(-1, 3).mean(axis=0)] if patch.size else [0, 0, 0]
+
+
+def _write_jpeg(path: Path, rgb: np.ndarray, quality: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]):
+        raise OSError(f"{path}: could not write image")
+    return str(path)
+
+
+def mark(rgb: np.ndarray, xyxy: list[float]) -> np.ndarray:
+    marked = rgb.copy()
+    thickness = max(2, round(max(rgb.shape[:2]) / 300))
+    x1, y1, x2, y2 = (int(round(v)) for v in xyxy)
+    cv2.rectangle(marked, (x1, y1), (x2, y2), (0, 255, 0), thickness)
+    return marked
+
+
+def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, config: CropConfig
+               ) -> tuple[Anatomy, list[Region]]:
+    rgb = decode(Path(record.path))
+    anat = anatomy(record, detections)
+    regions = []
+    marked_labels = set()
+    image_dir = Path(out_dir) / record.sha256[:16]
+    for d in sorted(detections, key=lambda d: -d.confidence):
+        left, top, right, bottom = context_window(d.xyxy, record.width, record.height, config)
+        crop_path = _write_jpeg(image_dir / f"{d.region_id}.crop.jpg", rgb[top:bottom, left:right], config.jpeg_quality)
+        marked_path = None
+        if d.label not in marked_labels:  # one marked copy per class bounds the disk cost
+            marked_labels.add(d.label)
+            marked_path = _write_jpeg(image_dir / f"{d.region_id}.marked.jpg", mark(rgb, d.xyxy), config.jpeg_quality)
+        colour = mean_colour(rgb, d.xyxy)
+        regions.append(Region(
+            sha256=record.sha256, region_id=d.region_id, label=d.label, display=BY_NAME[d.label].display,
+            xyxy=d.xyxy, box_999=box_999(d.xyxy, record.width, record.height), confidence=d.confidence,
+            source=d.source, crop_path=crop_path, marked_path=marked_path, mean_rgb=colour,
+            colour=colour_name(tuple(colour)), **region_facts(d.xyxy, anat)))
+    regions.sort(key=lambda r: r.region_id)
+    return anat, regions
+
+
+def crop(records: list[ImageRecord], detections: list[Detection], out_dir: Path, config: CropConfig
+         ) -> tuple[list[Anatomy], list[Region], list[Reject]]:
+    by_image: dict[str, list[Detection]] = {}
+    for d in detections:
+        by_image.setdefault(d.sha256, []).append(d)
+    anatomies, regions, rejects = [], [], []
+    for record in records:
+        try:
+            anat, found = crop_image(record, by_image.get(record.sha256, []), out_dir, config)
+        except (ValueError, OSError) as exc:
+            rejects.append(Reject(stage=STAGE, item=record.path, reason=str(exc)))
+            continue
+        anatomies.append(anat)
+        regions.extend(found)
+    return anatomies, regions, rejects

@@ -1,0 +1,125 @@
+"""Detect: localise anatomy and lesions with an ultralytics YOLO model.
+
+The model is loaded once per process and shared by every shard that process handles; boxes
+that the labels manifest already gives are preferred over predictions (and say so).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+from pathlib import Path
+
+from fundus_engine.config import DetectConfig
+from fundus_engine.models import Detection, ImageRecord, Reject
+from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
+from fundus_engine.yolo import ultralytics
+
+STAGE = "detect"
+DEMO_WEIGHTS = Path(__file__).parent / "weights" / "demo_detector.pt"
+_predict_lock = threading.Lock()  # a YOLO predictor is not safe to call from two threads at once
+
+
+def weights_path(config: DetectConfig) -> Path:
+    path = Path(config.weights) if config.weights else DEMO_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: detector weights not found")
+    return path.resolve()
+
+
+@functools.cache
+def weights_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@functools.cache
+def load_model(path: Path):
+    model = ultralytics().YOLO(str(path))
+    unknown = [n for n in model.names.values() if _canonical_or_none(n) is None]
+    if unknown:
+        raise ValueError(f"{path}: detector classes {unknown} are not in the vocabulary {CLASS_NAMES}")
+    return model
+
+
+def _canonical_or_none(name: str) -> str | None:
+    try:
+        return canonical_class(name)
+    except ValueError:
+        return None
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _one_per_image(detections: list[Detection]) -> list[Detection]:
+    """An eye has one disc, one cup and one fovea: keep the most confident of each."""
+    kept, seen = [], set()
+    for d in sorted(detections, key=lambda d: -d.confidence):
+        if d.label in ANATOMY:
+            if d.label in seen:
+                continue
+            seen.add(d.label)
+        kept.append(d)
+    return kept
+
+
+def _numbered(sha256: str, detections: list[Detection]) -> list[Detection]:
+    order = sorted(detections, key=lambda d: (CLASS_NAMES.index(d.label), -d.confidence, d.xyxy))
+    return [d.model_copy(update={"region_id": f"{sha256[:12]}-{i:03d}"}) for i, d in enumerate(order)]
+
+
+def _from_result(sha256: str, result) -> list[Detection]:
+    names = result.names
+    boxes = result.boxes
+    found = [
+        Detection(sha256=sha256, region_id="", label=canonical_class(names[int(c)]),
+                  xyxy=[round(float(v), 1) for v in xyxy], confidence=round(float(p), 4), source="model")
+        for xyxy, c, p in zip(boxes.xyxy.tolist(), boxes.cls.tolist(), boxes.conf.tolist())
+    ]
+    return _numbered(sha256, _one_per_image(found))
+
+
+def from_labels(record: ImageRecord) -> list[Detection]:
+    found = [Detection(sha256=record.sha256, region_id="", label=b.label, xyxy=b.xyxy, confidence=1.0,
+                       source="ground_truth") for b in record.label_boxes]
+    return _numbered(record.sha256, found)
+
+
+def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detection], list[Reject]]:
+    detections: list[Detection] = []
+    rejects: list[Reject] = []
+    to_predict = []
+    for record in records:
+        if config.ground_truth == "prefer" and record.label_boxes:
+            detections.extend(from_labels(record))
+        else:
+            to_predict.append(record)
+    if not to_predict:
+        return detections, rejects
+    model = load_model(weights_path(config))
+    device = resolve_device(config.device)
+    options = dict(imgsz=config.imgsz, conf=config.confidence, iou=config.iou, device=device,
+                   half=device.startswith("cuda"), verbose=False)
+    for start in range(0, len(to_predict), config.batch):
+        batch = to_predict[start:start + config.batch]
+        try:
+            with _predict_lock:
+                results = model.predict([r.path for r in batch], **options)
+        except Exception:  # one unreadable file must not sink the batch: retry one by one
+            results = []
+            for record in batch:
+                try:
+                    with _predict_lock:
+                        results.extend(model.predict(record.path, **options))
+                except Exception as exc:
+                    rejects.append(Reject(stage=STAGE, item=record.path, reason=f"detector failed: {exc}"))
+                    results.append(None)
+        for record, result in zip(batch, results):
+            if result is not None:
+                detections.extend(_from_result(record.sha256, result))
+    return detections, rejects

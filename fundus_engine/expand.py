@@ -1,0 +1,132 @@
+"""Expand: structured descriptions of each image and each region.
+
+Backends share one interface (`Expander`); the default `offline` backend is knowledge-grounded:
+it writes only what the detections, the measured facts and the ophthalmic knowledge table
+support, so its output can be trusted as a baseline and costs nothing.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Protocol
+
+from fundus_engine import __version__
+from fundus_engine.config import ExpandConfig
+from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageRecord, Provenance, Region,
+                                  RegionDescription, Reject)
+from fundus_engine.prompts import Prompt, load
+from fundus_engine.vocabulary import AMD, BY_NAME, DR, DR_GRADES, GLAUCOMA, LESIONS, NORMAL
+
+STAGE = "expand"
+GLAUCOMA_CUP_TO_DISC = 0.6  # vertical CDR at or above which the disc is called suspicious
+
+
+class Expander(Protocol):
+    name: str
+    prompts: list[Prompt]  # the templates whose edits must re-run this stage
+
+    def expand(self, record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> Expansion: ...
+
+
+def infer_diagnosis(counts: Counter, cup_to_disc: float | None) -> tuple[str, str | None, list[str]]:
+    """Diagnosis, grade and the findings that justify them, from lesion counts alone.
+
+    A simplified international DR scale: new vessels make it proliferative; many haemorrhages
+    or cotton-wool spots severe; haemorrhages or exudates moderate; microaneurysms only mild.
+    """
+    def n(label):
+        return counts.get(label, 0)
+
+    def plural(label):
+        return f"{n(label)} {BY_NAME[label].display.lower()}{'s' if n(label) > 1 and label != 'drusen' else ''}"
+
+    if n("neovascularisation"):
+        return DR, DR_GRADES[4], [f"{plural('neovascularisation')} at the disc"]
+    if n("haemorrhage") >= 8 or (n("soft_exudate") and n("haemorrhage") >= 4):
+        return DR, DR_GRADES[3], [plural(x) for x in ("haemorrhage", "soft_exudate", "microaneurysm") if n(x)]
+    if n("haemorrhage") or n("hard_exudate") or n("soft_exudate"):
+        return DR, DR_GRADES[2], [plural(x) for x in ("haemorrhage", "hard_exudate", "soft_exudate", "microaneurysm") if n(x)]
+    if n("microaneurysm"):
+        return DR, DR_GRADES[1], [plural("microaneurysm")]
+    if n("drusen"):
+        return AMD, None, [plural("drusen") + " around the macula"]
+    if cup_to_disc is not None and cup_to_disc >= GLAUCOMA_CUP_TO_DISC:
+        return GLAUCOMA, None, [f"an enlarged cup-to-disc ratio of {cup_to_disc:.2f}"]
+    return NORMAL, None, ["no lesion was found"]
+
+
+def _supporting(diagnosis: str, counts: Counter, cup_to_disc: float | None) -> list[str]:
+    """Findings that bear on a labelled diagnosis, stated as counts."""
+    evidence = [f"{c} {BY_NAME[label].display.lower()}" for label, c in sorted(counts.items())
+                if label in LESIONS and any(diagnosis.lower() in d.lower() or d.lower() in diagnosis.lower()
+                                            for d in BY_NAME[label].diseases)]
+    if diagnosis == GLAUCOMA and cup_to_disc is not None:
+        evidence.append(f"a cup-to-disc ratio of {cup_to_disc:.2f}")
+    if diagnosis == NORMAL and not any(counts[label] for label in LESIONS):
+        evidence.append("no lesion was found")
+    return evidence
+
+
+class OfflineExpander:
+    """Knowledge-grounded descriptions rendered from `prompts/expand/offline.j2`."""
+
+    name = "offline"
+
+    def __init__(self, config: ExpandConfig):
+        self.config = config
+        self.prompt = load("expand/offline")
+        self.prompts = [self.prompt]
+
+    def provenance(self) -> Provenance:
+        return Provenance(backend=self.name, model="knowledge-table", prompt_id=self.prompt.id,
+                          prompt_version=self.prompt.version, prompt_sha256=self.prompt.sha256,
+                          engine_version=__version__)
+
+    def expand(self, record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> Expansion:
+        text = self.prompt.module(knowledge=BY_NAME)
+        lesions = [r for r in regions if r.label in LESIONS]
+        counts = Counter(r.label for r in lesions)
+        if record.diagnosis:
+            diagnosis, grade, source = record.diagnosis, record.grade, "label"
+            evidence = _supporting(diagnosis, counts, anatomy.cup_to_disc) or [
+                "no supporting lesion was detected; the diagnosis comes from the source label"]
+        elif record.grade and record.dr_grade == 0:
+            diagnosis, grade, source = NORMAL, record.grade, "label"
+            evidence = _supporting(NORMAL, counts, anatomy.cup_to_disc)
+        else:
+            diagnosis, grade, evidence = infer_diagnosis(counts, anatomy.cup_to_disc)
+            source = "inferred"
+        positives = [str(text.finding(label=label, count=c, regions=[r for r in lesions if r.label == label]))
+                     for label, c in sorted(counts.items(), key=lambda kv: LESIONS.index(kv[0]))]
+        negatives = [BY_NAME[label].report_finding for label in LESIONS if label not in counts]
+        description = ImageDescription(
+            overview=str(text.overview(record=record, anatomy=anatomy)).strip(),
+            anatomy=str(text.anatomy(anatomy=anatomy, regions=regions)).strip(),
+            positive_findings=[p.strip() for p in positives], negative_findings=negatives,
+            diagnosis=diagnosis, grade=grade, diagnosis_source=source, evidence=evidence)
+        region_texts = [RegionDescription(region_id=r.region_id, label=r.label,
+                                          description=str(text.region(r=r)).strip(),
+                                          significance=BY_NAME[r.label].significance) for r in regions]
+        return Expansion(sha256=record.sha256, image=description, regions=region_texts, provenance=self.provenance())
+
+
+def make_expander(config: ExpandConfig) -> Expander:
+    if config.backend == "offline":
+        return OfflineExpander(config)
+    raise ValueError(f"unknown expand backend {config.backend!r}")
+
+
+def expand(expander: Expander, records: list[ImageRecord], anatomies: list[Anatomy], regions: list[Region]
+           ) -> tuple[list[Expansion], list[Reject]]:
+    by_image: dict[str, list[Region]] = {}
+    for r in regions:
+        by_image.setdefault(r.sha256, []).append(r)
+    anatomy_of = {a.sha256: a for a in anatomies}
+    expansions, rejects = [], []
+    for record in records:
+        if record.sha256 not in anatomy_of:  # rejected by an earlier stage
+            continue
+        try:
+            expansions.append(expander.expand(record, anatomy_of[record.sha256], by_image.get(record.sha256, [])))
+        except Exception as exc:  # a backend failure on one image must not lose the others
+            rejects.append(Reject(stage=STAGE, item=record.sha256, reason=f"{expander.name} expander failed: {exc}"))
+    return expansions, rejects

@@ -1,0 +1,221 @@
+"""Ingest: find the photographs, hash them, attach their labels, check and quality-score them.
+
+Bad files never stop a run: each becomes a Reject naming the file and the reason.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fundus_engine.config import IMAGE_EXTENSIONS, IngestConfig
+from fundus_engine.models import ImageRecord, LabelBox, Point, Quality, Reject
+from fundus_engine.vocabulary import DR, DR_GRADES, canonical_class
+
+STAGE = "ingest"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    relpath: str
+    sha256: str
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def scan(input_dir: Path, exclude: Path | None = None) -> tuple[list[SourceFile], list[Reject]]:
+    """List image files under input_dir by content hash; byte-identical copies are rejected."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"{input_dir}: input folder does not exist")
+    found: dict[str, SourceFile] = {}
+    rejects: list[Reject] = []
+    for path in sorted(input_dir.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if any(part.startswith(".") for part in path.relative_to(input_dir).parts):
+            continue
+        if exclude is not None and exclude in path.parents:
+            continue
+        rel = path.relative_to(input_dir).as_posix()
+        try:
+            sha = sha256_file(path)
+        except OSError as exc:
+            rejects.append(Reject(stage=STAGE, item=str(path), reason=f"cannot read file: {exc}"))
+            continue
+        if sha in found:
+            rejects.append(Reject(stage=STAGE, item=str(path),
+                                  reason=f"duplicate: same bytes as {found[sha].relpath}"))
+            continue
+        found[sha] = SourceFile(rel, sha)
+    return list(found.values()), rejects
+
+
+# ---------------------------------------------------------------- labels manifest
+
+_IMAGE_KEYS = ("image", "file", "filename", "id_code", "image_id", "path")
+
+
+def _label_entry(raw: dict) -> dict:
+    """Normalise one manifest entry (JSON object or CSV row) onto ImageRecord's label fields."""
+    entry: dict = {}
+    for key in ("patient_id", "diagnosis", "grade"):
+        value = raw.get(key)
+        if value not in (None, ""):
+            entry[key] = str(value).strip()
+    dr = raw.get("dr_grade")
+    # APTOS-style CSVs put the DR grade (0-4) in a column called diagnosis.
+    if dr in (None, "") and str(entry.get("diagnosis", "")).isdigit():
+        dr = entry.pop("diagnosis")
+    if dr not in (None, ""):
+        dr = int(dr)
+        if not 0 <= dr <= 4:
+            raise ValueError(f"dr_grade {dr} is outside 0-4")
+        entry["dr_grade"] = dr
+        entry.setdefault("grade", DR_GRADES[dr])
+        if dr > 0:
+            entry.setdefault("diagnosis", DR)
+    lat = str(raw.get("laterality") or "").strip().upper()
+    if lat:
+        lat = {"R": "OD", "RIGHT": "OD", "L": "OS", "LEFT": "OS"}.get(lat, lat)
+        if lat not in ("OD", "OS"):
+            raise ValueError(f"laterality {raw.get('laterality')!r} is not OD/OS/left/right")
+        entry["laterality"] = lat
+    for point in ("disc", "fovea"):
+        value = raw.get(point)
+        if isinstance(value, str) and value.strip():
+            value = json.loads(value)
+        if value:
+            entry[point] = Point(x=float(value[0]), y=float(value[1]))
+    boxes = raw.get("boxes") or []
+    if isinstance(boxes, str):
+        boxes = json.loads(boxes) if boxes.strip() else []
+    entry["label_boxes"] = [LabelBox(label=canonical_class(b["label"]), xyxy=[float(v) for v in b["xyxy"]])
+                            for b in boxes]
+    return entry
+
+
+def load_labels(input_dir: Path, config: IngestConfig) -> tuple[dict[str, dict], list[Reject]]:
+    """Read the labels manifest into {image key: label fields}; a bad entry is rejected alone."""
+    input_dir = Path(input_dir)
+    if config.labels:
+        path = Path(config.labels)
+        path = path if path.is_absolute() else input_dir / path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: labels manifest not found")
+    else:
+        path = next((p for p in (input_dir / "labels.json", input_dir / "labels.csv") if p.is_file()), None)
+        if path is None:
+            return {}, []
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        raw_entries = data["images"] if isinstance(data, dict) else data
+    else:
+        with open(path, newline="") as f:
+            raw_entries = list(csv.DictReader(f))
+    labels: dict[str, dict] = {}
+    rejects: list[Reject] = []
+    for n, raw in enumerate(raw_entries, start=1):
+        key = next((str(raw[k]).strip() for k in _IMAGE_KEYS if raw.get(k) not in (None, "")), None)
+        where = f"{path} entry {n}" + (f" ({key})" if key else "")
+        if key is None:
+            rejects.append(Reject(stage=STAGE, item=where, reason=f"label entry names no image (one of {_IMAGE_KEYS})"))
+            continue
+        try:
+            labels[key] = _label_entry(raw)
+        except (ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
+            rejects.append(Reject(stage=STAGE, item=where, reason=f"invalid label: {exc}"))
+    return labels, rejects
+
+
+def labels_for(relpath: str, labels: dict[str, dict]) -> dict | None:
+    """Manifests name images by relative path, file name, or bare id (APTOS id_code)."""
+    name = relpath.rsplit("/", 1)[-1]
+    for key in (relpath, name, name.rsplit(".", 1)[0]):
+        if key in labels:
+            return labels[key]
+    return None
+
+
+# ---------------------------------------------------------------- checks and quality
+
+def field_of_view(rgb: np.ndarray) -> np.ndarray:
+    """The circular retina area: fundus cameras leave a near-black border around it."""
+    return rgb.max(axis=2) > 25
+
+
+def measure_quality(rgb: np.ndarray, config: IngestConfig) -> Quality:
+    scale = 512 / max(rgb.shape[:2])
+    small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    fov = field_of_view(small)
+    coverage = float(fov.mean())
+    inner = cv2.erode(fov.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    sharpness = float(cv2.Laplacian(gray, cv2.CV_32F)[inner].var()) if inner.any() else 0.0
+    exposure = float(gray[fov].mean() / 255) if fov.any() else 0.0
+    if sharpness < config.min_sharpness or not 0.12 <= exposure <= 0.85:
+        grade = "poor"
+    elif sharpness < 3 * config.min_sharpness or not 0.18 <= exposure <= 0.75:
+        grade = "usable"
+    else:
+        grade = "good"
+    return Quality(sharpness=round(sharpness, 3), exposure=round(exposure, 4),
+                   fov_coverage=round(coverage, 4), grade=grade)
+
+
+def decode(path: Path) -> np.ndarray:
+    """RGB uint8 pixels, or ValueError saying why the file is unusable."""
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise ValueError("cannot decode: not an image or a corrupt file")
+    if image.dtype != np.uint8:  # 16-bit TIFFs from some cameras
+        image = cv2.convertScaleAbs(image, alpha=255.0 / max(1, int(image.max())))
+    if image.ndim == 2 or image.shape[2] == 1:
+        raise ValueError("grayscale image: a colour fundus photograph is required")
+    image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    b, g, r = image[..., 2].astype(np.int16), image[..., 1].astype(np.int16), image[..., 0].astype(np.int16)
+    if max(np.abs(r - g).max(), np.abs(g - b).max()) <= 2:
+        raise ValueError("grayscale image stored as colour: a colour fundus photograph is required")
+    return image
+
+
+def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: IngestConfig) -> ImageRecord | Reject:
+    path = Path(root) / source.relpath
+    try:
+        rgb = decode(path)
+    except (ValueError, OSError) as exc:
+        return Reject(stage=STAGE, item=str(path), reason=str(exc))
+    height, width = rgb.shape[:2]
+    if min(height, width) < config.min_side:
+        return Reject(stage=STAGE, item=str(path),
+                      reason=f"too small: {width}x{height}, shorter side must be >= {config.min_side} px")
+    quality = measure_quality(rgb, config)
+    if quality.fov_coverage < config.min_fov_coverage:
+        return Reject(stage=STAGE, item=str(path),
+                      reason=f"no retina visible: field of view covers {quality.fov_coverage:.0%} of the frame")
+    return ImageRecord(sha256=source.sha256, path=str(path.resolve()), relpath=source.relpath,
+                       width=width, height=height, quality=quality, **(labels or {}))
+
+
+def ingest(root: Path, sources: list[SourceFile], labels: dict[str, dict], config: IngestConfig
+           ) -> tuple[list[ImageRecord], list[Reject]]:
+    records, rejects = [], []
+    for source in sources:
+        result = ingest_image(root, source, labels_for(source.relpath, labels), config)
+        (rejects if isinstance(result, Reject) else records).append(result)
+    return records, rejects

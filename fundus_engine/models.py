@@ -1,0 +1,184 @@
+"""The small core of data models every stage reads and writes.
+
+Each stage's Parquet rows are one of these models; `fundus_engine.tables` derives the Arrow
+schema from the model, so the schema written, the validation applied and the JSON Schema
+exported under `schemas/` can never disagree.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Laterality = Literal["OD", "OS", "unknown"]
+BoxSource = Literal["model", "ground_truth"]
+TaskType = Literal[
+    "disease_diagnosis",
+    "severity_grading",
+    "region_identification",
+    "region_detection",
+    "report_generation",
+    "grounded_report",
+]
+Split = Literal["train", "val", "test"]
+
+
+class Row(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelBox(Row):
+    label: str  # canonical class name from fundus_engine.vocabulary
+    xyxy: list[float] = Field(min_length=4, max_length=4)
+
+
+class Point(Row):
+    x: float
+    y: float
+
+
+class Quality(Row):
+    """Cheap image-quality measures; enough to reject unusable photographs and to say so."""
+
+    sharpness: float  # variance of the Laplacian inside the field of view
+    exposure: float  # mean brightness inside the field of view, 0-1
+    fov_coverage: float  # fraction of the frame inside the circular field of view
+    grade: Literal["good", "usable", "poor"]
+
+
+class ImageRecord(Row):
+    """One accepted photograph with its optional source labels (ingest stage)."""
+
+    sha256: str
+    path: str  # absolute path of the source file
+    relpath: str  # path relative to the input folder
+    width: int
+    height: int
+    patient_id: str | None = None
+    laterality: Laterality = "unknown"
+    diagnosis: str | None = None
+    grade: str | None = None
+    dr_grade: int | None = Field(default=None, ge=0, le=4)
+    disc: Point | None = None
+    fovea: Point | None = None
+    label_boxes: list[LabelBox] = []
+    quality: Quality
+
+
+class Reject(Row):
+    """An item a stage could not use, with the reason; the run goes on without it."""
+
+    stage: str
+    item: str  # the file path, or the image sha256 for later stages
+    reason: str
+
+
+class Detection(Row):
+    sha256: str
+    region_id: str
+    label: str
+    xyxy: list[float] = Field(min_length=4, max_length=4)  # pixels
+    confidence: float = Field(ge=0, le=1)
+    source: BoxSource
+
+
+class Anatomy(Row):
+    """Where the disc and fovea are, which every positional fact is measured from."""
+
+    sha256: str
+    laterality: Laterality
+    laterality_source: Literal["label", "disc_position", "unknown"]
+    disc_centre: Point | None = None
+    disc_diameter_px: float | None = None
+    fovea_centre: Point | None = None
+    cup_to_disc: float | None = None
+
+
+class Region(Row):
+    """A detected region with its crops and measured facts (crop stage)."""
+
+    sha256: str
+    region_id: str
+    label: str
+    display: str
+    xyxy: list[float] = Field(min_length=4, max_length=4)
+    box_999: list[int] = Field(min_length=4, max_length=4)  # InternVL 0-999 convention
+    confidence: float
+    source: BoxSource
+    crop_path: str
+    marked_path: str | None = None  # full image with this box drawn, for region identification
+    size_dd: float | None = None  # largest extent in disc diameters
+    area_disc_areas: float | None = None
+    fovea_distance_dd: float | None = None
+    disc_distance_dd: float | None = None
+    clock_hour: int | None = Field(default=None, ge=1, le=12)  # as viewed, 12 = superior
+    quadrant: str | None = None  # superotemporal, inferonasal, ... relative to the fovea
+    mean_rgb: list[int] = Field(min_length=3, max_length=3)
+    colour: str
+
+
+class Provenance(Row):
+    backend: str
+    model: str
+    prompt_id: str
+    prompt_version: str
+    prompt_sha256: str
+    engine_version: str
+
+
+class RegionDescription(Row):
+    region_id: str
+    label: str
+    description: str
+    significance: str
+
+
+class ImageDescription(Row):
+    """What the expand stage says about one image, in the order a clinician reads it."""
+
+    overview: str
+    anatomy: str
+    positive_findings: list[str]
+    negative_findings: list[str]
+    diagnosis: str
+    grade: str | None = None
+    diagnosis_source: Literal["label", "inferred"]
+    evidence: list[str]
+
+
+class Expansion(Row):
+    sha256: str
+    image: ImageDescription
+    regions: list[RegionDescription]
+    provenance: Provenance
+
+
+class Turn(Row):
+    from_: Literal["human", "gpt"] = Field(alias="from")
+    value: str
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+
+class GroundedBox(Row):
+    label: str
+    box_999: list[int] = Field(min_length=4, max_length=4)
+
+
+class InstructionRecord(Row):
+    """One instruction-tuning sample, the unit users train on."""
+
+    record_id: str
+    sha256: str
+    image_path: str  # the image the model sees (the marked copy for region identification)
+    source_image_path: str
+    task: TaskType
+    language: str = "en"
+    conversations: list[Turn] = Field(min_length=2)
+    boxes: list[GroundedBox] = []
+    split: Split
+    template_id: str
+    template_version: str
+    diagnosis: str | None = None
+    grade: str | None = None
+    provenance: Provenance

@@ -1,0 +1,69 @@
+"""Parquet I/O for the stage models, with Arrow schemas derived from the pydantic models.
+
+Deriving the schema keeps it explicit (every column typed, nothing inferred from data) while
+leaving a single definition to maintain.
+"""
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Iterable, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
+
+_SCALARS = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+
+
+def _arrow_type(annotation) -> pa.DataType:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported union {annotation}")
+        return _arrow_type(args[0])
+    if origin is typing.Literal:
+        return pa.string() if isinstance(typing.get_args(annotation)[0], str) else pa.int64()
+    if origin is list:
+        return pa.list_(_arrow_type(typing.get_args(annotation)[0]))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return pa.struct(_fields(annotation))
+    if annotation in _SCALARS:
+        return _SCALARS[annotation]
+    raise TypeError(f"no Arrow type for {annotation!r}")
+
+
+def _fields(model: type[BaseModel]) -> list[pa.Field]:
+    fields = []
+    for name, info in model.model_fields.items():
+        fields.append(pa.field(info.alias or name, _arrow_type(info.annotation), nullable=not info.is_required()
+                               or type(None) in typing.get_args(info.annotation)))
+    return fields
+
+
+def arrow_schema(model: type[BaseModel]) -> pa.Schema:
+    return pa.schema(_fields(model))
+
+
+def write_rows(path: Path, rows: Iterable[BaseModel], model: type[BaseModel]) -> Path:
+    """Write atomically, so a killed run never leaves a half-written shard that looks complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist([r.model_dump(mode="json", by_alias=True) for r in rows], schema=arrow_schema(model))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_rows(path: Path | Iterable[Path], model: type[M]) -> list[M]:
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    rows: list[M] = []
+    for p in paths:
+        for row in pq.read_table(p, schema=arrow_schema(model)).to_pylist():
+            rows.append(model.model_validate(row))
+    return rows

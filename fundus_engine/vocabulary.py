@@ -1,0 +1,112 @@
+"""One ASCII class vocabulary for anatomy and lesions, with the ophthalmic knowledge the
+offline expander and the chain templates ground their text in.
+
+Class names are ASCII identifiers because YOLO writes them into weights and plots; the
+display names are what the instruction records say.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    name: str  # ASCII id used by the detector
+    display: str  # name used in instruction text and <ref> tags
+    kind: str  # "anatomy" or "lesion"
+    appearance: str
+    significance: str
+    diseases: tuple[str, ...]
+    report_finding: str | None = None  # FundusExpert report-findings vocabulary term
+
+
+CLASSES: tuple[ClassInfo, ...] = (
+    ClassInfo("optic_disc", "Optic disc", "anatomy",
+              "a round, yellow-pink structure where the vessels enter the eye",
+              "the reference for disc-diameter distances and for cup-to-disc assessment",
+              ()),
+    ClassInfo("optic_cup", "Optic cup", "anatomy",
+              "a pale central excavation inside the optic disc",
+              "an enlarged cup relative to the disc suggests glaucomatous optic neuropathy",
+              ("Glaucoma",)),
+    ClassInfo("fovea", "Fovea", "anatomy",
+              "a small darker depression at the centre of the macula, about 2.5 disc diameters "
+              "temporal to the disc",
+              "the centre of fine vision; lesions near it threaten acuity",
+              ()),
+    ClassInfo("microaneurysm", "Microaneurysm", "lesion",
+              "tiny, sharply outlined round red dots",
+              "the earliest visible sign of diabetic retinopathy",
+              ("Diabetic retinopathy",), "microaneurysm"),
+    ClassInfo("haemorrhage", "Haemorrhage", "lesion",
+              "dark red blot or flame-shaped areas of intraretinal blood",
+              "intraretinal haemorrhages mark moderate or worse non-proliferative diabetic "
+              "retinopathy; many in all quadrants suggest severe disease",
+              ("Diabetic retinopathy", "Hypertensive retinopathy", "Retinal vein occlusion"),
+              "intraretinal haemorrhage"),
+    ClassInfo("hard_exudate", "Hard exudate", "lesion",
+              "bright yellow, sharply defined waxy deposits, often in clusters or rings",
+              "lipid leakage from abnormal vessels; near the fovea it signals macular oedema",
+              ("Diabetic retinopathy", "Diabetic macular oedema"), "hard exudate"),
+    ClassInfo("soft_exudate", "Cotton-wool spot", "lesion",
+              "pale white, fluffy patches with feathery edges",
+              "nerve-fibre-layer infarcts from retinal ischaemia",
+              ("Diabetic retinopathy", "Hypertensive retinopathy"), "cotton-wool spot"),
+    ClassInfo("drusen", "Drusen", "lesion",
+              "round yellow deposits beneath the retina, clustered around the macula",
+              "the hallmark of age-related macular degeneration; larger and more numerous "
+              "drusen carry a higher risk of progression",
+              ("Age-related macular degeneration",), "drusen"),
+    ClassInfo("neovascularisation", "Neovascularisation", "lesion",
+              "a fine, tangled network of new vessels on or near the optic disc",
+              "the defining sign of proliferative diabetic retinopathy, at risk of bleeding",
+              ("Proliferative diabetic retinopathy",), "neovascularisation of the disc"),
+)
+
+BY_NAME: dict[str, ClassInfo] = {c.name: c for c in CLASSES}
+CLASS_NAMES: tuple[str, ...] = tuple(c.name for c in CLASSES)
+ANATOMY: tuple[str, ...] = tuple(c.name for c in CLASSES if c.kind == "anatomy")
+LESIONS: tuple[str, ...] = tuple(c.name for c in CLASSES if c.kind == "lesion")
+
+# Diagnoses and grades the engine writes. DR grades follow the international clinical scale.
+NORMAL = "Normal fundus"
+DR = "Diabetic retinopathy"
+AMD = "Age-related macular degeneration"
+GLAUCOMA = "Glaucoma"
+DIAGNOSES: tuple[str, ...] = (NORMAL, DR, AMD, GLAUCOMA)
+DR_GRADES: tuple[str, ...] = (
+    "No diabetic retinopathy",
+    "Mild non-proliferative diabetic retinopathy",
+    "Moderate non-proliferative diabetic retinopathy",
+    "Severe non-proliferative diabetic retinopathy",
+    "Proliferative diabetic retinopathy",
+)
+
+# Aliases used by public datasets and manifests, mapped onto the vocabulary above.
+ALIASES: dict[str, str] = {
+    "od": "optic_disc", "disc": "optic_disc", "optic disc": "optic_disc",
+    "oc": "optic_cup", "cup": "optic_cup", "optic cup": "optic_cup",
+    "macula": "fovea", "fovea": "fovea",
+    "ma": "microaneurysm", "microaneurysms": "microaneurysm",
+    "he": "haemorrhage", "hemorrhage": "haemorrhage", "haemorrhages": "haemorrhage",
+    "hemorrhages": "haemorrhage",
+    "ex": "hard_exudate", "hard exudate": "hard_exudate", "hard exudates": "hard_exudate",
+    "exudate": "hard_exudate",
+    "se": "soft_exudate", "soft exudate": "soft_exudate", "cotton wool spot": "soft_exudate",
+    "cotton-wool spot": "soft_exudate", "cotton wool spots": "soft_exudate",
+    "druse": "drusen",
+    "nv": "neovascularisation", "nvd": "neovascularisation",
+    "neovascularization": "neovascularisation",
+}
+
+
+def canonical_class(name: str) -> str:
+    """Map a dataset's class name onto the vocabulary; unknown names are an error, not a guess."""
+    key = name.strip().lower().replace("-", "_")
+    if key in BY_NAME:
+        return key
+    spaced = key.replace("_", " ")
+    for candidate in (key, spaced, name.strip().lower()):
+        if candidate in ALIASES:
+            return ALIASES[candidate]
+    raise ValueError(f"unknown class name {name!r}; known: {', '.join(CLASS_NAMES)}")
