@@ -111,7 +111,7 @@ def crop_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput,
 @task(task_run_name="expand-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
 def expand_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput, cropped: ShardOutput,
                 config: BuildConfig) -> ShardOutput:
-    expander = expand_stage.make_expander(config.expand)
+    expander = expand_stage.make_expander(config.expand, config.prompts_dir)
     expansions, rejects = expand_stage.expand(expander, _load(ingested, "images"), _load(cropped, "anatomy"),
                                               _load(cropped, "regions"))
     return _save(Path(out), stage, shard, key, {"expansions": expansions}, rejects)
@@ -122,7 +122,7 @@ def chain_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput
                expanded: ShardOutput, config: BuildConfig) -> ShardOutput:
     records, rejects = chain_stage.chain(_load(ingested, "images"), _load(cropped, "anatomy"),
                                          _load(cropped, "regions"), _load(expanded, "expansions"),
-                                         config.chain, config.write)
+                                         config.chain, config.write, config.prompts_dir)
     return _save(Path(out), stage, shard, key, {"records": records}, rejects)
 
 
@@ -186,16 +186,17 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     out.mkdir(parents=True, exist_ok=True)
     storage = out / ".cache" / "prefect"
 
-    sources, rejects = ingest_stage.scan(inp, exclude=out)
-    labels, label_rejects = ingest_stage.load_labels(inp, config.ingest)
-    rejects += label_rejects
+    labels, rejects = ingest_stage.load_labels(inp, config.ingest)
+    sources, scan_rejects = ingest_stage.scan(inp, exclude=out,
+                                              labelled=lambda rel: ingest_stage.labels_for(rel, labels) is not None)
+    rejects += scan_rejects
     matched = {s.relpath: ingest_stage.labels_for(s.relpath, labels) for s in sources}
     logger.info("%d images in %s (%d rejected at scan), %d label entries", len(sources), inp, len(rejects), len(labels))
 
     weights = detect_stage.weights_path(config.detect)
     weights_sha = detect_stage.weights_sha256(weights)
-    expander = expand_stage.make_expander(config.expand)
-    chain_prompts = list({p.sha256: p for p in chain_stage.templates().values()}.values())
+    expander = expand_stage.make_expander(config.expand, config.prompts_dir)
+    chain_prompts = list({p.sha256: p for p in chain_stage.templates(config.prompts_dir).values()}.values())
     expand_fp, chain_fp = fingerprint(expander.prompts), fingerprint(chain_prompts)
 
     tasks = {name: t.with_options(result_storage=storage) for name, t in

@@ -29,10 +29,10 @@ def grounded(display: str, regions: list[Region]) -> str:
     return f"<ref>{display}</ref><box>{box_text([r.box_999 for r in regions])}</box>"
 
 
-def templates() -> dict[str, Prompt]:
+def templates(prompts_dir: str | None = None) -> dict[str, Prompt]:
     """Task type -> template, from prompts/chain/*.j2 front matter."""
     by_task = {}
-    for prompt in load_dir("chain"):
+    for prompt in load_dir("chain", prompts_dir):
         for task in prompt.meta.get("tasks", {}):
             by_task[task] = prompt
     return by_task
@@ -95,8 +95,9 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
 
 
 def chain(records: list[ImageRecord], anatomies: list[Anatomy], regions: list[Region], expansions: list[Expansion],
-          config: ChainConfig, write_config: WriteConfig) -> tuple[list[InstructionRecord], list[Reject]]:
-    by_task = templates()
+          config: ChainConfig, write_config: WriteConfig, prompts_dir: str | None = None
+          ) -> tuple[list[InstructionRecord], list[Reject]]:
+    by_task = templates(prompts_dir)
     anatomy_of = {a.sha256: a for a in anatomies}
     record_of = {r.sha256: r for r in records}
     regions_of: dict[str, list[Region]] = defaultdict(list)

@@ -60,7 +60,7 @@ class WriteConfig(Section):
 
 class BuildConfig(Section):
     shard_size: int = Field(64, ge=1, description="images per unit of work")
-    max_workers: int = Field(2, ge=1, description="shards processed at once")
+    prompts_dir: str | None = Field(None, description="prompt templates folder; default: the project's prompts/")
     ingest: IngestConfig = IngestConfig()
     detect: DetectConfig = DetectConfig()
     crop: CropConfig = CropConfig()

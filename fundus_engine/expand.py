@@ -71,9 +71,9 @@ class OfflineExpander:
 
     name = "offline"
 
-    def __init__(self, config: ExpandConfig):
+    def __init__(self, config: ExpandConfig, prompts_dir: str | None = None):
         self.config = config
-        self.prompt = load("expand/offline")
+        self.prompt = load("expand/offline", prompts_dir)
         self.prompts = [self.prompt]
 
     def provenance(self) -> Provenance:
@@ -109,9 +109,9 @@ class OfflineExpander:
         return Expansion(sha256=record.sha256, image=description, regions=region_texts, provenance=self.provenance())
 
 
-def make_expander(config: ExpandConfig) -> Expander:
+def make_expander(config: ExpandConfig, prompts_dir: str | None = None) -> Expander:
     if config.backend == "offline":
-        return OfflineExpander(config)
+        return OfflineExpander(config, prompts_dir)
     raise ValueError(f"unknown expand backend {config.backend!r}")
 
 

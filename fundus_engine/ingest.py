@@ -34,32 +34,35 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def scan(input_dir: Path, exclude: Path | None = None) -> tuple[list[SourceFile], list[Reject]]:
-    """List image files under input_dir by content hash; byte-identical copies are rejected."""
+def scan(input_dir: Path, exclude: Path | None = None, labelled=lambda relpath: False
+         ) -> tuple[list[SourceFile], list[Reject]]:
+    """List image files under input_dir by content hash.
+
+    Byte-identical copies are rejected; the copy kept is the one the labels manifest names,
+    else the first by path, so a stray duplicate never costs an image its labels.
+    """
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise FileNotFoundError(f"{input_dir}: input folder does not exist")
-    found: dict[str, SourceFile] = {}
+    copies: dict[str, list[str]] = {}
     rejects: list[Reject] = []
     for path in sorted(input_dir.rglob("*")):
         if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
-        if any(part.startswith(".") for part in path.relative_to(input_dir).parts):
-            continue
-        if exclude is not None and exclude in path.parents:
-            continue
         rel = path.relative_to(input_dir).as_posix()
+        if rel.startswith(".") or "/." in rel or (exclude is not None and exclude in path.parents):
+            continue
         try:
-            sha = sha256_file(path)
+            copies.setdefault(sha256_file(path), []).append(rel)
         except OSError as exc:
             rejects.append(Reject(stage=STAGE, item=str(path), reason=f"cannot read file: {exc}"))
-            continue
-        if sha in found:
-            rejects.append(Reject(stage=STAGE, item=str(path),
-                                  reason=f"duplicate: same bytes as {found[sha].relpath}"))
-            continue
-        found[sha] = SourceFile(rel, sha)
-    return list(found.values()), rejects
+    sources = []
+    for sha, rels in copies.items():
+        keep = next((r for r in rels if labelled(r)), rels[0])
+        sources.append(SourceFile(keep, sha))
+        rejects += [Reject(stage=STAGE, item=str(input_dir / r), reason=f"duplicate: same bytes as {keep}")
+                    for r in rels if r != keep]
+    return sorted(sources, key=lambda s: s.relpath), rejects
 
 
 # ---------------------------------------------------------------- labels manifest

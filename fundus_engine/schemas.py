@@ -1,0 +1,45 @@
+"""JSON Schemas of the row models, exported to `schemas/` for consumers that do not run Python.
+
+`python -m fundus_engine.schemas` rewrites them; a test fails when the files drift from the models.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from fundus_engine.config import BuildConfig
+from fundus_engine.models import Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject
+
+EXPORTED: dict[str, type[BaseModel]] = {
+    "image_record": ImageRecord,
+    "detection": Detection,
+    "anatomy": Anatomy,
+    "region": Region,
+    "expansion": Expansion,
+    "instruction_record": InstructionRecord,
+    "reject": Reject,
+    "build_config": BuildConfig,
+}
+SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def rendered() -> dict[str, str]:
+    return {f"{name}.schema.json": json.dumps(model.model_json_schema(by_alias=True), indent=2, sort_keys=True) + "\n"
+            for name, model in EXPORTED.items()}
+
+
+def export(target: Path = SCHEMAS_DIR) -> list[Path]:
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in rendered().items():
+        (target / name).write_text(text)
+        written.append(target / name)
+    return written
+
+
+if __name__ == "__main__":
+    for path in export(Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMAS_DIR):
+        print(path)
