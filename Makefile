@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make demo` (install + run the main job on the embedded
+# default) and `make test` (install + run the test suite). `.ci/run` runs `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast schemas clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# Pinned: pip takes these two from local disk here; a bare `torch` is a multi-GB download.
+	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+
+schemas: install
+	$(PY) -m fundus_engine.schemas
+
+clean:
+	rm -rf demo .prefect

@@ -1,0 +1,57 @@
+"""Real YOLO: the shipped demo detector on fresh synthetic images, and a short real training run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fundus_engine.config import DetectConfig, IngestConfig
+from fundus_engine.detect import DEMO_WEIGHTS, detect, load_model
+from fundus_engine.ingest import SourceFile, ingest, sha256_file
+from fundus_engine.synth import generate
+from fundus_engine.train import evaluate_detector, train_detector
+from fundus_engine.vocabulary import CLASS_NAMES
+
+
+def test_shipped_detector_metadata_records_its_validation():
+    meta = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
+    assert meta["class_names"] == list(CLASS_NAMES)
+    assert meta["synthetic_validation"]["mAP50"] >= 0.5
+    assert DEMO_WEIGHTS.stat().st_size < 12 * 2**20  # stripped, ships in the package
+
+
+@pytest.mark.slow
+def test_shipped_detector_finds_anatomy_on_unseen_images():
+    metrics = evaluate_detector(DEMO_WEIGHTS, n=16, seed=123_456)
+    assert metrics["per_class_mAP50"]["optic_disc"] >= 0.8
+    assert metrics["per_class_mAP50"]["fovea"] >= 0.8
+    assert metrics["mAP50"] >= 0.35  # 16 images: a loose floor under the 64-image figure in the metadata
+
+
+def test_detect_stage_uses_model_boxes_and_keeps_one_disc(tmp_path):
+    truths = generate(tmp_path, 4, seed=77)
+    sources = [SourceFile(t.image, sha256_file(tmp_path / t.image)) for t in truths]
+    records, rejects = ingest(tmp_path, sources, {}, IngestConfig())
+    assert not rejects
+    detections, rejects = detect(records, DetectConfig(batch=3))
+    assert not rejects
+    for record, truth in zip(records, truths):
+        mine = [d for d in detections if d.sha256 == record.sha256]
+        discs = [d for d in mine if d.label == "optic_disc"]
+        assert len(discs) == 1 and discs[0].source == "model"
+        (true_disc,) = [b.xyxy for b in truth.boxes if b.label == "optic_disc"]
+        centre = [(discs[0].xyxy[0] + discs[0].xyxy[2]) / 2, (discs[0].xyxy[1] + discs[0].xyxy[3]) / 2]
+        assert true_disc[0] <= centre[0] <= true_disc[2] and true_disc[1] <= centre[1] <= true_disc[3]
+        assert [d.region_id for d in mine] == [f"{record.sha256[:12]}-{i:03d}" for i in range(len(mine))]
+
+
+@pytest.mark.slow
+def test_short_training_run_writes_loadable_weights_and_metadata(tmp_path):
+    generate(tmp_path / "data", 8, seed=5, size=256)
+    weights = train_detector(tmp_path / "data" / "dataset.yaml", tmp_path / "w" / "tiny.pt", epochs=1, imgsz=256,
+                             batch=4)
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    assert meta["class_names"] == list(CLASS_NAMES) and meta["epochs"] == 1 and meta["imgsz"] == 256
+    assert len(meta["training_data_sha256"]) == 64
+    model = load_model(weights)
+    assert list(model.names.values()) == list(CLASS_NAMES)
