@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+console = Console(soft_wrap=True)  # paths in messages stay whole, greppable
 
 
 @app.command()
@@ -77,8 +77,13 @@ def inspect(out: Path = typer.Argument(..., help="output folder of a build"),
             table.add_row(name, tname, str(n))
     console.print(table)
     _print_summary(manifest)
-    for name in ([stage] if stage else ["dataset"]):
-        for row in ins.sample_rows(out, name, rows):
+    counts = ins.stage_counts(out)
+    if stage and stage != "dataset" and stage not in counts:
+        console.print(f"[red]error:[/red] unknown stage {stage!r}; one of {', '.join([*counts, 'dataset'])}")
+        raise typer.Exit(2)
+    for table_name in (counts[stage] if stage and stage != "dataset" else ["*"]):
+        console.rule(f"{stage or 'dataset'} {table_name if table_name != '*' else ''}")
+        for row in ins.sample_rows(out, stage or "dataset", rows, table=table_name):
             console.print_json(json.dumps(row, default=str))
     for path in ins.write_overlays(out, overlays):
         console.print(f"overlay: {path}")
