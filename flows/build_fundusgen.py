@@ -6,8 +6,10 @@ the prompt templates it renders, chained through the upstream stage's key. So an
 re-run recomputes nothing, and an edited prompt re-runs only the stages that render it and
 those after them. Each shard-stage writes its rows to a content-addressed Parquet file under
 `OUT/stages/<stage>/`; Prefect keeps the cache records under `OUT/.cache/prefect`.
+
+No `from __future__ import annotations` here: a served flow validates its parameters from
+the real annotation, and a string "BuildConfig" is left undefined in the runner.
 """
-from __future__ import annotations
 
 import hashlib
 import json

@@ -81,7 +81,7 @@ def inspect(out: Path = typer.Argument(..., help="output folder of a build"),
     if stage and stage != "dataset" and stage not in counts:
         console.print(f"[red]error:[/red] unknown stage {stage!r}; one of {', '.join([*counts, 'dataset'])}")
         raise typer.Exit(2)
-    for table_name in (counts[stage] if stage and stage != "dataset" else ["*"]):
+    for table_name in (counts[stage] if stage and stage != "dataset" else ["*"]) if rows > 0 else []:
         console.rule(f"{stage or 'dataset'} {table_name if table_name != '*' else ''}")
         for row in ins.sample_rows(out, stage or "dataset", rows, table=table_name):
             console.print_json(json.dumps(row, default=str))
