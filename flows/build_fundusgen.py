@@ -15,10 +15,12 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
@@ -56,6 +58,8 @@ class ShardOutput(BaseModel):
     files: dict[str, str]
     rows: int
     rejects: list[Reject] = []
+    usage: dict = {}  # model calls, tokens and cost spent computing this shard
+    complete: bool = True  # False: some model requests failed or were not sent; the next run retries
 
 
 def digest(*parts) -> str:
@@ -72,17 +76,27 @@ def shard_files(out: Path, stage: str, shard: int, key: str) -> dict[str, Path]:
     return {name: out / "stages" / stage / f"{shard:05d}-{key[:16]}.{name}.parquet" for name in TABLES[stage]}
 
 
+def incomplete_marker(out: Path, stage: str, shard: int, key: str) -> Path:
+    return out / "stages" / stage / f"{shard:05d}-{key[:16]}.incomplete"
+
+
 def _cache_key(context, parameters) -> str:
     return f"{parameters['stage']}-{parameters['key']}"
 
 
-def _save(out: Path, stage: str, shard: int, key: str, tables: dict[str, list], rejects: list[Reject]) -> ShardOutput:
+def _save(out: Path, stage: str, shard: int, key: str, tables: dict[str, list], rejects: list[Reject],
+          usage: dict | None = None, complete: bool = True) -> ShardOutput:
     files = shard_files(out, stage, shard, key)
     for name, rows in tables.items():
         write_rows(files[name], rows, TABLES[stage][name])
+    marker = incomplete_marker(out, stage, shard, key)
+    if complete:
+        marker.unlink(missing_ok=True)
+    else:
+        marker.write_text("\n".join(r.reason for r in rejects))
     main = next(iter(tables.values()))
     return ShardOutput(stage=stage, shard=shard, key=key, files={k: str(v) for k, v in files.items()},
-                       rows=len(main), rejects=rejects)
+                       rows=len(main), rejects=rejects, usage=usage or {}, complete=complete)
 
 
 def _load(output: ShardOutput, name: str) -> list:
@@ -113,10 +127,11 @@ def crop_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput,
 @task(task_run_name="expand-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
 def expand_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput, cropped: ShardOutput,
                 config: BuildConfig) -> ShardOutput:
-    expander = expand_stage.make_expander(config.expand, config.prompts_dir)
-    expansions, rejects = expand_stage.expand(expander, _load(ingested, "images"), _load(cropped, "anatomy"),
-                                              _load(cropped, "regions"))
-    return _save(Path(out), stage, shard, key, {"expansions": expansions}, rejects)
+    expander = expand_stage.make_expander(config.expand, config.prompts_dir, Path(out), run_id=flow_run.get_id())
+    result = expand_stage.expand(expander, _load(ingested, "images"), _load(cropped, "anatomy"),
+                                 _load(cropped, "regions"))
+    return _save(Path(out), stage, shard, key, {"expansions": result.expansions}, result.rejects, result.usage,
+                 result.complete)
 
 
 @task(task_run_name="chain-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
@@ -136,7 +151,8 @@ def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict,
     keys["detect"] = digest(keys["ingest"], code_version("detect"), config.detect.model_dump(exclude={"weights"}),
                             weights_sha)
     keys["crop"] = digest(keys["detect"], code_version("crop"), config.crop.model_dump())
-    keys["expand"] = digest(keys["crop"], code_version("expand"), config.expand.model_dump(), expand_prompts)
+    keys["expand"] = digest(keys["crop"], code_version("expand"), code_version("expand_openai"),
+                            config.expand.result_relevant(), expand_prompts)
     keys["chain"] = digest(keys["expand"], code_version("chain"), config.chain.model_dump(),
                            config.write.model_dump(include={"val_fraction", "test_fraction"}), chain_prompts)
     return keys
@@ -145,16 +161,21 @@ def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict,
 @task(task_run_name="write")
 def write_task(out: str, chained: list[ShardOutput], rejects: list[Reject], config: BuildConfig) -> dict:
     records = [r for output in chained for r in _load(output, "records")]
+    flagged = [r for r in records if r.flags]
+    if config.expand.drop_flagged:
+        records = [r for r in records if not r.flags]
     files = write_stage.write_dataset(records, Path(out), config.write)
     write_stage.write_rejects(rejects, Path(out))
-    return {"files": files, **write_stage.summarise(records, rejects)}
+    consistency = {"flagged_records": len(flagged), "dropped_records": len(flagged) if config.expand.drop_flagged else 0,
+                   "flags": dict(sorted(Counter(f.split(":")[0] for r in flagged for f in r.flags).items()))}
+    return {"files": files, **write_stage.summarise(records, rejects), "consistency": consistency}
 
 
 def _prune(out: Path, keep: set[str]) -> None:
     """Drop shard files of earlier builds that no current shard uses."""
     for stage in STAGES:
-        for path in (out / "stages" / stage).glob("*.parquet"):
-            if str(path) not in keep:
+        for path in (out / "stages" / stage).glob("*.*"):
+            if str(path.with_name(path.name.split(".")[0])) not in keep:
                 path.unlink()
 
 
@@ -180,8 +201,12 @@ def _publish(stage_rows: dict[str, list[dict]], summary: dict, out: Path, reject
 
 @flow(name="build-fundusgen", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2),
       log_prints=True, validate_parameters=True)
-def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = BuildConfig()) -> dict:
-    """Build a FundusGen-style instruction dataset from a folder of fundus photographs."""
+def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = BuildConfig(), no_cache: bool = False) -> dict:
+    """Build a FundusGen-style instruction dataset from a folder of fundus photographs.
+
+    `no_cache` recomputes every stage and sends every model request again (the fresh answers
+    still replace the cached ones).
+    """
     started = time.monotonic()
     logger = get_run_logger()
     inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
@@ -197,7 +222,11 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
 
     weights = detect_stage.weights_path(config.detect)
     weights_sha = detect_stage.weights_sha256(weights)
-    expander = expand_stage.make_expander(config.expand, config.prompts_dir)
+    if no_cache:
+        config = config.model_copy(deep=True)
+        config.expand.openai.cache = False
+    run_id = flow_run.get_id()
+    expander = expand_stage.make_expander(config.expand, config.prompts_dir, out, run_id=run_id)
     chain_prompts = list({p.sha256: p for p in chain_stage.templates(config.prompts_dir).values()}.values())
     expand_fp, chain_fp = fingerprint(expander.prompts), fingerprint(chain_prompts)
 
@@ -210,11 +239,15 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         shard_labels = {s.relpath: matched[s.relpath] for s in batch if matched[s.relpath]}
         keys = stage_keys(batch, shard_labels, config, expand_fp, chain_fp, weights_sha)
         common = dict(shard=shard, out=str(out), config=config)
+        stale = no_cache
 
         def submit(stage, **kw):
-            # A cache record whose shard files were deleted must not hit: recompute and overwrite it.
-            files_present = all(p.exists() for p in shard_files(out, stage, shard, keys[stage]).values())
-            stage_task = tasks[stage] if files_present else tasks[stage].with_options(refresh_cache=True)
+            # A cache record must not hit when its shard files were deleted, when the shard was left
+            # incomplete (failed or unsent model requests), or when an upstream stage recomputes.
+            nonlocal stale
+            stale = (stale or not all(p.exists() for p in shard_files(out, stage, shard, keys[stage]).values())
+                     or incomplete_marker(out, stage, shard, keys[stage]).exists())
+            stage_task = tasks[stage].with_options(refresh_cache=True) if stale else tasks[stage]
             future = stage_task.submit(stage=stage, key=keys[stage], **common, **kw)
             futures[stage].append(future)
             return future
@@ -227,6 +260,8 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
 
     stage_rows: dict[str, list[dict]] = {}
     outputs: dict[str, list[ShardOutput]] = {}
+    usage: list[dict] = []
+    errors: list[str] = []
     for stage in STAGES:
         stage_rows[stage], outputs[stage] = [], []
         for shard, future in enumerate(futures[stage]):
@@ -236,16 +271,22 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
                 result: ShardOutput = future.result()
                 outputs[stage].append(result)
                 rejects += result.rejects
-                stage_rows[stage].append({"shard": result.shard, "status": "cached" if state.name == "Cached" else "computed",
-                                          "rows": result.rows, "rejects": len(result.rejects)})
+                cached = state.name == "Cached"
+                stage_rows[stage].append({"shard": result.shard, "status": "cached" if cached else "computed",
+                                          "rows": result.rows, "rejects": len(result.rejects),
+                                          "complete": result.complete})
+                if not cached and result.usage:
+                    usage.append(result.usage)
             else:
                 reason = f"{stage} failed for the whole shard: {state.message}"
                 if state.is_failed():
                     rejects.append(Reject(stage=stage, item=f"shard {shard:05d}", reason=reason))
+                    errors.append(reason)
                 stage_rows[stage].append({"shard": shard, "status": state.name.lower(), "rows": 0, "rejects": 0})
 
     result = write_task.with_options(result_storage=storage)(str(out), outputs["chain"], rejects, config)
-    _prune(out, {f for stage in STAGES for o in outputs[stage] for f in o.files.values()})
+    _prune(out, {str(out / "stages" / o.stage / Path(f).name.split(".")[0])
+                 for stage in STAGES for o in outputs[stage] for f in o.files.values()})
 
     seconds = time.monotonic() - started
     manifest = {
@@ -256,6 +297,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         "config": config.model_dump(mode="json"),
         "detector": {"weights": str(weights), "sha256": weights_sha},
         "expand_backend": expander.name,
+        "model_usage": sum_usage(usage, config),
         "prompts": [{"id": p.id, "version": p.version, "sha256": p.sha256}
                     for p in [*expander.prompts, *chain_prompts]],
         "labels": {"entries": len(labels), "matched_images": sum(1 for v in matched.values() if v)},
@@ -266,6 +308,28 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     }
     write_stage.write_manifest(out, manifest)
     _publish(stage_rows, result, out, rejects, seconds)
+    if config.expand.backend == "openai":
+        from fundus_engine.expand_openai import close_run
+
+        close_run(run_id)
     logger.info("wrote %d records (%s) to %s; %d rejects", result["records"], result["records_per_task"],
                 out / "dataset", result["rejects"])
+    if errors:  # everything that finished is written above; now say clearly why the run is not whole
+        raise RuntimeError(f"{len(errors)} shard-stage(s) failed; the dataset holds the rest. First: {errors[0]}")
     return manifest
+
+
+def sum_usage(usage: list[dict], config: BuildConfig) -> dict:
+    """Model calls, tokens and estimated cost spent by this run (cached shards cost nothing)."""
+    total: Counter = Counter()
+    status: Counter = Counter()
+    for u in usage:
+        total.update({k: v for k, v in u.items() if k != "http_status"})
+        status.update(u.get("http_status", {}))
+    out = {k: (round(v, 6) if k == "cost_usd" else v) for k, v in total.items()}
+    if config.expand.backend == "openai":
+        out.update(model=config.expand.openai.model, base_url=config.expand.openai.base_url,
+                   max_cost_usd=config.expand.openai.max_cost, response_cache=config.expand.openai.cache,
+                   http_status=dict(status))
+        out["budget_stopped"] = total["not_sent_budget"] > 0
+    return out

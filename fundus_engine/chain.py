@@ -49,7 +49,8 @@ def _record(record: ImageRecord, expansion: Expansion, task: str, prompt: Prompt
         sha256=record.sha256, image_path=image_path or record.path, source_image_path=record.path, task=task,
         conversations=[Turn(**{"from": "human", "value": "<image>\n" + question}), Turn(**{"from": "gpt", "value": answer})],
         boxes=list(boxes), split=split, template_id=prompt.id, template_version=prompt.version,
-        diagnosis=expansion.image.diagnosis, grade=expansion.image.grade, provenance=expansion.provenance)
+        diagnosis=expansion.image.diagnosis, grade=expansion.image.grade, provenance=expansion.provenance,
+        flags=expansion.flags)
 
 
 def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], expansion: Expansion,

@@ -43,8 +43,49 @@ class CropConfig(Section):
     jpeg_quality: int = Field(92, ge=50, le=100)
 
 
+class Prices(Section):
+    """USD per million tokens, for the run's cost estimate and the `max_cost` stop."""
+
+    input_per_million: float = Field(0.0, ge=0)
+    output_per_million: float = Field(0.0, ge=0)
+
+
+class OpenAIConfig(Section):
+    """An OpenAI-compatible chat-completions server: OpenAI, vLLM, SGLang, Ollama, LM Studio, ..."""
+
+    base_url: str = Field("https://api.openai.com/v1", description="the server's /v1 URL")
+    model: str = "gpt-4o-mini"
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key; "
+                             "the key itself never goes into config, logs or outputs")
+    temperature: float | None = Field(None, ge=0, le=2, description="overrides the prompt's front matter")
+    max_tokens: int | None = Field(None, ge=16, description="overrides the prompt's front matter")
+    timeout: float = Field(60.0, gt=0, description="seconds per request attempt")
+    max_retries: int = Field(4, ge=0, description="retries on 429 (honouring Retry-After), 5xx, timeouts")
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    image_max_side: int = Field(1024, ge=64, description="images are resized to this longest side before sending")
+    response_format: Literal["auto", "json_schema", "json_object", "text"] = Field(
+        "auto", description="auto: JSON schema, falling back to JSON mode, then text, as the server allows")
+    prices: Prices = Prices()
+    max_cost: float | None = Field(None, gt=0, description="USD; requests that could exceed it are not sent")
+    circuit_breaker: int = Field(5, ge=1, description="consecutive failed requests that stop the run")
+    cache: bool = Field(True, description="reuse earlier responses to identical requests")
+    cache_dir: str | None = Field(None, description="response cache; default OUT/.cache/llm (share it across runs)")
+    regions: Literal["all", "lesions"] = Field("all", description="which regions get their own request")
+
+
 class ExpandConfig(Section):
-    backend: Literal["offline"] = "offline"
+    backend: Literal["offline", "openai"] = "offline"
+    openai: OpenAIConfig = OpenAIConfig()
+    drop_flagged: bool = Field(False, description="leave out records whose description contradicts the detections")
+
+    def result_relevant(self) -> dict:
+        """The part of this section that can change what the stage writes (its cache key)."""
+        operational = {"api_key_env", "timeout", "max_retries", "concurrency", "prices", "max_cost",
+                       "circuit_breaker", "cache", "cache_dir"}
+        data = self.model_dump(exclude={"openai": operational})
+        if self.backend == "offline":
+            data.pop("openai")
+        return data
 
 
 class ChainConfig(Section):

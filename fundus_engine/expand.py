@@ -7,6 +7,8 @@ support, so its output can be trusted as a baseline and costs nothing.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from fundus_engine import __version__
@@ -20,11 +22,21 @@ STAGE = "expand"
 GLAUCOMA_CUP_TO_DISC = 0.6  # vertical CDR at or above which the disc is called suspicious
 
 
+@dataclass
+class ExpandResult:
+    """One shard's descriptions, what could not be described, and what it cost."""
+
+    expansions: list[Expansion] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    usage: dict = field(default_factory=dict)
+    complete: bool = True  # False: some requests failed or were not sent; a re-run retries them
+
+
 class Expander(Protocol):
     name: str
     prompts: list[Prompt]  # the templates whose edits must re-run this stage
 
-    def expand(self, record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> Expansion: ...
+    def expand_shard(self, items: list[tuple[ImageRecord, Anatomy, list[Region]]]) -> ExpandResult: ...
 
 
 def infer_diagnosis(counts: Counter, cup_to_disc: float | None) -> tuple[str, str | None, list[str]]:
@@ -109,24 +121,35 @@ class OfflineExpander:
         return Expansion(sha256=record.sha256, image=description, regions=region_texts, provenance=self.provenance())
 
 
-def make_expander(config: ExpandConfig, prompts_dir: str | None = None) -> Expander:
+    def expand_shard(self, items: list[tuple[ImageRecord, Anatomy, list[Region]]]) -> ExpandResult:
+        result = ExpandResult()
+        for record, anatomy, regions in items:
+            try:
+                result.expansions.append(self.expand(record, anatomy, regions))
+            except Exception as exc:  # a failure on one image must not lose the others
+                result.rejects.append(Reject(stage=STAGE, item=record.sha256, reason=f"offline expander failed: {exc}"))
+        return result
+
+
+def make_expander(config: ExpandConfig, prompts_dir: str | None = None, out: Path | None = None,
+                  run_id: str | None = None) -> Expander:
     if config.backend == "offline":
         return OfflineExpander(config, prompts_dir)
+    if config.backend == "openai":
+        from fundus_engine.expand_openai import OpenAIExpander
+
+        cache_dir = Path(out) / ".cache" / "llm" if out else None
+        return OpenAIExpander(config.openai, prompts_dir, cache_dir=cache_dir, run_id=run_id)
     raise ValueError(f"unknown expand backend {config.backend!r}")
 
 
 def expand(expander: Expander, records: list[ImageRecord], anatomies: list[Anatomy], regions: list[Region]
-           ) -> tuple[list[Expansion], list[Reject]]:
+           ) -> ExpandResult:
+    """Pair each surviving image with its anatomy and regions and hand the shard to the backend."""
     by_image: dict[str, list[Region]] = {}
     for r in regions:
         by_image.setdefault(r.sha256, []).append(r)
     anatomy_of = {a.sha256: a for a in anatomies}
-    expansions, rejects = [], []
-    for record in records:
-        if record.sha256 not in anatomy_of:  # rejected by an earlier stage
-            continue
-        try:
-            expansions.append(expander.expand(record, anatomy_of[record.sha256], by_image.get(record.sha256, [])))
-        except Exception as exc:  # a backend failure on one image must not lose the others
-            rejects.append(Reject(stage=STAGE, item=record.sha256, reason=f"{expander.name} expander failed: {exc}"))
-    return expansions, rejects
+    items = [(record, anatomy_of[record.sha256], by_image.get(record.sha256, []))
+             for record in records if record.sha256 in anatomy_of]  # others were rejected upstream
+    return expander.expand_shard(items)

@@ -71,6 +71,7 @@ class Reject(Row):
     stage: str
     item: str  # the file path, or the image sha256 for later stages
     reason: str
+    raw_output: str | None = None  # what a model answered, when its answer was the problem
 
 
 class Detection(Row):
@@ -142,8 +143,28 @@ class ImageDescription(Row):
     negative_findings: list[str]
     diagnosis: str
     grade: str | None = None
-    diagnosis_source: Literal["label", "inferred"]
+    diagnosis_source: Literal["label", "inferred", "model"]
     evidence: list[str]
+
+
+class ImageFindings(Row):
+    """What a multimodal model must answer about a whole image (the JSON schema it is sent)."""
+
+    overview: str = Field(description="image type, eye, quality and field of view in one or two sentences")
+    anatomy: str = Field(description="optic disc, cup and macula as seen")
+    laterality: Laterality = Field(description="OD for a right eye, OS for a left eye, unknown if not visible")
+    positive_findings: list[str] = Field(description="abnormal findings that are visible, one per item")
+    negative_findings: list[str] = Field(description="findings checked for and absent")
+    diagnosis: str
+    grade: str | None = Field(description="severity grade where the diagnosis has one, else null")
+    evidence: list[str] = Field(description="the visible findings the diagnosis rests on")
+
+
+class RegionFindings(Row):
+    """What a multimodal model must answer about one detected region."""
+
+    description: str = Field(description="what the region shows: colour, shape, size, position")
+    significance: str = Field(description="clinical significance of this finding here")
 
 
 class Expansion(Row):
@@ -151,6 +172,7 @@ class Expansion(Row):
     image: ImageDescription
     regions: list[RegionDescription]
     provenance: Provenance
+    flags: list[str] = []  # contradictions between the description and the detections/labels
 
 
 class Turn(Row):
@@ -182,3 +204,4 @@ class InstructionRecord(Row):
     diagnosis: str | None = None
     grade: str | None = None
     provenance: Provenance
+    flags: list[str] = []  # carried from the expansion; `expand.drop_flagged` leaves such records out

@@ -11,7 +11,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from fundus_engine.config import BuildConfig
-from fundus_engine.models import Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject
+from fundus_engine.models import (Anatomy, Detection, Expansion, ImageFindings, ImageRecord, InstructionRecord, Region,
+                                  RegionFindings, Reject)
 
 EXPORTED: dict[str, type[BaseModel]] = {
     "image_record": ImageRecord,
@@ -21,6 +22,8 @@ EXPORTED: dict[str, type[BaseModel]] = {
     "expansion": Expansion,
     "instruction_record": InstructionRecord,
     "reject": Reject,
+    "image_findings": ImageFindings,  # what the openai backend asks a model for
+    "region_findings": RegionFindings,
     "build_config": BuildConfig,
 }
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"

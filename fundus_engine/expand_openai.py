@@ -1,0 +1,477 @@
+"""The `openai` expand backend: a multimodal model behind any OpenAI-compatible server
+describes each image and each region, in validated structured output.
+
+This is where users spend money and time, so every request is content-addressed in a
+response cache (a re-run pays only for what changed), bounded in concurrency, retried by the
+openai client itself (429 with Retry-After, 5xx, dropped connections and timeouts, with
+exponential backoff and jitter), priced against the run's budget before it is sent, and
+watched by a circuit breaker. The API key is read from the environment when the client is
+made and is never stored anywhere else.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import openai
+from pydantic import BaseModel, ValidationError
+
+from fundus_engine import __version__
+from fundus_engine.config import OpenAIConfig
+from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageFindings, ImageRecord, Provenance,
+                                  Region, RegionDescription, RegionFindings, Reject)
+from fundus_engine.prompts import Prompt, load
+from fundus_engine.vocabulary import BY_NAME, LESIONS, MENTIONS, NORMAL
+
+STAGE = "expand"
+OUTPUT_MODELS: dict[str, type[BaseModel]] = {"ImageFindings": ImageFindings, "RegionFindings": RegionFindings}
+_NEGATION = re.compile(r"\b(no|not|without|absent|absence of|free of|nor)\b[^.;,]*$", re.I)
+log = logging.getLogger(__name__)
+
+
+class CircuitOpen(RuntimeError):
+    """Too many consecutive failed requests: the server is down or misconfigured."""
+
+
+class BudgetExhausted(Exception):
+    """Sending this request could take the run past `max_cost`."""
+
+
+class RequestFailed(Exception):
+    def __init__(self, reason: str, raw_output: str | None = None):
+        super().__init__(reason)
+        self.raw_output = raw_output
+
+
+# --- the run's ledger: budget, circuit breaker, usage ------------------------------------
+
+USAGE_KEYS = ("requests", "cache_hits", "repairs", "failed", "invalid", "not_sent_budget", "prompt_tokens",
+              "completion_tokens")
+
+
+@dataclass
+class Ledger:
+    """Shared by every expand shard of one flow run (shards take turns, see `shard_lock`)."""
+
+    config: OpenAIConfig
+    usage: Counter = field(default_factory=Counter)
+    cost_usd: float = 0.0
+    reserved_usd: float = 0.0
+    consecutive_failures: int = 0
+    last_error: str = ""
+    response_format: str | None = None  # negotiated with the server on first use
+    http_status: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    shard_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def price(self, prompt_tokens: float, completion_tokens: float) -> float:
+        p = self.config.prices
+        return (prompt_tokens * p.input_per_million + completion_tokens * p.output_per_million) / 1e6
+
+    def reserve(self, estimate_usd: float) -> None:
+        with self.lock:
+            limit = self.config.max_cost
+            if limit is not None and self.cost_usd + self.reserved_usd + estimate_usd > limit:
+                self.usage["not_sent_budget"] += 1
+                raise BudgetExhausted(f"not sent: it could take the run past max_cost ${limit:.4f} "
+                                      f"(spent ${self.cost_usd:.4f})")
+            self.reserved_usd += estimate_usd
+
+    def settle(self, estimate_usd: float, usage) -> None:
+        with self.lock:
+            self.reserved_usd -= estimate_usd
+            if usage is not None:
+                self.usage["requests"] += 1
+                self.usage["prompt_tokens"] += usage.prompt_tokens
+                self.usage["completion_tokens"] += usage.completion_tokens
+                self.cost_usd += self.price(usage.prompt_tokens, usage.completion_tokens)
+
+    def failure(self, reason: str) -> None:
+        with self.lock:
+            self.usage["failed"] += 1
+            self.consecutive_failures += 1
+            self.last_error = reason
+
+    def success(self) -> None:
+        with self.lock:
+            self.consecutive_failures = 0
+
+    @property
+    def circuit_open(self) -> bool:
+        return self.consecutive_failures >= self.config.circuit_breaker
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {**{k: self.usage[k] for k in USAGE_KEYS}, "cost_usd": self.cost_usd,
+                    "http_status": dict(self.http_status)}
+
+
+_LEDGERS: dict[str, Ledger] = {}
+_LEDGERS_LOCK = threading.Lock()
+
+
+def ledger_for(run_id: str | None, config: OpenAIConfig) -> Ledger:
+    """One ledger per flow run, so budget and circuit breaker span all of the run's shards."""
+    if run_id is None:
+        return Ledger(config)
+    with _LEDGERS_LOCK:
+        return _LEDGERS.setdefault(run_id, Ledger(config))
+
+
+def close_run(run_id: str | None) -> None:
+    with _LEDGERS_LOCK:
+        _LEDGERS.pop(str(run_id), None)
+
+
+def usage_delta(after: dict, before: dict) -> dict:
+    delta = {k: after[k] - before[k] for k in (*USAGE_KEYS, "cost_usd")}
+    delta["http_status"] = dict(Counter(after["http_status"]) - Counter(before["http_status"]))
+    return delta
+
+
+# --- response cache ----------------------------------------------------------------------
+
+class ResponseCache:
+    """Validated responses on disk, one JSON file per request key; safe to share across runs."""
+
+    def __init__(self, root: Path, read: bool = True):
+        self.root, self.read = Path(root), read
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        path = self._path(key)
+        if not self.read or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # a torn or foreign file is a miss, not an error
+
+    def put(self, key: str, value: dict) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+
+
+# --- requests ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=512)
+def image_data_url(path: str, max_side: int) -> str:
+    """The image as a JPEG data URL, no larger than max_side; cached because an image's
+    full view goes out with every one of its region requests."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise RequestFailed(f"{path}: image could not be read for sending")
+    scale = max_side / max(image.shape[:2])
+    if scale < 1:
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode()
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class Request:
+    """One chat completion: what is sent, what must come back, and the key it is cached under."""
+
+    item: str  # image sha256 or region id, for rejects
+    prompt: Prompt
+    output: type[BaseModel]
+    system: str
+    text: str
+    images: list[str]  # file paths, sent as data URLs
+    sampling: dict
+    key: str = ""
+
+    def estimate_tokens(self) -> tuple[int, int]:
+        return (len(self.system) + len(self.text)) // 4 + 800 * len(self.images), self.sampling["max_tokens"]
+
+
+def facts_of(region: Region) -> dict:
+    return {"label": region.label, "name": region.display, "box_0_999": region.box_999,
+            "confidence": round(region.confidence, 2), "source": region.source, "size_dd": region.size_dd,
+            "fovea_distance_dd": region.fovea_distance_dd, "clock_hour": region.clock_hour,
+            "quadrant": region.quadrant, "colour": region.colour}
+
+
+def image_facts(record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> dict:
+    lesions = Counter(r.display for r in regions if r.label in LESIONS)
+    return {"laterality": anatomy.laterality, "diagnosis": record.diagnosis, "grade": record.grade,
+            "cup_to_disc": anatomy.cup_to_disc, "quality": record.quality.grade,
+            "lesion_counts": dict(lesions), "regions": [facts_of(r) for r in regions]}
+
+
+class OpenAIExpander:
+    """Describes images and regions with a model behind an OpenAI-compatible API."""
+
+    name = "openai"
+
+    def __init__(self, config: OpenAIConfig, prompts_dir: str | None = None, cache_dir: Path | None = None,
+                 run_id: str | None = None):
+        self.config = config
+        self.image_prompt = load("expand/openai_image", prompts_dir)
+        self.region_prompt = load("expand/openai_region", prompts_dir)
+        self.prompts = [self.image_prompt, self.region_prompt]
+        self.cache = ResponseCache(Path(config.cache_dir or cache_dir or ".fundus-llm-cache"), read=config.cache)
+        self.ledger = ledger_for(run_id, config)
+
+    def provenance(self) -> Provenance:
+        p = self.image_prompt
+        return Provenance(backend=self.name, model=self.config.model, prompt_id=p.id, prompt_version=p.version,
+                          prompt_sha256=p.sha256, engine_version=__version__)
+
+    # requests ---------------------------------------------------------------------------
+
+    def _request(self, prompt: Prompt, item: str, images: list[str], image_hashes: list[str], **context) -> Request:
+        macros = prompt.module(knowledge=BY_NAME)
+        sampling = {"temperature": prompt.meta.get("sampling", {}).get("temperature", 0.2),
+                    "max_tokens": prompt.meta.get("sampling", {}).get("max_tokens", 800)}
+        if self.config.temperature is not None:
+            sampling["temperature"] = self.config.temperature
+        if self.config.max_tokens is not None:
+            sampling["max_tokens"] = self.config.max_tokens
+        request = Request(item=item, prompt=prompt, output=OUTPUT_MODELS[prompt.meta["output_model"]],
+                          system=str(macros.system()).strip(), text=str(macros.user(**context)).strip(),
+                          images=images, sampling=sampling)
+        request.key = hashlib.sha256(json.dumps(
+            [self.config.model, request.system, request.text, image_hashes, self.config.image_max_side, sampling,
+             request.output.model_json_schema()], sort_keys=True).encode()).hexdigest()
+        return request
+
+    def image_request(self, record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> Request:
+        return self._request(self.image_prompt, record.sha256, [record.path], [record.sha256], record=record,
+                             anatomy=anatomy, regions=[r for r in regions if r.label in LESIONS],
+                             facts=image_facts(record, anatomy, regions))
+
+    def region_request(self, record: ImageRecord, anatomy: Anatomy, region: Region) -> Request:
+        wanted = self.region_prompt.meta.get("images", ["crop"])
+        paths = [{"full": record.path, "crop": region.crop_path, "marked": region.marked_path}[w] for w in wanted]
+        paths = [p for p in paths if p]
+        return self._request(self.region_prompt, region.region_id, paths, [_file_sha256(p) for p in paths],
+                             record=record, anatomy=anatomy, region=region, facts=facts_of(region))
+
+    # calling ----------------------------------------------------------------------------
+
+    def _client(self) -> openai.AsyncOpenAI:
+        api_key = os.environ.get(self.config.api_key_env)
+        if not api_key:
+            log.warning("%s is not set; sending requests without an API key", self.config.api_key_env)
+
+        async def count_status(response):
+            with self.ledger.lock:
+                self.ledger.http_status[str(response.status_code)] += 1
+
+        http = openai.DefaultAsyncHttpxClient(event_hooks={"response": [count_status]})
+        return openai.AsyncOpenAI(base_url=self.config.base_url, api_key=api_key or "not-needed",
+                                  timeout=self.config.timeout, max_retries=self.config.max_retries, http_client=http)
+
+    def _response_format(self, output: type[BaseModel], mode: str) -> dict | None:
+        if mode == "json_schema":
+            return {"type": "json_schema",
+                    "json_schema": {"name": output.__name__, "schema": output.model_json_schema(), "strict": False}}
+        return {"type": "json_object"} if mode == "json_object" else None
+
+    async def _complete(self, client: openai.AsyncOpenAI, request: Request, messages: list[dict]):
+        """One chat completion, stepping down json_schema -> json_object -> text if the server
+        refuses a response format (remembered for the rest of the run)."""
+        modes = ["json_schema", "json_object", "text"]
+        if self.ledger.response_format is None:
+            self.ledger.response_format = "json_schema" if self.config.response_format == "auto" \
+                else self.config.response_format
+        while True:
+            mode = self.ledger.response_format
+            kwargs = {"response_format": rf} if (rf := self._response_format(request.output, mode)) else {}
+            try:
+                return await client.chat.completions.create(model=self.config.model, messages=messages,
+                                                            **request.sampling, **kwargs)
+            except openai.BadRequestError as exc:
+                refused = "response_format" in str(exc) or "json_schema" in str(exc)
+                if not (refused and self.config.response_format == "auto" and mode != "text"):
+                    raise
+                self.ledger.response_format = modes[modes.index(mode) + 1]
+                log.warning("server refused response_format %s; using %s", mode, self.ledger.response_format)
+
+    async def _send(self, client, request: Request, messages: list[dict]) -> tuple[str, object]:
+        prompt_tokens, completion_tokens = request.estimate_tokens()
+        estimate = self.ledger.price(prompt_tokens, completion_tokens)
+        self.ledger.reserve(estimate)
+        try:
+            response = await self._complete(client, request, messages)
+        except openai.APIError as exc:
+            self.ledger.settle(estimate, None)
+            reason = f"request failed after {self.config.max_retries} retries: {type(exc).__name__}: {exc}"
+            self.ledger.failure(reason)
+            raise RequestFailed(reason) from exc
+        self.ledger.settle(estimate, response.usage)
+        self.ledger.success()
+        return response.choices[0].message.content or "", response.usage
+
+    async def call(self, client, semaphore: asyncio.Semaphore, request: Request) -> BaseModel:
+        """The validated answer to one request: from the cache, or from the server with at most
+        one repair request; raises RequestFailed with the raw output when it stays invalid."""
+        cached = self.cache.get(request.key)
+        if cached is not None:
+            with self.ledger.lock:
+                self.ledger.usage["cache_hits"] += 1
+            return request.output.model_validate(cached["parsed"])
+        urls = await asyncio.gather(*(asyncio.to_thread(image_data_url, p, self.config.image_max_side)
+                                      for p in request.images))
+        messages = [{"role": "system", "content": request.system},
+                    {"role": "user", "content": [{"type": "text", "text": request.text},
+                                                 *({"type": "image_url", "image_url": {"url": u}} for u in urls)]}]
+        async with semaphore:
+            if self.ledger.circuit_open:
+                raise CircuitOpen(self._circuit_message())
+            raw, usage = await self._send(client, request, messages)
+            try:
+                parsed = parse_output(raw, request.output)
+            except ValueError as error:
+                with self.ledger.lock:
+                    self.ledger.usage["repairs"] += 1
+                repair = messages + [{"role": "assistant", "content": raw},
+                                     {"role": "user", "content": f"That answer is not valid: {error}. Reply again with "
+                                      "only the JSON object, with every required field."}]
+                raw, usage = await self._send(client, request, repair)
+                try:
+                    parsed = parse_output(raw, request.output)
+                except ValueError as error2:
+                    with self.ledger.lock:
+                        self.ledger.usage["invalid"] += 1
+                    raise RequestFailed(f"invalid {request.output.__name__} after one repair: {error2}", raw)
+        self.cache.put(request.key, {"model": self.config.model, "prompt_id": request.prompt.id,
+                                     "prompt_version": request.prompt.version, "content": raw,
+                                     "parsed": parsed.model_dump(mode="json")})
+        return parsed
+
+    def _circuit_message(self) -> str:
+        return (f"circuit breaker open: {self.ledger.consecutive_failures} consecutive failed requests to "
+                f"{self.config.base_url} (model {self.config.model}); last error: {self.ledger.last_error}. "
+                "Everything already answered is kept in the response cache; re-run to continue.")
+
+    # the shard ----------------------------------------------------------------------------
+
+    def expand_shard(self, items: list[tuple[ImageRecord, Anatomy, list[Region]]]):
+        from fundus_engine.expand import ExpandResult
+
+        with self.ledger.shard_lock:  # shards take turns; `concurrency` bounds the whole run
+            before = self.ledger.snapshot()
+            if self.ledger.circuit_open:
+                raise CircuitOpen(self._circuit_message())
+            result = asyncio.run(self._expand_all(items))
+            result.usage = usage_delta(self.ledger.snapshot(), before)
+            return result
+
+    async def _expand_all(self, items):
+        from fundus_engine.expand import ExpandResult
+
+        regions_wanted = (lambda r: True) if self.config.regions == "all" else (lambda r: r.label in LESIONS)
+        jobs = []
+        for record, anatomy, regions in items:
+            jobs.append((record, anatomy, regions, self.image_request(record, anatomy, regions),
+                         [(r, self.region_request(record, anatomy, r)) for r in regions if regions_wanted(r)]))
+        semaphore = asyncio.Semaphore(self.config.concurrency)
+        async with self._client() as client:
+            async def run(request):
+                try:
+                    return await self.call(client, semaphore, request)
+                except (RequestFailed, BudgetExhausted) as exc:
+                    return exc
+
+            flat = [req for job in jobs for req in (job[3], *(r for _, r in job[4]))]
+            try:
+                async with asyncio.TaskGroup() as group:  # a tripped breaker cancels what is still queued
+                    tasks = [group.create_task(run(r)) for r in flat]
+            except* CircuitOpen as tripped:
+                raise tripped.exceptions[0] from None
+            answers = {id(r): t.result() for r, t in zip(flat, tasks)}
+
+        result = ExpandResult()
+        for record, anatomy, regions, image_req, region_reqs in jobs:
+            failures = [(req, answers[id(req)]) for req in (image_req, *(r for _, r in region_reqs))
+                        if isinstance(answers[id(req)], Exception)]
+            for req, exc in failures:
+                result.complete = False
+                result.rejects.append(Reject(stage=STAGE, item=req.item, reason=f"{req.prompt.id}: {exc}",
+                                             raw_output=getattr(exc, "raw_output", None)))
+            findings = answers[id(image_req)]
+            if isinstance(findings, Exception):
+                continue
+            described = [RegionDescription(region_id=r.region_id, label=r.label, description=answers[id(req)].description,
+                                           significance=answers[id(req)].significance)
+                         for r, req in region_reqs if not isinstance(answers[id(req)], Exception)]
+            result.expansions.append(self.expansion(record, anatomy, regions, findings, described))
+        return result
+
+    def expansion(self, record: ImageRecord, anatomy: Anatomy, regions: list[Region], findings: ImageFindings,
+                  described: list[RegionDescription]) -> Expansion:
+        if record.diagnosis:  # a source label outranks the model; disagreement is flagged below
+            diagnosis, grade, source = record.diagnosis, record.grade, "label"
+        else:
+            diagnosis, grade, source = findings.diagnosis, findings.grade, "model"
+        image = ImageDescription(overview=findings.overview, anatomy=findings.anatomy,
+                                 positive_findings=findings.positive_findings,
+                                 negative_findings=findings.negative_findings, diagnosis=diagnosis, grade=grade,
+                                 diagnosis_source=source, evidence=findings.evidence or [findings.diagnosis])
+        return Expansion(sha256=record.sha256, image=image, regions=described, provenance=self.provenance(),
+                         flags=consistency_flags(findings, record, anatomy, regions))
+
+
+def parse_output(raw: str, output: type[BaseModel]) -> BaseModel:
+    """Validate a model's answer; also accepts JSON inside a ```json fence or surrounding prose."""
+    text = raw.strip()
+    fenced = re.search(r"```(?:json)?\s*(\{.*\})\s*```", text, re.S)
+    if fenced:
+        text = fenced.group(1)
+    elif not text.startswith("{") and "{" in text:
+        text = text[text.index("{"):text.rindex("}") + 1]
+    try:
+        return output.model_validate_json(text)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}" for e in exc.errors()[:5])
+        raise ValueError(errors) from None
+
+
+def mentioned(text: str, label: str) -> bool:
+    """Whether text claims the lesion, ignoring negated mentions ("no haemorrhage")."""
+    for match in re.finditer(MENTIONS[label], text, re.I):
+        clause = re.split(r"[.;]", text[:match.start()])[-1]
+        if not _NEGATION.search(clause):
+            return True
+    return False
+
+
+def consistency_flags(findings: ImageFindings, record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> list[str]:
+    """Contradictions between what the model claims and what was detected or labelled."""
+    found = {r.label for r in regions} | {b.label for b in record.label_boxes}
+    claims = " . ".join([*findings.positive_findings, *findings.evidence])
+    flags = [f"unsupported_lesion:{label}" for label in LESIONS if label not in found and mentioned(claims, label)]
+    known = anatomy.laterality if anatomy.laterality != "unknown" else record.laterality
+    if known != "unknown" and findings.laterality not in (known, "unknown"):
+        flags.append(f"laterality:{findings.laterality}!={known}")
+    if record.diagnosis and says_normal(findings.diagnosis) != (record.diagnosis == NORMAL or record.dr_grade == 0):
+        flags.append("diagnosis_disagrees_with_label")
+    return flags
+
+
+def says_normal(diagnosis: str) -> bool:
+    return bool(re.search(r"\bnormal\b|\bno (?:apparent |visible )?(?:abnormalit|diabetic retinopathy|retinopathy|disease)",
+                          diagnosis, re.I))
