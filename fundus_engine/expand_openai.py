@@ -300,8 +300,9 @@ class OpenAIExpander:
         while True:
             mode = self.ledger.response_format
             kwargs = {"response_format": rf} if (rf := self._response_format(request.output, mode)) else {}
+            sent = messages if mode == "json_schema" else with_schema_instruction(messages, request.output)
             try:
-                return await client.chat.completions.create(model=self.config.model, messages=messages,
+                return await client.chat.completions.create(model=self.config.model, messages=sent,
                                                             **request.sampling, **kwargs)
             except openai.BadRequestError as exc:
                 refused = "response_format" in str(exc) or "json_schema" in str(exc)
@@ -433,6 +434,14 @@ class OpenAIExpander:
                                  diagnosis_source=source, evidence=findings.evidence or [findings.diagnosis])
         return Expansion(sha256=record.sha256, image=image, regions=described, provenance=self.provenance(),
                          flags=consistency_flags(findings, record, anatomy, regions))
+
+
+def with_schema_instruction(messages: list[dict], output: type[BaseModel]) -> list[dict]:
+    """Without server-side JSON schema support the schema travels in the prompt."""
+    schema = json.dumps(output.model_json_schema(), separators=(",", ":"))
+    note = {"type": "text", "text": f"Reply with one JSON object that follows this JSON Schema:\n<schema>{schema}</schema>"}
+    user = messages[1]
+    return [messages[0], {**user, "content": [*user["content"], note]}, *messages[2:]]
 
 
 def parse_output(raw: str, output: type[BaseModel]) -> BaseModel:

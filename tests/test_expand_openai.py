@@ -1,0 +1,208 @@
+"""The openai expand backend against a real OpenAI-compatible HTTP server on loopback, with the
+official client over real HTTP: structured output, format fallback, repair, every injected
+fault, the circuit breaker, the budget, the response cache and the consistency flags."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from fundus_engine import crop, detect, ingest
+from fundus_engine.config import BuildConfig, OpenAIConfig, Prices
+from fundus_engine.expand import expand
+from fundus_engine.expand_openai import CircuitOpen, OpenAIExpander, consistency_flags, mentioned, parse_output
+from fundus_engine.models import ImageFindings, RegionFindings
+from fundus_engine.prompts import PROMPTS_DIR
+from fundus_engine.synth import generate
+from fundus_engine.testing.openai_server import FakeOpenAIServer
+
+REGION_PROMPT_TEXT = "close-up of the region"  # appears only in region requests
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    """Four synthetic images through ingest, detect (ground-truth boxes) and crop."""
+    root = tmp_path_factory.mktemp("openai-input")
+    out = tmp_path_factory.mktemp("openai-out")
+    generate(root, 4, seed=77, size=384, full_labels=True)
+    config = BuildConfig()
+    labels, _ = ingest.load_labels(root, config.ingest)
+    sources, _ = ingest.scan(root)
+    records, rejects = ingest.ingest(root, sources, {s.relpath: ingest.labels_for(s.relpath, labels) for s in sources},
+                                     config.ingest)
+    assert not rejects
+    detections, _ = detect.detect(records, config.detect)
+    anatomies, regions, _ = crop.crop(records, detections, out / "crops", config.crop)
+    return records, anatomies, regions
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as srv:
+        yield srv
+
+
+def expander_for(server, tmp_path, prompts_dir=None, **overrides) -> OpenAIExpander:
+    config = OpenAIConfig(**{"base_url": server.base_url, "model": "fake-fundus-vl", "max_retries": 2, "timeout": 5,
+                             "concurrency": 4, **overrides})
+    return OpenAIExpander(config, prompts_dir, cache_dir=tmp_path / "llm")
+
+
+def n_requests(shard) -> int:
+    records, _, regions = shard
+    return len(records) + len(regions)
+
+
+def test_structured_answers_for_every_image_and_region(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    result = expand(expander_for(server, tmp_path, image_max_side=256), records, anatomies, regions)
+    assert result.complete and not result.rejects
+    assert len(result.expansions) == 4
+    assert sum(len(e.regions) for e in result.expansions) == len(regions)
+    assert server.count("ok") == n_requests(shard) == result.usage["requests"]
+    assert {r.response_format for r in server.requests} == {"json_schema"}
+    full_views = [r.image_sizes[0] for r in server.requests if len(r.image_sizes) == 1]
+    assert full_views and all(max(size) == 256 for size in full_views)  # resized before sending
+    assert all(len(r.image_sizes) == 2 for r in server.requests if REGION_PROMPT_TEXT in r.text)  # crop + marked
+    e = result.expansions[0]
+    assert e.provenance.backend == "openai" and e.provenance.model == "fake-fundus-vl"
+    assert e.provenance.prompt_id == "expand.openai_image" and len(e.provenance.prompt_sha256) == 64
+    record = next(r for r in records if r.sha256 == e.sha256)
+    assert e.image.diagnosis == record.diagnosis and e.image.diagnosis_source == "label"
+    assert result.usage["prompt_tokens"] > 0 and result.usage["http_status"] == {"200": n_requests(shard)}
+
+
+def test_steps_down_to_json_mode_when_the_server_lacks_json_schema(shard, tmp_path):
+    records, anatomies, regions = shard
+    with FakeOpenAIServer(supports_json_schema=False) as srv:
+        expander = expander_for(srv, tmp_path, concurrency=1)
+        result = expand(expander, records, anatomies, regions)
+        assert result.complete and len(result.expansions) == 4
+        assert expander.ledger.response_format == "json_object"
+        assert srv.count("bad_request") == 1 and srv.count("ok") == n_requests(shard)
+
+
+def test_text_mode_answers_are_parsed_from_prose(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    result = expand(expander_for(server, tmp_path, response_format="text"), records[:1], anatomies, regions)
+    assert result.complete and len(result.expansions) == 1
+    assert {r.response_format for r in server.requests} == {None}
+
+
+@pytest.mark.parametrize("fault, params, status", [
+    ("rate_limit", {"retry_after": 1}, "429"),
+    ("server_error", {}, "500"),
+    ("unavailable", {}, "503"),
+    ("drop", {}, None),
+    ("timeout", {"seconds": 3}, None),
+])
+def test_transient_faults_are_retried_and_nothing_is_lost(shard, server, tmp_path, fault, params, status):
+    records, anatomies, regions = shard
+    server.inject(fault, times=2, **params)
+    started = time.monotonic()
+    result = expand(expander_for(server, tmp_path, timeout=1.0), records, anatomies, regions)
+    assert result.complete and not result.rejects and len(result.expansions) == 4
+    assert server.count(fault) == 2 and server.count("ok") == n_requests(shard)
+    if status:
+        assert result.usage["http_status"][status] == 2
+    if fault == "rate_limit":
+        assert time.monotonic() - started >= 1.0  # Retry-After honoured
+
+
+def test_malformed_json_is_repaired_with_one_more_request(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    server.inject("malformed_json", times=1)
+    result = expand(expander_for(server, tmp_path, concurrency=1), records, anatomies, regions)
+    assert result.complete and len(result.expansions) == 4
+    assert result.usage["repairs"] == 1 and result.usage["requests"] == n_requests(shard) + 1
+    repair = server.requests[1]
+    assert "not valid" in repair.text
+
+
+def test_an_answer_still_invalid_after_repair_is_rejected_with_its_raw_output(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    target = regions[0]
+    # the region's own request: its facts (keys sorted by tojson) open with its box
+    server.inject("schema_violation", times=2, match=f'<facts>{{"box_0_999": {json.dumps(target.box_999)}')
+    result = expand(expander_for(server, tmp_path, concurrency=1), records, anatomies, regions)
+    assert not result.complete
+    assert [r.item for r in result.rejects] == [target.region_id]
+    reject = result.rejects[0]
+    assert "invalid RegionFindings after one repair" in reject.reason and "description" in reject.reason
+    assert reject.raw_output and "unexpected" in reject.raw_output
+    # the image is still described, without that one region
+    e = next(e for e in result.expansions if e.sha256 == target.sha256)
+    assert target.region_id not in {d.region_id for d in e.regions}
+    assert len(result.expansions) == 4
+
+
+def test_contradictions_are_flagged(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    clean = next(r for r in records if not {x.label for x in regions if x.sha256 == r.sha256} & {"neovascularisation"})
+    server.inject("contradiction", times=1, match="Describe this fundus photograph")
+    expander = expander_for(server, tmp_path, concurrency=1)
+    result = expand(expander, [clean], anatomies, regions)
+    flags = result.expansions[0].flags
+    assert "unsupported_lesion:neovascularisation" in flags
+    assert any(f.startswith("laterality:") for f in flags)
+
+
+def test_consistency_rules():
+    assert mentioned("Two haemorrhages in the superotemporal arcade", "haemorrhage")
+    assert not mentioned("There is no haemorrhage; drusen are absent", "haemorrhage")
+    assert not mentioned("No new vessels or haemorrhages", "neovascularisation")
+    assert mentioned("No drusen. Cotton-wool spots near the disc", "soft_exudate")
+    answer = parse_output('Sure!\n```json\n{"description": "a dot", "significance": "early DR"}\n```', RegionFindings)
+    assert answer.description == "a dot"
+    with pytest.raises(ValueError, match="significance"):
+        parse_output('{"description": "a dot"}', RegionFindings)
+
+
+def test_circuit_breaker_stops_with_a_clear_error(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    server.inject("server_error", times=None)
+    expander = expander_for(server, tmp_path, max_retries=0, circuit_breaker=3, concurrency=2)
+    with pytest.raises(CircuitOpen, match=r"circuit breaker open: [34] consecutive failed requests to "
+                                          r"http://127\.0\.0\.1:\d+/v1 \(model fake-fundus-vl\); last error: .*500"):
+        expand(expander, records, anatomies, regions)
+    assert server.count("server_error") <= 3 + 1  # the breaker plus what was already in flight, not everything
+    with pytest.raises(CircuitOpen):  # and stays open for the rest of the run
+        expand(expander, records, anatomies, regions)
+
+
+def test_budget_stops_before_max_cost_is_exceeded(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    prices = Prices(input_per_million=100.0, output_per_million=400.0)
+    probe = expand(expander_for(server, tmp_path / "probe", prices=prices), records[:1], anatomies, regions)
+    per_request = probe.usage["cost_usd"] / probe.usage["requests"]
+    server.reset()
+    max_cost = per_request * 6
+    result = expand(expander_for(server, tmp_path, prices=prices, max_cost=max_cost, concurrency=1),
+                    records, anatomies, regions)
+    assert not result.complete
+    assert 0 < result.usage["cost_usd"] <= max_cost
+    assert result.usage["not_sent_budget"] == n_requests(shard) - result.usage["requests"] > 0
+    assert all("max_cost" in r.reason for r in result.rejects)
+    assert server.count() == result.usage["requests"]
+
+
+def test_cache_makes_a_rerun_free_and_a_prompt_edit_recalls_only_its_requests(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    first = expand(expander_for(server, tmp_path), records, anatomies, regions)
+    assert first.usage["requests"] == n_requests(shard)
+    again = expand(expander_for(server, tmp_path), records, anatomies, regions)
+    assert again.usage["requests"] == 0 and again.usage["cache_hits"] == n_requests(shard)
+    assert [e.model_dump() for e in again.expansions] == [e.model_dump() for e in first.expansions]
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(PROMPTS_DIR, prompts)
+    region_prompt = prompts / "expand" / "openai_region.j2"
+    region_prompt.write_text(region_prompt.read_text().replace("Describe its colour", "Describe its colour, border"))
+    edited = expand(expander_for(server, tmp_path, prompts), records, anatomies, regions)
+    assert edited.usage["requests"] == len(regions) and edited.usage["cache_hits"] == len(records)
+
+    fresh = expand(expander_for(server, tmp_path, cache=False), records, anatomies, regions)
+    assert fresh.usage["requests"] == n_requests(shard)  # --no-cache sends everything again

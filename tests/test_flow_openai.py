@@ -1,0 +1,138 @@
+"""The build-fundusgen flow with the openai backend against a real loopback model server:
+what a re-run costs, what a prompt edit re-calls, what a tripped circuit breaker keeps, and
+that the API key never lands in outputs, artifacts or logs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.build_fundusgen import build_fundusgen
+from fundus_engine.config import BuildConfig
+from fundus_engine.prompts import PROMPTS_DIR
+from fundus_engine.synth import generate
+from fundus_engine.tables import read_rows
+from fundus_engine.models import InstructionRecord
+from fundus_engine.testing.openai_server import FakeOpenAIServer
+
+SECRET = "sk-fundus-test-7f3a9c1e5b2d8a4f"
+KEY_ENV = "FUNDUS_TEST_MODEL_KEY"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_local():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("input")
+    generate(root, 4, seed=5, size=384, full_labels=True)  # ground-truth boxes: no detector needed
+    return root
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    with FakeOpenAIServer() as srv:
+        yield srv
+
+
+def config_for(server, prompts_dir=None, **openai) -> BuildConfig:
+    return BuildConfig.model_validate({
+        "shard_size": 2, "prompts_dir": str(prompts_dir) if prompts_dir else None,
+        "expand": {"backend": "openai", "openai": {"base_url": server.base_url, "model": "fake-fundus-vl",
+                                                   "api_key_env": KEY_ENV, "max_retries": 1, "timeout": 5,
+                                                   "prices": {"input_per_million": 1.0, "output_per_million": 2.0},
+                                                   **openai}}})
+
+
+def test_reruns_cost_nothing_and_a_prompt_edit_recalls_only_its_requests(source, server, tmp_path, capfd):
+    out = tmp_path / "out"
+    first = build_fundusgen(str(source), str(out), config_for(server))
+    usage = first["model_usage"]
+    assert usage["requests"] == server.count("ok") > 4
+    assert usage["cache_hits"] == 0 and usage["cost_usd"] > 0 and usage["model"] == "fake-fundus-vl"
+    assert all(r.authorization == f"Bearer {SECRET}" for r in server.requests)  # the key was sent...
+    records = read_rows(next((out / "dataset").glob("*.parquet")), InstructionRecord)
+    assert {r.provenance.backend for r in records} == {"openai"}
+
+    second = build_fundusgen(str(source), str(out), config_for(server))
+    assert second["model_usage"].get("requests", 0) == 0 and server.count("ok") == usage["requests"]
+    assert second["stages"]["expand"] == {"shards": 2, "computed": 0, "cached": 2}
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(PROMPTS_DIR, prompts)
+    region_prompt = prompts / "expand" / "openai_region.j2"
+    region_prompt.write_text(region_prompt.read_text().replace("Describe its colour", "Describe its colour, border"))
+    third = build_fundusgen(str(source), str(out), config_for(server, prompts))
+    images = third["images"]
+    assert third["model_usage"]["requests"] == usage["requests"] - images  # region requests only
+    assert third["model_usage"]["cache_hits"] == images
+    assert third["stages"]["ingest"]["cached"] == 2 and third["stages"]["expand"]["computed"] == 2
+    prompt_ids = {p["id"]: p["version"] for p in third["prompts"]}
+    assert prompt_ids["expand.openai_region"] == "1.0"
+
+    # ...and nowhere else: not in outputs, the manifest, caches, artifacts or logs.
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    assert artifacts and all(SECRET not in json.dumps(a.model_dump(mode="json")) for a in artifacts)
+    captured = capfd.readouterr()
+    assert SECRET not in captured.out + captured.err
+    assert KEY_ENV in json.dumps(third["config"]) and SECRET not in json.dumps(third)
+
+
+def test_a_tripped_circuit_breaker_fails_clearly_and_keeps_what_was_answered(source, server, tmp_path):
+    out = tmp_path / "out"
+    server.inject("server_error", times=None, match="close-up of the region")
+    config = config_for(server, max_retries=0, circuit_breaker=3, concurrency=2)
+    with pytest.raises(RuntimeError, match="circuit breaker open: .* consecutive failed requests"):
+        build_fundusgen(str(source), str(out), config)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rejects_per_stage"].get("expand", 0) >= 1
+    answered = len(list((out / ".cache" / "llm").rglob("*.json")))
+    assert answered >= 1  # image descriptions that came back before the breaker tripped
+
+    server.reset()
+    healed = build_fundusgen(str(source), str(out), config)
+    total = healed["model_usage"]["requests"] + healed["model_usage"]["cache_hits"]
+    assert healed["model_usage"]["cache_hits"] == answered  # nothing answered was paid for twice
+    assert server.count("ok") == total - answered
+    assert healed["rejects"] == 0 and healed["records"] > 0
+
+
+def test_budget_stop_completes_the_run_and_the_next_run_finishes_the_work(source, server, tmp_path):
+    out = tmp_path / "out"
+    probe = build_fundusgen(str(source), str(tmp_path / "probe"), config_for(server))
+    cost, requests = probe["model_usage"]["cost_usd"], probe["model_usage"]["requests"]
+    server.reset()
+    stopped = build_fundusgen(str(source), str(out), config_for(server, max_cost=cost / 2, concurrency=1))
+    usage = stopped["model_usage"]
+    assert usage["budget_stopped"] and 0 < usage["cost_usd"] <= cost / 2
+    assert usage["not_sent_budget"] + usage["requests"] == requests
+    assert stopped["rejects_per_stage"]["expand"] == usage["not_sent_budget"]
+    resumed = build_fundusgen(str(source), str(out), config_for(server))
+    assert resumed["model_usage"]["requests"] == usage["not_sent_budget"]
+    assert resumed["rejects"] == 0 and resumed["records"] == probe["records"]
+
+
+def test_flagged_records_are_counted_and_can_be_dropped(source, server, tmp_path):
+    server.inject("contradiction", times=1, match="Describe this fundus photograph")
+    kept = build_fundusgen(str(source), str(tmp_path / "kept"), config_for(server))
+    assert kept["consistency"]["flagged_records"] > 0 and kept["consistency"]["dropped_records"] == 0
+    assert "laterality" in kept["consistency"]["flags"]
+    server.reset()
+    server.inject("contradiction", times=1, match="Describe this fundus photograph")
+    config = config_for(server, cache=False)
+    config.expand.drop_flagged = True
+    dropped = build_fundusgen(str(source), str(tmp_path / "dropped"), config)
+    assert dropped["consistency"]["dropped_records"] == kept["consistency"]["flagged_records"]
+    assert dropped["records"] == kept["records"] - kept["consistency"]["flagged_records"]
