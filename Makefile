@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast schemas clean
+.PHONY: install demo test test-fast schemas bench-expand clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +26,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+
+bench-expand: install
+	$(PY) bench/expand_throughput.py
 
 schemas: install
 	$(PY) -m fundus_engine.schemas

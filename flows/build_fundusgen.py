@@ -196,6 +196,11 @@ def _publish(stage_rows: dict[str, list[dict]], summary: dict, out: Path, reject
               "| stage | shards computed | shards cached |", "|---|---|---|"]
     lines += [f"| {stage} | {sum(r['status'] == 'computed' for r in rows)} | {sum(r['status'] == 'cached' for r in rows)} |"
               for stage, rows in stage_rows.items()]
+    if summary.get("model_usage"):
+        lines += ["", "| model usage (this run) | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in summary["model_usage"].items()]
+    if summary.get("consistency", {}).get("flagged_records"):
+        lines += ["", f"Consistency flags: {summary['consistency']}"]
     create_markdown_artifact(key="fundusgen-summary", markdown="\n".join(lines), description="FundusGen build summary")
 
 
@@ -307,7 +312,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         **result,
     }
     write_stage.write_manifest(out, manifest)
-    _publish(stage_rows, result, out, rejects, seconds)
+    _publish(stage_rows, manifest, out, rejects, seconds)
     if config.expand.backend == "openai":
         from fundus_engine.expand_openai import close_run
 

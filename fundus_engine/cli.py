@@ -33,7 +33,8 @@ def synth(n: int = typer.Option(32, "--n", help="number of images"),
 def build(input: Path = typer.Option(..., "--input", help="folder of fundus images (+ labels.json/csv)"),
           out: Path = typer.Option(..., "--out", help="output folder"),
           config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON build config"),
-          workers: Optional[int] = typer.Option(None, help="shards processed at once (default: CPU count)")):
+          workers: Optional[int] = typer.Option(None, help="shards processed at once (default: CPU count)"),
+          no_cache: bool = typer.Option(False, "--no-cache", help="recompute every stage and re-send every model request")):
     """Run the build-fundusgen flow here, without a server (Prefect's ephemeral mode)."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -46,7 +47,7 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     flow = build_fundusgen.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers)) if workers else build_fundusgen
-    manifest = flow(input_dir=str(input), output_dir=str(out), config=cfg)
+    manifest = flow(input_dir=str(input), output_dir=str(out), config=cfg, no_cache=no_cache)
     _print_summary(manifest)
 
 
@@ -96,6 +97,8 @@ def _print_summary(manifest: dict) -> None:
     console.print(table)
     console.print(f"splits (images): {manifest['images_per_split']}")
     console.print(f"rejects: {manifest['rejects']} {manifest['rejects_per_stage']} -> {manifest['output_dir']}/rejects.parquet")
+    if manifest.get("model_usage"):
+        console.print(f"model usage: {manifest['model_usage']}")
     console.print(f"dataset: {manifest['output_dir']}/dataset  ({manifest['wall_seconds']} s)")
 
 

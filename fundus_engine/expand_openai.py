@@ -170,6 +170,11 @@ class ResponseCache:
 
 # --- requests ----------------------------------------------------------------------------
 
+@functools.cache
+def json_schema(output: type[BaseModel]) -> dict:
+    return output.model_json_schema()
+
+
 @functools.lru_cache(maxsize=512)
 def image_data_url(path: str, max_side: int) -> str:
     """The image as a JPEG data URL, no larger than max_side; cached because an image's
@@ -254,7 +259,7 @@ class OpenAIExpander:
                           images=images, sampling=sampling)
         request.key = hashlib.sha256(json.dumps(
             [self.config.model, request.system, request.text, image_hashes, self.config.image_max_side, sampling,
-             request.output.model_json_schema()], sort_keys=True).encode()).hexdigest()
+             json_schema(request.output)], sort_keys=True).encode()).hexdigest()
         return request
 
     def image_request(self, record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> Request:
@@ -287,7 +292,7 @@ class OpenAIExpander:
     def _response_format(self, output: type[BaseModel], mode: str) -> dict | None:
         if mode == "json_schema":
             return {"type": "json_schema",
-                    "json_schema": {"name": output.__name__, "schema": output.model_json_schema(), "strict": False}}
+                    "json_schema": {"name": output.__name__, "schema": json_schema(output), "strict": False}}
         return {"type": "json_object"} if mode == "json_object" else None
 
     async def _complete(self, client: openai.AsyncOpenAI, request: Request, messages: list[dict]):
@@ -438,7 +443,7 @@ class OpenAIExpander:
 
 def with_schema_instruction(messages: list[dict], output: type[BaseModel]) -> list[dict]:
     """Without server-side JSON schema support the schema travels in the prompt."""
-    schema = json.dumps(output.model_json_schema(), separators=(",", ":"))
+    schema = json.dumps(json_schema(output), separators=(",", ":"))
     note = {"type": "text", "text": f"Reply with one JSON object that follows this JSON Schema:\n<schema>{schema}</schema>"}
     user = messages[1]
     return [messages[0], {**user, "content": [*user["content"], note]}, *messages[2:]]

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BIN=${VENV:-.venv}/bin
-N_IMAGES=${DEMO_IMAGES:-48}
+N_IMAGES=${DEMO_N:-48}
 INPUT=$ROOT/demo/input
 OUTPUT=$ROOT/demo/output
 

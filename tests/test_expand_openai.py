@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from fundus_engine import crop, detect, ingest
-from fundus_engine.config import BuildConfig, OpenAIConfig, Prices
+from fundus_engine.config import OpenAIConfig, Prices
 from fundus_engine.expand import expand
 from fundus_engine.expand_openai import CircuitOpen, OpenAIExpander, consistency_flags, mentioned, parse_output
 from fundus_engine.models import ImageFindings, RegionFindings
 from fundus_engine.prompts import PROMPTS_DIR
-from fundus_engine.synth import generate
 from fundus_engine.testing.openai_server import FakeOpenAIServer
+from fundus_engine.testing.shards import prepared_shard
 
 REGION_PROMPT_TEXT = "close-up of the region"  # appears only in region requests
 
@@ -25,18 +24,8 @@ REGION_PROMPT_TEXT = "close-up of the region"  # appears only in region requests
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     """Four synthetic images through ingest, detect (ground-truth boxes) and crop."""
-    root = tmp_path_factory.mktemp("openai-input")
-    out = tmp_path_factory.mktemp("openai-out")
-    generate(root, 4, seed=77, size=384, full_labels=True)
-    config = BuildConfig()
-    labels, _ = ingest.load_labels(root, config.ingest)
-    sources, _ = ingest.scan(root)
-    records, rejects = ingest.ingest(root, sources, {s.relpath: ingest.labels_for(s.relpath, labels) for s in sources},
-                                     config.ingest)
-    assert not rejects
-    detections, _ = detect.detect(records, config.detect)
-    anatomies, regions, _ = crop.crop(records, detections, out / "crops", config.crop)
-    return records, anatomies, regions
+    return prepared_shard(tmp_path_factory.mktemp("openai-input"), tmp_path_factory.mktemp("openai-out"), 4, seed=77,
+                          size=384)
 
 
 @pytest.fixture
