@@ -1,11 +1,9 @@
 """A real loopback HTTP server speaking the OpenAI chat-completions API, for tests and benchmarks.
 
-It lets the official `openai` client run over real HTTP (retries, timeouts, connection pooling
-included) while answers stay deterministic and faults can be injected on demand. Answers are
-built from the request: facts given between `<facts>` and `</facts>` in the user text, shaped by
-the request's JSON schema. Run `python -m fundus_engine.testing.openai_server` to serve from a
-separate process (so the server does not share the client's GIL); it is then controlled through
-`/_control/*` endpoints.
+The official `openai` client runs over real HTTP (its retries, timeouts and pool included) while
+answers stay deterministic (built from `<facts>{...}</facts>` in the user text, shaped by the
+request's JSON schema) and faults can be injected. `python -m fundus_engine.testing.openai_server`
+serves from its own process (no GIL shared with the client), controlled via `/_control/*`.
 """
 from __future__ import annotations
 
@@ -309,8 +307,8 @@ def completion(req: ChatRequest, content: str) -> dict:
             "usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}}
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def error_body(message: str, type_: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": None}}
 
 
 # ---------------------------------------------------------------- HTTP plumbing
@@ -371,6 +369,7 @@ class _Handler(BaseHTTPRequestHandler):
         except BadRequest as e:
             rec.outcome, rec.status = "bad_request", 400
             fake._record(rec)
+            fake._sleep(fake.latency)
             return self.send_json(400, error_body(str(e), "invalid_request_error", e.param))
         rec.model, rec.text, rec.image_sizes = req.body["model"], req.text, req.image_sizes
         rec.response_format = (req.response_format or {}).get("type")
@@ -541,14 +540,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--no-json-schema", action="store_true")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    for sig in (signal.SIGTERM, signal.SIGINT):  # explicit: SIGINT may be ignored in background jobs
+        signal.signal(sig, lambda *_: sys.exit(0))
     srv = FakeOpenAIServer(args.latency, not args.no_json_schema, args.port).start()
     print(f"listening {srv.base_url}", flush=True)
     try:
         while True:
             time.sleep(3600)
-    except (KeyboardInterrupt, SystemExit):
-        pass
     finally:
         srv.stop()
 
