@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast schemas bench-expand clean
+.PHONY: install demo test test-fast schemas bench bench-expand bench-detect clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# Pinned: pip takes these two from local disk here; a bare `torch` is a multi-GB download.
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,6 +26,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+
+bench: bench-expand bench-detect
+
+bench-detect: install
+	$(PY) bench/detect_throughput.py
 
 bench-expand: install
 	$(PY) bench/expand_throughput.py

@@ -347,22 +347,20 @@ class OpenAIExpander:
         async with semaphore:
             if self.ledger.circuit_open:
                 raise CircuitOpen(self._circuit_message())
-            raw, usage = await self._send(client, request, messages)
-            try:
-                parsed = parse_output(raw, request.output)
-            except ValueError as error:
-                with self.ledger.lock:
-                    self.ledger.usage["repairs"] += 1
-                repair = messages + [{"role": "assistant", "content": raw},
-                                     {"role": "user", "content": f"That answer is not valid: {error}. Reply again with "
-                                      "only the JSON object, with every required field."}]
-                raw, usage = await self._send(client, request, repair)
+            attempt = messages
+            for repairs_left in (1, 0):
+                raw, _ = await self._send(client, request, attempt)
                 try:
                     parsed = parse_output(raw, request.output)
-                except ValueError as error2:
+                    break
+                except ValueError as error:
                     with self.ledger.lock:
-                        self.ledger.usage["invalid"] += 1
-                    raise RequestFailed(f"invalid {request.output.__name__} after one repair: {error2}", raw)
+                        self.ledger.usage["repairs" if repairs_left else "invalid"] += 1
+                    if not repairs_left:
+                        raise RequestFailed(f"invalid {request.output.__name__} after one repair: {error}", raw)
+                    attempt = messages + [{"role": "assistant", "content": raw},
+                                          {"role": "user", "content": f"That answer is not valid: {error}. Reply again "
+                                           "with only the JSON object, with every required field."}]
         self.cache.put(request.key, {"model": self.config.model, "prompt_id": request.prompt.id,
                                      "prompt_version": request.prompt.version, "content": raw,
                                      "parsed": parsed.model_dump(mode="json")})

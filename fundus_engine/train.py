@@ -85,3 +85,12 @@ def build_demo_detector(out: Path, n_train: int = 240, epochs: int = 45, seed: i
     meta.update({"train_images": n_train, "train_seed": seed, "synthetic_validation": metrics})
     meta_path.write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def export_onnx(weights: Path, imgsz: int = 512) -> Path:
+    """An ONNX copy of the weights for onnxruntime inference (the `onnx` extra); ultralytics
+    writes the class names into its metadata, so `detect.weights: x.onnx` just works."""
+    ul = ultralytics()
+    exported = ul.YOLO(str(weights)).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False, device="cpu",
+                                            verbose=False)
+    return Path(exported)

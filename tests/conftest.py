@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prefect.testing.utilities import prefect_test_harness
 
 BIN = Path(sys.executable).parent
 
@@ -55,3 +56,10 @@ def prefect_server(tmp_path_factory):
             server.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def prefect_local():
+    """Prefect's local test harness (a temporary server and database) for one test module."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

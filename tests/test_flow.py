@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.build_fundusgen import build_fundusgen
 from fundus_engine.config import BuildConfig
@@ -22,10 +21,7 @@ from fundus_engine.tables import read_rows
 STAGES = ("ingest", "detect", "crop", "expand", "chain")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_local():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_local")
 
 
 @pytest.fixture(scope="module")

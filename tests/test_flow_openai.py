@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.build_fundusgen import build_fundusgen
 from fundus_engine.config import BuildConfig
@@ -23,10 +22,7 @@ SECRET = "sk-fundus-test-7f3a9c1e5b2d8a4f"
 KEY_ENV = "FUNDUS_TEST_MODEL_KEY"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_local():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_local")
 
 
 @pytest.fixture(scope="module")
