@@ -1,4 +1,4 @@
-"""`fundus-engine`: synth, build, serve, inspect."""
+"""`fundus-engine`: synth, build, serve, train-detector, inspect."""
 from __future__ import annotations
 
 import json
@@ -57,6 +57,43 @@ def serve(limit: Optional[int] = typer.Option(None, help="flow runs at once")):
     from flows.serve import serve as serve_flow
 
     serve_flow(limit=limit)
+
+
+@app.command("train-detector")
+def train_detector(config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON of TrainDetectorParams (masks go here)"),
+                   out: Optional[Path] = typer.Option(None, "--out", help="weights file to write (.pt)"),
+                   yolo: list[Path] = typer.Option([], "--yolo", help="YOLO-format folder (repeatable)"),
+                   coco: list[str] = typer.Option([], "--coco", help="COCO JSON, or JSON:IMAGES_DIR (repeatable)"),
+                   synthetic: Optional[int] = typer.Option(None, help="synthetic photographs to add"),
+                   unlabelled: Optional[Path] = typer.Option(None, help="unlabelled images for self-training"),
+                   rounds: Optional[int] = typer.Option(None, help="self-training rounds"),
+                   confidence: Optional[float] = typer.Option(None, help="pseudo-label confidence threshold"),
+                   epochs: Optional[int] = typer.Option(None), imgsz: Optional[int] = typer.Option(None),
+                   held_out: Optional[Path] = typer.Option(None, help="dataset.yaml to validate on")):
+    """Train a detector from YOLO folders, COCO JSON, lesion masks and synthetic images, offline."""
+    import yaml
+
+    from flows.train_detector import TrainDetectorParams, train_detector as flow
+
+    data = yaml.safe_load(config.read_text()) if config else {}
+    flags = {"output": out, "synthetic": synthetic, "unlabelled": unlabelled, "self_training_rounds": rounds,
+             "pseudo_label_confidence": confidence, "epochs": epochs, "imgsz": imgsz, "held_out": held_out}
+    data.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+    data["yolo"] = [*data.get("yolo", []), *map(str, yolo)]
+    data["coco"] = [*data.get("coco", []), *({"annotations": c.split(":", 1)[0],
+                                               "images": c.split(":", 1)[1] if ":" in c else None} for c in coco)]
+    try:
+        params = TrainDetectorParams.model_validate(data)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {config or 'options'}: {exc}")
+        raise typer.Exit(2)
+    meta = flow(params)
+    table = Table("class", "mAP50", title=f"{params.output}: held-out mAP50 {meta['validation']['mAP50']}")
+    for name, ap in meta["validation"]["per_class_mAP50"].items():
+        table.add_row(name, str(ap))
+    console.print(table)
+    for r in meta["self_training"]:
+        console.print(f"round {r['round']}: {r['pseudo_images']} pseudo-labelled images, mAP50 {r['mAP50']}")
 
 
 @app.command()

@@ -10,10 +10,13 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from fundus_engine.importers import LabelledImage, write_yolo_dataset
+from fundus_engine.models import LabelBox
 from fundus_engine.synth import generate
-from fundus_engine.vocabulary import CLASS_NAMES
+from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 from fundus_engine.yolo import ultralytics
 
 
@@ -29,7 +32,8 @@ def dataset_sha256(root: Path) -> str:
 
 def train_detector(data_yaml: Path, out: Path, epochs: int, imgsz: int = 512, batch: int = 16,
                    model: str = "yolo11n.yaml", seed: int = 0) -> Path:
-    """Train from scratch (a .yaml model, no weight download) on CPU or GPU; returns best weights."""
+    """Train from scratch (a .yaml model, no weight download) or on from local .pt weights, on CPU
+    or GPU; returns the last weights, with a metadata JSON beside them."""
     ul = ultralytics()
     import torch
 
@@ -51,18 +55,24 @@ def train_detector(data_yaml: Path, out: Path, epochs: int, imgsz: int = 512, ba
     return out
 
 
-def evaluate_detector(weights: Path, n: int = 64, seed: int = 90_000, imgsz: int = 512) -> dict:
-    """mAP50 overall and per class on a fresh synthetic set the detector never saw."""
+def validate(weights: Path, data_yaml: Path, imgsz: int = 512, split: str = "val") -> dict:
+    """mAP50 overall and per class (with box counts) of weights on a dataset's split."""
     ul = ultralytics()
     with tempfile.TemporaryDirectory(prefix="fundus-val-") as tmp:
-        generate(Path(tmp), n, seed=seed, size=imgsz)
         model = ul.YOLO(str(weights))
-        metrics = model.val(data=str(Path(tmp) / "dataset.yaml"), imgsz=imgsz, batch=8, device="cpu", plots=False,
-                            workers=0, verbose=False, project=tmp, name="val")
-        per_class = {model.names[int(c)]: round(float(metrics.box.ap50[i]), 4)
-                     for i, c in enumerate(metrics.box.ap_class_index)}
-        return {"mAP50": round(float(metrics.box.map50), 4), "mAP50_95": round(float(metrics.box.map), 4),
-                "images": n, "seed": seed, "per_class_mAP50": per_class}
+        metrics = model.val(data=str(data_yaml), imgsz=imgsz, batch=8, device="cpu", plots=False, workers=0,
+                            verbose=False, project=tmp, name="val", split=split)
+    per_class = {model.names[int(c)]: round(float(metrics.box.ap50[i]), 4)
+                 for i, c in enumerate(metrics.box.ap_class_index)}
+    return {"mAP50": round(float(metrics.box.map50), 4), "mAP50_95": round(float(metrics.box.map), 4),
+            "per_class_mAP50": per_class}
+
+
+def evaluate_detector(weights: Path, n: int = 64, seed: int = 90_000, imgsz: int = 512) -> dict:
+    """mAP50 overall and per class on a fresh synthetic set the detector never saw."""
+    with tempfile.TemporaryDirectory(prefix="fundus-heldout-") as tmp:
+        generate(Path(tmp), n, seed=seed, size=imgsz)
+        return {**validate(weights, Path(tmp) / "dataset.yaml", imgsz), "images": n, "seed": seed}
 
 
 def strip_for_shipping(weights: Path) -> None:
@@ -94,3 +104,57 @@ def export_onnx(weights: Path, imgsz: int = 512) -> Path:
     exported = ul.YOLO(str(weights)).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False, device="cpu",
                                             verbose=False)
     return Path(exported)
+
+
+def pseudo_labels(weights: Path, images: list[Path], confidence: float, imgsz: int = 512, batch: int = 16
+                  ) -> list[LabelledImage]:
+    """Confident predictions on unlabelled images, as labels for the next round (one disc, cup
+    and fovea per image, as in the detect stage)."""
+    model = ultralytics().YOLO(str(weights))
+    labelled = []
+    for start in range(0, len(images), batch):
+        chunk = images[start:start + batch]
+        for path, result in zip(chunk, model.predict([str(p) for p in chunk], imgsz=imgsz, conf=confidence,
+                                                     device="cpu", verbose=False)):
+            height, width = result.orig_shape
+            found = sorted(zip(result.boxes.conf.tolist(), result.boxes.cls.tolist(), result.boxes.xyxy.tolist()),
+                           reverse=True)
+            boxes, seen = [], set()
+            for _, cls, xyxy in found:
+                label = canonical_class(model.names[int(cls)])
+                if label in ANATOMY and label in seen:
+                    continue
+                seen.add(label)
+                boxes.append(LabelBox(label=label, xyxy=[round(v, 1) for v in xyxy]))
+            labelled.append(LabelledImage(image=Path(path), width=width, height=height, boxes=boxes,
+                                          source=f"pseudo:{Path(weights).name}"))
+    return labelled
+
+
+@dataclass
+class Round:
+    round: int
+    labelled_images: int
+    pseudo_images: int
+    pseudo_boxes: int
+    weights: Path
+    metrics: dict
+
+
+def self_train(labelled: list[LabelledImage], unlabelled: list[Path], held_out: Path, work: Path, rounds: int,
+               confidence: float = 0.5, epochs: int = 20, imgsz: int = 512, batch: int = 16,
+               base_model: str = "yolo11n.yaml", seed: int = 0) -> list[Round]:
+    """Train on the labelled set, then `rounds` times: pseudo-label the unlabelled pool with the
+    latest weights (boxes at or above `confidence`), and train on from those weights with
+    labelled + pseudo-labelled images. Every round is validated on the same held-out set."""
+    work = Path(work)
+    data = write_yolo_dataset(labelled, work / "round0" / "data", val_fraction=0)
+    weights = train_detector(data, work / "round0" / "weights.pt", epochs, imgsz, batch, base_model, seed)
+    history = [Round(0, len(labelled), 0, 0, weights, validate(weights, held_out, imgsz))]
+    for r in range(1, rounds + 1):
+        pseudo = [p for p in pseudo_labels(weights, unlabelled, confidence, imgsz, batch) if p.boxes]
+        data = write_yolo_dataset(labelled + pseudo, work / f"round{r}" / "data", val_fraction=0)
+        weights = train_detector(data, work / f"round{r}" / "weights.pt", epochs, imgsz, batch, str(weights), seed)
+        history.append(Round(r, len(labelled), len(pseudo), sum(len(p.boxes) for p in pseudo), weights,
+                             validate(weights, held_out, imgsz)))
+    return history
