@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast schemas bench bench-expand bench-detect clean
+.PHONY: install demo test test-fast schemas bench bench-expand bench-detect bench-self-training clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ test-fast: install
 
 
 bench: bench-expand bench-detect
+
+bench-self-training: install
+	$(PY) bench/self_training.py
 
 bench-detect: install
 	$(PY) bench/detect_throughput.py
