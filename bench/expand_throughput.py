@@ -37,7 +37,7 @@ def timed_run(base_url: str, shard, cache_dir: Path, concurrency: int, cache: bo
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=16, help="synthetic images (each is 1 + regions requests)")
+    ap.add_argument("--images", type=int, default=32, help="synthetic images (each is 1 + regions requests)")
     ap.add_argument("--latency", type=float, default=0.2, help="server latency per request, seconds")
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()

@@ -68,7 +68,8 @@ def infer_diagnosis(counts: Counter, cup_to_disc: float | None) -> tuple[str, st
 
 def _supporting(diagnosis: str, counts: Counter, cup_to_disc: float | None) -> list[str]:
     """Findings that bear on a labelled diagnosis, stated as counts."""
-    evidence = [f"{c} {BY_NAME[label].display.lower()}" for label, c in sorted(counts.items())
+    evidence = [f"{c} {BY_NAME[label].display.lower()}{'s' if c > 1 and label != 'drusen' else ''}"
+                for label, c in sorted(counts.items())
                 if label in LESIONS and any(diagnosis.lower() in d.lower() or d.lower() in diagnosis.lower()
                                             for d in BY_NAME[label].diseases)]
     if diagnosis == GLAUCOMA and cup_to_disc is not None:

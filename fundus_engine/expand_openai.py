@@ -304,7 +304,9 @@ class OpenAIExpander:
                 else self.config.response_format
         while True:
             mode = self.ledger.response_format
-            kwargs = {"response_format": rf} if (rf := self._response_format(request.output, mode)) else {}
+            # Passed as extra_body: the same JSON on the wire, but the client does not walk the whole
+            # schema through its type transforms on every request (measured: ~30% of client CPU).
+            kwargs = {"extra_body": {"response_format": rf}} if (rf := self._response_format(request.output, mode)) else {}
             sent = messages if mode == "json_schema" else with_schema_instruction(messages, request.output)
             try:
                 return await client.chat.completions.create(model=self.config.model, messages=sent,
@@ -361,9 +363,9 @@ class OpenAIExpander:
                     attempt = messages + [{"role": "assistant", "content": raw},
                                           {"role": "user", "content": f"That answer is not valid: {error}. Reply again "
                                            "with only the JSON object, with every required field."}]
-        self.cache.put(request.key, {"model": self.config.model, "prompt_id": request.prompt.id,
-                                     "prompt_version": request.prompt.version, "content": raw,
-                                     "parsed": parsed.model_dump(mode="json")})
+        await asyncio.to_thread(self.cache.put, request.key, {
+            "model": self.config.model, "prompt_id": request.prompt.id, "prompt_version": request.prompt.version,
+            "content": raw, "parsed": parsed.model_dump(mode="json")})
         return parsed
 
     def _circuit_message(self) -> str:

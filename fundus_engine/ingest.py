@@ -121,18 +121,25 @@ def load_labels(input_dir: Path, config: IngestConfig) -> tuple[dict[str, dict],
         path = next((p for p in (input_dir / "labels.json", input_dir / "labels.csv") if p.is_file()), None)
         if path is None:
             return {}, []
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-        raw_entries = data["images"] if isinstance(data, dict) else data
-    else:
-        with open(path, newline="") as f:
-            raw_entries = list(csv.DictReader(f))
+    try:  # utf-8-sig: spreadsheets save CSV with a byte-order mark
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            raw_entries = data.get("images") if isinstance(data, dict) else data
+        else:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                raw_entries = list(csv.DictReader(f))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: not a readable text manifest: {exc}") from exc
+    if not isinstance(raw_entries, list):
+        raise ValueError(f'{path}: expected a list of entries or {{"images": [...]}}')
     labels: dict[str, dict] = {}
     rejects: list[Reject] = []
     for n, raw in enumerate(raw_entries, start=1):
+        if not isinstance(raw, dict):
+            rejects.append(Reject(stage=STAGE, item=f"{path} entry {n}", reason="label entry is not an object"))
+            continue
         key = next((str(raw[k]).strip() for k in _IMAGE_KEYS if raw.get(k) not in (None, "")), None)
         where = f"{path} entry {n}" + (f" ({key})" if key else "")
         if key is None:

@@ -315,6 +315,9 @@ def error_body(message: str, type_: str, param: str | None = None) -> dict:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the real API: exercises the client's pool
+    # Headers and body go out in separate writes; with Nagle on, the body waits for the client's
+    # delayed ACK (~40 ms a response), which would swamp the latency being simulated.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args: Any) -> None:
         pass

@@ -1,0 +1,275 @@
+"""fundus_engine.chain: the six FundusExpert task types, InternVL box syntax, seeded templates."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from fundus_engine.chain import box_text, chain, grounded, templates
+from fundus_engine.config import ChainConfig, CropConfig, ExpandConfig, IngestConfig, WriteConfig
+from fundus_engine.crop import box_999, crop, region_facts
+from fundus_engine.detect import from_labels
+from fundus_engine.expand import OfflineExpander, expand
+from fundus_engine.ingest import ingest, load_labels, scan
+from fundus_engine.models import Anatomy, ImageRecord, InstructionRecord, Point, Quality, Region
+from fundus_engine.prompts import PROMPTS_DIR
+from fundus_engine.synth import generate
+from fundus_engine.vocabulary import AMD, BY_NAME, DR, DR_GRADES
+from fundus_engine.write import assign_split
+
+TASKS = {"disease_diagnosis", "severity_grading", "region_identification", "region_detection", "report_generation",
+         "grounded_report"}
+QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
+# Strict InternVL grounding: <ref>Name</ref><box>[[x1, y1, x2, y2], ...]</box>
+BOX = r"\[\d{1,3}, \d{1,3}, \d{1,3}, \d{1,3}\]"
+GROUNDED = re.compile(rf"<ref>([^<>]+)</ref><box>(\[{BOX}(?:, {BOX})*\])</box>")
+
+
+def _image(sha: str, patient: str, laterality: str, **labels):
+    """A hand-made image with anatomy and regions; `lesions` are (label, xyxy, confidence)."""
+    lesions = labels.pop("lesions", [])
+    record = ImageRecord(sha256=sha, path=f"/data/{sha[:4]}.jpg", relpath=f"{sha[:4]}.jpg", width=400, height=400,
+                         patient_id=patient, laterality=laterality, quality=QUALITY, **labels)
+    nasal = 1 if laterality == "OD" else -1
+    disc_x, fovea_x = 200 + nasal * 150, 200 - nasal * 100
+    anat = Anatomy(sha256=sha, laterality=laterality, laterality_source="label", disc_centre=Point(x=disc_x, y=250),
+                   disc_diameter_px=100.0, fovea_centre=Point(x=fovea_x, y=250), cup_to_disc=0.35)
+    boxes = [("optic_disc", [disc_x - 50, 200, disc_x + 50, 300], 0.95),
+             ("optic_cup", [disc_x - 17, 233, disc_x + 18, 268], 0.9),
+             ("fovea", [fovea_x - 25, 225, fovea_x + 25, 275], 0.85)] + lesions
+    regions, marked = [], set()
+    for n, (label, xyxy, conf) in enumerate(boxes):
+        regions.append(Region(
+            sha256=sha, region_id=f"{sha[:12]}-{n:03d}", label=label, display=BY_NAME[label].display, xyxy=xyxy,
+            box_999=box_999(xyxy, 400, 400), confidence=conf, source="model", crop_path=f"/crops/{sha[:4]}-{n}.jpg",
+            marked_path=None if label in marked else f"/crops/{sha[:4]}-{n}.marked.jpg", mean_rgb=[150, 30, 20],
+            colour="red", **region_facts(xyxy, anat)))
+        marked.add(label)
+    return record, anat, regions
+
+
+@pytest.fixture(scope="module")
+def images():
+    dr_od = _image("11" * 32, "P1", "OD", diagnosis=DR, grade=DR_GRADES[2], dr_grade=2, lesions=[
+        ("microaneurysm", [130, 170, 150, 190], 0.7), ("microaneurysm", [40, 330, 46, 336], 0.8),
+        ("haemorrhage", [20, 260, 80, 300], 0.6), ("hard_exudate", [150, 300, 170, 312], 0.5)])
+    dr_os = _image("22" * 32, "P1", "OS", diagnosis=DR, grade=DR_GRADES[1], dr_grade=1, lesions=[
+        ("microaneurysm", [260, 170, 270, 180], 0.6)])
+    amd = _image("33" * 32, "P2", "OD", diagnosis=AMD, lesions=[
+        ("drusen", [90, 270, 100, 280], 0.5), ("drusen", [120, 230, 128, 238], 0.6)])
+    return [dr_od, dr_os, amd]
+
+
+def _run(images, config=ChainConfig(), prompts_dir=None):
+    records = [r for r, _, _ in images]
+    anatomies = [a for _, a, _ in images]
+    regions = [x for _, _, rs in images for x in rs]
+    expansions = expand(OfflineExpander(ExpandConfig()), records, anatomies, regions).expansions
+    return chain(records, anatomies, regions, expansions, config, WriteConfig(), prompts_dir)
+
+
+@pytest.fixture(scope="module")
+def built(images):
+    out, rejects = _run(images)
+    assert rejects == []
+    return out
+
+
+def _of(records, sha, task):
+    return [r for r in records if r.sha256 == sha and r.task == task]
+
+
+def test_all_six_task_types_are_produced(built, images):
+    dr_od_sha = images[0][0].sha256
+    assert {r.task for r in built if r.sha256 == dr_od_sha} == TASKS
+    counts = {task: len(_of(built, dr_od_sha, task)) for task in TASKS}
+    # 5 classes present (disc, cup, fovea, microaneurysm, haemorrhage, hard exudate = 6), capped at 4 each.
+    assert counts == {"disease_diagnosis": 1, "severity_grading": 1, "region_identification": 4,
+                      "region_detection": 4, "report_generation": 1, "grounded_report": 1}
+    # AMD has no grade, so no severity question.
+    amd_sha = images[2][0].sha256
+    assert {r.task for r in built if r.sha256 == amd_sha} == TASKS - {"severity_grading"}
+
+
+def test_records_validate_against_the_instruction_record_model(built):
+    for r in built:
+        dumped = r.model_dump(mode="json", by_alias=True)
+        assert [t["from"] for t in dumped["conversations"]] == ["human", "gpt"]
+        assert InstructionRecord.model_validate(dumped) == r
+        assert InstructionRecord.model_validate_json(r.model_dump_json(by_alias=True)) == r
+        assert r.conversations[0].value.startswith("<image>\n")
+        assert r.conversations[1].value.strip() == r.conversations[1].value != ""
+        assert r.provenance.backend == "offline" and r.language == "en"
+    assert len({r.record_id for r in built}) == len(built)
+
+
+def test_answers_match_the_expansion(built, images):
+    dr_od_sha = images[0][0].sha256
+    assert _of(built, dr_od_sha, "disease_diagnosis")[0].conversations[1].value == DR
+    assert _of(built, dr_od_sha, "severity_grading")[0].conversations[1].value == DR_GRADES[2]
+    assert _of(built, images[1][0].sha256, "severity_grading")[0].conversations[1].value == DR_GRADES[1]
+    assert _of(built, images[2][0].sha256, "disease_diagnosis")[0].conversations[1].value == AMD
+    for r in built:
+        assert r.diagnosis == {"11": DR, "22": DR, "33": AMD}[r.sha256[:2]]
+
+
+def test_questions_come_from_the_templates(built):
+    by_task = templates()
+    assert set(by_task) == TASKS
+    for r in built:
+        question = r.conversations[0].value.removeprefix("<image>\n")
+        options = by_task[r.task].meta["tasks"][r.task]["questions"]
+        if r.task == "region_detection":
+            target = BY_NAME[r.boxes[0].label].display.lower()
+            assert target in question
+            options = [q.format(target=target) for q in options]
+        assert question in options, (r.task, question)
+        assert (r.template_id, r.template_version) == (by_task[r.task].id, by_task[r.task].version)
+
+
+def test_box_text_and_grounded_syntax():
+    assert box_text([[1, 2, 3, 4]]) == "[[1, 2, 3, 4]]"
+    assert box_text([[1, 2, 3, 4], [10, 20, 30, 999]]) == "[[1, 2, 3, 4], [10, 20, 30, 999]]"
+    _, _, regions = _image("44" * 32, "P", "OD")
+    assert grounded("Optic disc", regions[:1]) == "<ref>Optic disc</ref><box>[[749, 500, 999, 749]]</box>"
+
+
+def test_every_box_in_every_answer_follows_the_internvl_convention(built, images):
+    by_image = {rec.sha256: rs for rec, _, rs in images}
+    for r in built:
+        answer = r.conversations[1].value
+        tags = GROUNDED.findall(answer)
+        # Nothing that looks like a box escapes the strict pattern.
+        assert answer.count("<box>") == answer.count("</box>") == len(tags)
+        assert answer.count("<ref>") == len(tags)
+        for display, boxes in tags:
+            parsed = json.loads(boxes)
+            assert all(0 <= v <= 999 and isinstance(v, int) for b in parsed for v in b)
+            assert all(b[0] <= b[2] and b[1] <= b[3] for b in parsed)
+            same_kind = [x.box_999 for x in by_image[r.sha256] if x.display == display]
+            assert parsed and all(b in same_kind for b in parsed), (r.task, display, parsed)
+        for b in r.boxes:
+            assert all(0 <= v <= 999 for v in b.box_999)
+
+
+def test_region_detection_answers_give_every_box_of_the_class(built, images):
+    record, _, regions = images[0]
+    detections = _of(built, record.sha256, "region_detection")
+    for r in detections:
+        label = r.boxes[0].label
+        expected = sorted((x for x in regions if x.label == label), key=lambda x: -x.confidence)
+        assert [b.label for b in r.boxes] == [label] * len(expected)
+        assert [b.box_999 for b in r.boxes] == [x.box_999 for x in expected]
+        assert r.conversations[1].value == (f"<ref>{expected[0].display}</ref><box>"
+                                            + box_text([x.box_999 for x in expected]) + "</box>")
+        assert r.image_path == record.path
+    micro = [r for r in detections if r.boxes[0].label == "microaneurysm"]
+    if micro:  # the two microaneurysms, most confident first, in one <box>
+        assert micro[0].conversations[1].value == (
+            "<ref>Microaneurysm</ref><box>[[100, 824, 115, 839], [325, 425, 375, 475]]</box>")
+
+
+def test_region_identification_uses_the_marked_image(built, images):
+    record, _, regions = images[0]
+    marked = {r.region_id: r for r in regions if r.marked_path}
+    questions = _of(built, record.sha256, "region_identification")
+    assert len(questions) == 4 and len({q.image_path for q in questions}) == 4
+    for q in questions:
+        region = next(r for r in marked.values() if r.marked_path == q.image_path)
+        assert q.source_image_path == record.path
+        assert q.conversations[1].value == region.display
+        assert [(b.label, b.box_999) for b in q.boxes] == [(region.label, region.box_999)]
+
+
+def test_reports_plain_and_grounded(built, images):
+    record, _, regions = images[0]
+    plain = _of(built, record.sha256, "report_generation")[0].conversations[1].value
+    report = _of(built, record.sha256, "grounded_report")[0]
+    text = report.conversations[1].value
+    assert "<ref>" not in plain and "<box>" not in plain
+    for part in (plain, text):
+        assert part.startswith("Overview: A colour fundus photograph of the right eye (OD)")
+        assert "Anatomy:" in part and "Lesions:" in part and "Findings:" in part
+        assert f"\n\nConclusion: {DR} ({DR_GRADES[2]}), supported by 1 haemorrhage; 1 hard exudate; 2 " in part
+    for region in regions:
+        assert box_text([region.box_999])[1:-1] in text, region.label
+    assert "<ref>Optic disc</ref><box>[[749, 500, 999, 749]]</box>" in text
+    assert [(b.label, b.box_999) for b in report.boxes] == [(r.label, r.box_999) for r in regions]
+    # The AMD report grounds its two drusen in one tag.
+    amd_text = _of(built, images[2][0].sha256, "grounded_report")[0].conversations[1].value
+    assert re.search(rf"- <ref>Drusen</ref><box>\[{BOX}, {BOX}\]</box> \(2\)", amd_text)
+
+
+def test_no_lesions_and_no_region_questions(images):
+    record, anat, regions = _image("55" * 32, "P9", "OS", grade=DR_GRADES[0], dr_grade=0)
+    out, rejects = _run([(record, anat, regions)], ChainConfig(max_region_questions=0))
+    assert rejects == []
+    assert [r.task for r in out] == ["disease_diagnosis", "severity_grading", "report_generation", "grounded_report"]
+    report = out[2].conversations[1].value
+    assert "- No lesion is seen." in report and "Normal fundus (No diabetic retinopathy)" in report
+
+
+def test_question_choice_is_seeded_and_reproducible(images, built):
+    again, _ = _run(images)
+    assert [r.model_dump() for r in again] == [r.model_dump() for r in built]
+
+    reseeded, _ = _run(images, ChainConfig(seed=1))
+    fixed = ("disease_diagnosis", "severity_grading", "report_generation", "grounded_report")
+    before = [r for r in built if r.task in fixed]
+    after = [r for r in reseeded if r.task in fixed]
+    # The same samples with the same answers; only the wording of the questions moves.
+    assert [(r.record_id, r.conversations[1].value) for r in after] == [
+        (r.record_id, r.conversations[1].value) for r in before]
+    assert [r.conversations[0].value for r in after] != [r.conversations[0].value for r in before]
+    # The seed also picks which regions are asked about (region_detection: 4 of 6 classes).
+    picked = lambda records: [r.boxes[0].label for r in records if r.task == "region_detection"]  # noqa: E731
+    assert picked(_run(images, ChainConfig(seed=1))[0]) == picked(reseeded)
+    assert any(picked(_run(images, ChainConfig(seed=s))[0]) != picked(built) for s in range(1, 6))
+
+
+def test_one_patient_one_split(built, images):
+    splits = {}
+    for r in built:
+        patient = {"11": "P1", "22": "P1", "33": "P2"}[r.sha256[:2]]
+        splits.setdefault(patient, set()).add(r.split)
+        assert r.split == assign_split(patient, WriteConfig())
+    assert all(len(s) == 1 for s in splits.values())
+
+
+def test_a_broken_template_rejects_the_image_not_the_run(images, tmp_path):
+    prompts = tmp_path / "prompts"
+    shutil.copytree(PROMPTS_DIR, prompts)
+    grading = prompts / "chain" / "grading.j2"
+    grading.write_text(grading.read_text().replace("{{ image.grade }}", "{{ image.no_such_field }}"))
+    out, rejects = _run(images, prompts_dir=str(prompts))
+    assert sorted(r.item for r in rejects) == sorted([images[0][0].path, images[1][0].path])  # the graded ones
+    assert all(r.stage == "chain" and r.reason.startswith("chain template failed:") for r in rejects)
+    assert {r.sha256 for r in out} == {images[2][0].sha256}
+
+
+def test_chain_on_synthetic_images_grounds_the_true_boxes(tmp_path):
+    root = tmp_path / "in"
+    generate(root, 2, seed=0, size=256, full_labels=True)
+    config = IngestConfig()
+    labels, _ = load_labels(root, config)
+    sources, _ = scan(root)
+    records, _ = ingest(root, sources, labels, config)
+    detections = [d for r in records for d in from_labels(r)]
+    anatomies, regions, rejects = crop(records, detections, tmp_path / "crops", CropConfig())
+    assert rejects == []
+    expansions = expand(OfflineExpander(ExpandConfig()), records, anatomies, regions).expansions
+    out, rejects = chain(records, anatomies, regions, expansions, ChainConfig(), WriteConfig())
+    assert rejects == [] and {r.task for r in out} == TASKS
+
+    truth = json.loads((root / "labels.json").read_text())["images"]
+    for record in records:
+        entry = next(e for e in truth if e["image"] == record.relpath)
+        expected = sorted(box_999(b["xyxy"], 256, 256) for b in entry["boxes"])
+        report = _of(out, record.sha256, "grounded_report")[0]
+        assert sorted(b.box_999 for b in report.boxes) == expected
+        in_text = sorted(b for _, boxes in GROUNDED.findall(report.conversations[1].value) for b in json.loads(boxes))
+        assert in_text == expected
+        assert len({r.split for r in out if r.sha256 == record.sha256}) == 1
+    assert {r.split for r in out} == {assign_split("P00000", WriteConfig())}  # both eyes of patient P00000

@@ -1,0 +1,297 @@
+"""fundus_engine.crop: positional geometry (clock hour, quadrant, disc diameters), the 0-999 box
+convention, colour names, and the crop files written."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from fundus_engine.config import CropConfig, IngestConfig
+from fundus_engine.crop import (anatomy, box_999, clock_hour, colour_name, context_window, crop, crop_image,
+                                mark, mean_colour, quadrant, region_facts)
+from fundus_engine.detect import from_labels
+from fundus_engine.ingest import ingest, load_labels, scan
+from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Quality, Reject
+from fundus_engine.synth import generate
+
+QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
+
+
+def _record(**kw) -> ImageRecord:
+    base = dict(sha256="ab" * 32, path="/nonexistent/x.jpg", relpath="x.jpg", width=400, height=400, quality=QUALITY)
+    return ImageRecord(**{**base, **kw})
+
+
+def _det(label: str, xyxy, conf=0.9, n=0) -> Detection:
+    return Detection(sha256="ab" * 32, region_id=f"r-{n:03d}", label=label, xyxy=list(xyxy), confidence=conf,
+                     source="model")
+
+
+def _unit(degrees: float) -> tuple[float, float]:
+    """Offset at a clock angle measured clockwise from 12 o'clock, in image coordinates (y down)."""
+    a = math.radians(degrees)
+    return math.sin(a), -math.cos(a)
+
+
+# ------------------------------------------------------------------ clock hour and quadrant
+
+@pytest.mark.parametrize("degrees,hour", [
+    (0, 12), (30, 1), (60, 2), (90, 3), (120, 4), (150, 5), (180, 6), (210, 7), (240, 8), (270, 9), (300, 10),
+    (330, 11), (10, 12), (350, 12), (100, 3), (80, 3), (200, 7),
+])
+def test_clock_hour_as_viewed(degrees, hour):
+    dx, dy = _unit(degrees)
+    assert clock_hour(dx, dy) == hour
+    assert clock_hour(100 * dx, 100 * dy) == hour  # distance does not matter
+
+
+def test_clock_hour_cardinal_points_in_image_coordinates():
+    assert clock_hour(0, -5) == 12  # straight up (image y grows downward)
+    assert clock_hour(5, 0) == 3  # viewer's right
+    assert clock_hour(0, 5) == 6
+    assert clock_hour(-5, 0) == 9
+
+
+@pytest.mark.parametrize("dx,dy,od,os_", [
+    (3, -2, "superonasal", "superotemporal"),  # up and to the viewer's right
+    (-3, -2, "superotemporal", "superonasal"),
+    (3, 2, "inferonasal", "inferotemporal"),
+    (-3, 2, "inferotemporal", "inferonasal"),
+])
+def test_quadrant_mirrors_between_right_and_left_eyes(dx, dy, od, os_):
+    # Nasal is toward the disc: the viewer's right in a right eye (OD), the left in a left eye (OS).
+    assert quadrant(dx, dy, "OD") == od
+    assert quadrant(dx, dy, "OS") == os_
+    assert quadrant(-dx, dy, "OS") == od  # a mirrored point in the other eye has the same name
+    assert quadrant(dx, dy, "unknown") is None
+
+
+# ------------------------------------------------------------------ box_999
+
+@pytest.mark.parametrize("xyxy,width,height,expected", [
+    ([0, 0, 400, 200], 400, 200, [0, 0, 999, 999]),
+    ([100, 50, 300, 150], 400, 200, [250, 250, 749, 749]),  # 249.75 -> 250, 749.25 -> 749
+    ([40, 20, 120, 180], 400, 200, [100, 100, 300, 899]),  # 99.9, 99.9, 299.7, 899.1
+    ([-12.5, -3, 410, 260], 400, 200, [0, 0, 999, 999]),  # clamped
+    ([1, 1, 2, 2], 1000, 1000, [1, 1, 2, 2]),
+    ([256, 0, 512, 256], 512, 256, [500, 0, 999, 999]),  # 499.5 rounds half to even
+])
+def test_box_999_normalises_by_width_and_height(xyxy, width, height, expected):
+    got = box_999(xyxy, width, height)
+    assert got == expected
+    assert all(type(v) is int and 0 <= v <= 999 for v in got)
+
+
+# ------------------------------------------------------------------ region facts
+
+# A right eye, 400 px wide: disc of 100 px diameter at (350, 250), fovea 2.5 DD temporal at (100, 250).
+OD_ANATOMY = Anatomy(sha256="x", laterality="OD", laterality_source="label", disc_centre=Point(x=350, y=250),
+                     disc_diameter_px=100.0, fovea_centre=Point(x=100, y=250))
+# Its mirror image about x = 200: a left eye.
+OS_ANATOMY = Anatomy(sha256="x", laterality="OS", laterality_source="label", disc_centre=Point(x=50, y=250),
+                     disc_diameter_px=100.0, fovea_centre=Point(x=300, y=250))
+
+
+def test_region_facts_on_a_hand_made_right_eye():
+    # A 20 x 20 px spot centred at (140, 180): 40 px right of and 70 px above the fovea.
+    facts = region_facts([130, 170, 150, 190], OD_ANATOMY)
+    assert facts == {
+        "size_dd": 0.2,
+        "area_disc_areas": 0.04,  # (20 * 20) / 100^2
+        "fovea_distance_dd": 0.81,  # hypot(40, 70) = 80.6 px
+        "disc_distance_dd": 2.21,  # hypot(210, 70) = 221.4 px
+        "clock_hour": 1,  # atan2(40, 70) = 29.7 degrees clockwise from 12
+        "quadrant": "superonasal",  # above, and toward the disc
+    }
+    # A 60 x 40 px haemorrhage centred at (50, 280): left of and below the fovea.
+    facts = region_facts([20, 260, 80, 300], OD_ANATOMY)
+    assert facts == {"size_dd": 0.6, "area_disc_areas": 0.24, "fovea_distance_dd": 0.58, "disc_distance_dd": 3.01,
+                     "clock_hour": 8, "quadrant": "inferotemporal"}
+
+
+def test_region_facts_mirror_for_the_left_eye():
+    right = region_facts([130, 170, 150, 190], OD_ANATOMY)
+    left = region_facts([250, 170, 270, 190], OS_ANATOMY)  # the same spot, mirrored about x = 200
+    assert left == {**right, "clock_hour": 11}  # clock hours are as viewed, so 1 o'clock becomes 11
+    assert left["quadrant"] == "superonasal"
+
+
+def test_disc_area_and_disc_diameter_units():
+    # The disc's own box is one disc diameter across and one disc area.
+    facts = region_facts([300, 200, 400, 300], OD_ANATOMY)
+    assert (facts["size_dd"], facts["area_disc_areas"], facts["disc_distance_dd"]) == (1.0, 1.0, 0.0)
+    assert facts["fovea_distance_dd"] == 2.5 and facts["clock_hour"] == 3
+    assert region_facts([0, 0, 200, 100], OD_ANATOMY)["area_disc_areas"] == 2.0
+    # At the fovea itself there is no direction to state.
+    at_fovea = region_facts([90, 240, 110, 260], OD_ANATOMY)
+    assert at_fovea["fovea_distance_dd"] == 0.0 and at_fovea["clock_hour"] is None and at_fovea["quadrant"] is None
+
+
+def test_region_facts_are_unknown_without_disc_or_fovea():
+    nothing = Anatomy(sha256="x", laterality="unknown", laterality_source="unknown")
+    assert region_facts([130, 170, 150, 190], nothing) == dict.fromkeys(
+        ("size_dd", "area_disc_areas", "fovea_distance_dd", "disc_distance_dd", "clock_hour", "quadrant"))
+
+    no_disc = OD_ANATOMY.model_copy(update={"disc_centre": None, "disc_diameter_px": None})
+    facts = region_facts([130, 170, 150, 190], no_disc)
+    assert facts["size_dd"] is None and facts["area_disc_areas"] is None and facts["disc_distance_dd"] is None
+    assert facts["fovea_distance_dd"] is None  # no disc diameter to measure in
+    assert (facts["clock_hour"], facts["quadrant"]) == (1, "superonasal")  # direction needs only the fovea
+
+    no_fovea = OD_ANATOMY.model_copy(update={"fovea_centre": None})
+    facts = region_facts([130, 170, 150, 190], no_fovea)
+    assert (facts["size_dd"], facts["disc_distance_dd"]) == (0.2, 2.21)
+    assert facts["fovea_distance_dd"] is None and facts["clock_hour"] is None and facts["quadrant"] is None
+
+    unknown_eye = OD_ANATOMY.model_copy(update={"laterality": "unknown"})
+    facts = region_facts([130, 170, 150, 190], unknown_eye)
+    assert facts["clock_hour"] == 1 and facts["quadrant"] is None
+
+
+# ------------------------------------------------------------------ anatomy
+
+def test_anatomy_from_detections_infers_laterality_from_the_disc():
+    dets = [_det("optic_disc", [0, 0, 10, 10], conf=0.3), _det("optic_disc", [300, 200, 400, 300], conf=0.9),
+            _det("optic_cup", [330, 220, 370, 280]), _det("fovea", [75, 225, 125, 275])]
+    anat = anatomy(_record(), dets)
+    assert anat.disc_centre == Point(x=350, y=250)  # the more confident disc
+    assert anat.disc_diameter_px == 100.0
+    assert anat.fovea_centre == Point(x=100, y=250)
+    assert anat.cup_to_disc == 0.6  # vertical: 60 / 100
+    assert (anat.laterality, anat.laterality_source) == ("OD", "disc_position")
+
+    mirrored = [_det(d.label, [400 - d.xyxy[2], d.xyxy[1], 400 - d.xyxy[0], d.xyxy[3]], d.confidence) for d in dets]
+    assert (anatomy(_record(), mirrored).laterality, anatomy(_record(), mirrored).laterality_source) == (
+        "OS", "disc_position")
+
+
+def test_anatomy_prefers_labels_and_says_unknown_when_it_must():
+    dets = [_det("optic_disc", [300, 200, 400, 300]), _det("fovea", [75, 225, 125, 275])]
+    labelled = _record(laterality="OS", disc=Point(x=340, y=240), fovea=Point(x=90, y=260))
+    anat = anatomy(labelled, dets)
+    assert (anat.laterality, anat.laterality_source) == ("OS", "label")
+    assert anat.disc_centre == Point(x=340, y=240) and anat.fovea_centre == Point(x=90, y=260)
+    assert anat.disc_diameter_px == 100.0 and anat.cup_to_disc is None  # no cup detected
+
+    empty = anatomy(_record(), [])
+    assert (empty.laterality, empty.laterality_source) == ("unknown", "unknown")
+    assert empty.disc_centre is None and empty.fovea_centre is None and empty.disc_diameter_px is None
+
+
+# ------------------------------------------------------------------ colour
+
+@pytest.mark.parametrize("rgb,name", [
+    ((255, 255, 255), "white"),
+    ((238, 228, 208), "white"),  # cotton-wool spot as synth draws it
+    ((96, 10, 8), "dark red"),  # blood
+    ((240, 214, 92), "yellow"),  # hard exudate
+    ((226, 196, 104), "yellow"),  # drusen
+    ((230, 140, 40), "yellow-orange"),
+    ((244, 196, 130), "pale yellow"),  # optic disc
+    ((220, 30, 30), "red"),
+    ((230, 160, 160), "pink"),
+])
+def test_colour_name(rgb, name):
+    assert colour_name(rgb) == name
+
+
+def test_mean_colour_reads_the_central_half_of_the_box():
+    rgb = np.zeros((100, 100, 3), np.uint8)
+    rgb[30:70, 30:70] = (10, 10, 10)
+    rgb[40:60, 40:60] = (200, 100, 50)
+    assert mean_colour(rgb, [30, 30, 70, 70]) == [200, 100, 50]
+    assert mean_colour(rgb, [0, 0, 100, 100]) == [int(v) for v in rgb[25:75, 25:75].reshape(-1, 3).mean(0)]
+
+
+# ------------------------------------------------------------------ windows, marks and files
+
+def test_context_window_pads_and_stays_inside_the_image():
+    config = CropConfig()  # context 0.5, at least 64 px
+    assert context_window([100, 100, 200, 150], 400, 400, config) == (50, 75, 250, 175)
+    assert context_window([0, 0, 10, 10], 256, 256, config) == (0, 0, 64, 64)
+    assert context_window([250, 250, 256, 256], 256, 256, config) == (192, 192, 256, 256)
+    assert context_window([0, 0, 300, 300], 256, 256, config) == (0, 0, 256, 256)
+
+
+def test_mark_draws_a_green_box_on_a_copy():
+    rgb = np.full((300, 300, 3), 100, np.uint8)
+    marked = mark(rgb, [50, 60, 150, 200])
+    assert (rgb == 100).all()
+    assert tuple(marked[60, 100]) == (0, 255, 0) and tuple(marked[130, 50]) == (0, 255, 0)
+    assert tuple(marked[130, 100]) == (100, 100, 100)  # inside untouched
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crop-src")
+    generate(root, 2, seed=0, size=256, full_labels=True)  # one patient with mild DR: microaneurysms
+    config = IngestConfig()
+    labels, _ = load_labels(root, config)
+    sources, _ = scan(root)
+    records, rejects = ingest(root, sources, labels, config)
+    assert rejects == [] and len(records) == 2
+    return records
+
+
+def test_crop_image_writes_crops_and_one_marked_copy_per_class(synthetic, tmp_path):
+    record = synthetic[0]
+    detections = from_labels(record)
+    config = CropConfig()
+    anat, regions = crop_image(record, detections, tmp_path, config)
+
+    assert anat.laterality == "OD" and anat.laterality_source == "label"
+    assert anat.disc_centre == record.disc and anat.fovea_centre == record.fovea
+    assert 28 < anat.disc_diameter_px < 36 and 0.25 < anat.cup_to_disc < 0.5
+    assert [r.region_id for r in regions] == sorted(d.region_id for d in detections)
+    labels = [r.label for r in regions]
+    assert labels[:3] == ["optic_disc", "optic_cup", "fovea"] and set(labels[3:]) == {"microaneurysm"}
+
+    image_dir = tmp_path / record.sha256[:16]
+    assert sorted(p.name for p in image_dir.glob("*.crop.jpg")) == sorted(f"{r.region_id}.crop.jpg" for r in regions)
+    assert len(list(image_dir.glob("*.marked.jpg"))) == len(set(labels))
+    marked_labels = [r.label for r in regions if r.marked_path]
+    assert sorted(marked_labels) == sorted(set(labels))
+
+    by_id = {d.region_id: d for d in detections}
+    for r in regions:
+        d = by_id[r.region_id]
+        assert r.xyxy == d.xyxy and r.source == "ground_truth" and r.confidence == 1.0
+        assert r.box_999 == box_999(d.xyxy, 256, 256)
+        assert {k: getattr(r, k) for k in ("size_dd", "area_disc_areas", "fovea_distance_dd", "disc_distance_dd",
+                                          "clock_hour", "quadrant")} == region_facts(d.xyxy, anat)
+        left, top, right, bottom = context_window(d.xyxy, 256, 256, config)
+        crop_pixels = cv2.imread(r.crop_path)
+        assert crop_pixels.shape == (bottom - top, right - left, 3)
+        assert r.display == {"optic_disc": "Optic disc", "optic_cup": "Optic cup", "fovea": "Fovea",
+                             "microaneurysm": "Microaneurysm"}[r.label]
+        if r.marked_path:
+            marked = cv2.cvtColor(cv2.imread(r.marked_path), cv2.COLOR_BGR2RGB)
+            x1, y1 = int(round(d.xyxy[0])), int(round(d.xyxy[1]))
+            edge = marked[y1, x1:x1 + 2].astype(int)
+            assert (edge[:, 1] > 180).all() and (edge[:, 0] < 90).all(), r.label  # green (after JPEG)
+    microaneurysms = [r for r in regions if r.label == "microaneurysm"]
+    assert all(r.colour in ("red", "dark red") for r in microaneurysms)
+    # Every lesion of a right eye to the left of the fovea is temporal.
+    for r in microaneurysms:
+        cx = (r.xyxy[0] + r.xyxy[2]) / 2
+        assert r.quadrant.endswith("temporal" if cx < record.fovea.x else "nasal")
+    disc = regions[0]
+    assert disc.mean_rgb[0] > disc.mean_rgb[1] > disc.mean_rgb[2] and disc.colour != "red"
+
+
+def test_crop_rejects_an_unreadable_image_and_goes_on(synthetic, tmp_path):
+    good = synthetic[1]
+    missing = good.model_copy(update={"sha256": "cd" * 32, "path": str(tmp_path / "gone.jpg")})
+    detections = from_labels(good)
+    anatomies, regions, rejects = crop([missing, good], detections, tmp_path / "crops", CropConfig())
+    assert [a.sha256 for a in anatomies] == [good.sha256]
+    assert len(regions) == len(detections) and {r.sha256 for r in regions} == {good.sha256}
+    assert len(rejects) == 1 and rejects[0].stage == "crop" and rejects[0].item == str(tmp_path / "gone.jpg")
+    assert isinstance(rejects[0], Reject)
+    # An image with no detections still gets its anatomy from the labels.
+    anatomies, regions, rejects = crop([good], [], tmp_path / "crops2", CropConfig())
+    assert regions == [] and rejects == [] and anatomies[0].fovea_centre == good.fovea
+    assert not Path(tmp_path / "crops2").exists() or not any(Path(tmp_path / "crops2").rglob("*.jpg"))

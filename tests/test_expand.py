@@ -1,0 +1,216 @@
+"""fundus_engine.expand: the offline knowledge-grounded expander and the diagnosis rules."""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from collections import Counter
+
+import pytest
+
+import fundus_engine
+from fundus_engine.config import ExpandConfig
+from fundus_engine.crop import box_999, region_facts
+from fundus_engine.expand import (GLAUCOMA_CUP_TO_DISC, OfflineExpander, expand, infer_diagnosis,
+                                  make_expander)
+from fundus_engine.models import Anatomy, Expansion, ImageRecord, Point, Quality, Region
+from fundus_engine.prompts import PROMPTS_DIR
+from fundus_engine.vocabulary import AMD, BY_NAME, DR, DR_GRADES, GLAUCOMA, LESIONS, MENTIONS, NORMAL
+
+SHA = "ab" * 32
+QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
+# A right eye, 400 x 400 px: disc of 100 px diameter at (350, 250), fovea at (100, 250).
+ANATOMY = Anatomy(sha256=SHA, laterality="OD", laterality_source="label", disc_centre=Point(x=350, y=250),
+                  disc_diameter_px=100.0, fovea_centre=Point(x=100, y=250), cup_to_disc=0.35)
+
+
+def _record(**kw) -> ImageRecord:
+    base = dict(sha256=SHA, path="/data/x.jpg", relpath="x.jpg", width=400, height=400, laterality="OD",
+                quality=QUALITY)
+    return ImageRecord(**{**base, **kw})
+
+
+def _region(n: int, label: str, xyxy: list[float], anat: Anatomy = ANATOMY, colour: str = "red") -> Region:
+    return Region(sha256=anat.sha256, region_id=f"{anat.sha256[:12]}-{n:03d}", label=label,
+                  display=BY_NAME[label].display, xyxy=xyxy, box_999=box_999(xyxy, 400, 400), confidence=0.9,
+                  source="model", crop_path=f"/crops/{n}.jpg", marked_path=None, mean_rgb=[150, 30, 20],
+                  colour=colour, **region_facts(xyxy, anat))
+
+
+def _anatomy_regions() -> list[Region]:
+    return [_region(0, "optic_disc", [300, 200, 400, 300], colour="pale yellow"),
+            _region(1, "optic_cup", [332, 232, 367, 267], colour="white"),
+            _region(2, "fovea", [75, 225, 125, 275])]
+
+
+def _lesions() -> list[Region]:
+    return [_region(3, "microaneurysm", [130, 170, 150, 190]),  # 0.81 DD from the fovea at 1 o'clock
+            _region(4, "microaneurysm", [40, 330, 46, 336]),
+            _region(5, "haemorrhage", [20, 260, 80, 300], colour="dark red")]
+
+
+@pytest.fixture(scope="module")
+def expander() -> OfflineExpander:
+    return OfflineExpander(ExpandConfig())
+
+
+# ------------------------------------------------------------------ infer_diagnosis
+
+@pytest.mark.parametrize("counts,cdr,expected", [
+    ({}, None, (NORMAL, None, ["no lesion was found"])),
+    ({}, 0.59, (NORMAL, None, ["no lesion was found"])),
+    ({"microaneurysm": 3}, None, (DR, DR_GRADES[1], ["3 microaneurysms"])),
+    ({"microaneurysm": 1}, None, (DR, DR_GRADES[1], ["1 microaneurysm"])),
+    ({"haemorrhage": 2, "microaneurysm": 1}, None, (DR, DR_GRADES[2], ["2 haemorrhages", "1 microaneurysm"])),
+    ({"hard_exudate": 1}, None, (DR, DR_GRADES[2], ["1 hard exudate"])),
+    ({"soft_exudate": 1, "haemorrhage": 3}, None, (DR, DR_GRADES[2], ["3 haemorrhages", "1 cotton-wool spot"])),
+    ({"soft_exudate": 2, "haemorrhage": 4}, None, (DR, DR_GRADES[3], ["4 haemorrhages", "2 cotton-wool spots"])),
+    ({"haemorrhage": 8}, None, (DR, DR_GRADES[3], ["8 haemorrhages"])),
+    ({"neovascularisation": 1, "microaneurysm": 5, "haemorrhage": 9}, None,
+     (DR, DR_GRADES[4], ["1 neovascularisation at the disc"])),
+    ({"drusen": 5}, None, (AMD, None, ["5 drusen around the macula"])),
+    ({"drusen": 2}, 0.8, (AMD, None, ["2 drusen around the macula"])),  # drusen outrank the cup
+    ({"drusen": 2, "microaneurysm": 1}, None, (DR, DR_GRADES[1], ["1 microaneurysm"])),  # DR outranks drusen
+    ({}, GLAUCOMA_CUP_TO_DISC, (GLAUCOMA, None, ["an enlarged cup-to-disc ratio of 0.60"])),
+    ({}, 0.78, (GLAUCOMA, None, ["an enlarged cup-to-disc ratio of 0.78"])),
+])
+def test_infer_diagnosis_rules(counts, cdr, expected):
+    assert infer_diagnosis(Counter(counts), cdr) == expected
+
+
+# ------------------------------------------------------------------ the offline expander
+
+def test_offline_expansion_validates_and_states_what_was_detected(expander):
+    regions = _anatomy_regions() + _lesions()
+    exp = expander.expand(_record(), ANATOMY, regions)
+    assert Expansion.model_validate_json(exp.model_dump_json()) == exp
+    assert exp.sha256 == SHA and exp.flags == []
+    image = exp.image
+    assert image.overview == ("A colour fundus photograph of the right eye (OD), 400x400 pixels, of good quality, "
+                              "with a circular field of view covering 69% of the frame.")
+    assert "cup-to-disc ratio of 0.35." in image.anatomy and "The macula is centred on a visible fovea." in image.anatomy
+    assert image.positive_findings == ["2 microaneurysms, the nearest 0.8 disc diameters from the fovea",
+                                       "1 haemorrhage, the nearest 0.6 disc diameters from the fovea"]
+    assert image.negative_findings == ["hard exudate", "cotton-wool spot", "drusen", "neovascularisation of the disc"]
+    assert (image.diagnosis, image.grade, image.diagnosis_source) == (DR, DR_GRADES[2], "inferred")
+    assert image.evidence == ["1 haemorrhage", "2 microaneurysms"]
+
+
+def test_findings_mention_the_lesions_present_and_not_those_absent(expander):
+    exp = expander.expand(_record(), ANATOMY, _anatomy_regions() + _lesions())
+    positive = " ".join(exp.image.positive_findings)
+    negative = " ".join(exp.image.negative_findings)
+    for label in LESIONS:
+        present = label in ("microaneurysm", "haemorrhage")
+        assert bool(re.search(MENTIONS[label], positive, re.I)) == present, label
+        assert bool(re.search(MENTIONS[label], negative, re.I)) == (not present), label
+
+
+def test_region_descriptions_carry_the_measured_facts(expander):
+    regions = _anatomy_regions() + _lesions()
+    exp = expander.expand(_record(), ANATOMY, regions)
+    assert [d.region_id for d in exp.regions] == [r.region_id for r in regions]
+    assert [d.label for d in exp.regions] == [r.label for r in regions]
+    text = {d.label + str(i): d.description for i, d in enumerate(exp.regions)}
+    assert text["microaneurysm3"] == (
+        "A red microaneurysm, about 0.20 disc diameters across, 0.8 disc diameters from the fovea at 1 o'clock, "
+        "in the superonasal quadrant. It appears as tiny, sharply outlined round red dots.")
+    assert text["haemorrhage5"].startswith(
+        "A dark red haemorrhage, about 0.60 disc diameters across, 0.6 disc diameters from the fovea at 8 o'clock, "
+        "in the inferotemporal quadrant.")
+    assert text["optic_disc0"] == ("The optic disc: a round, yellow-pink structure where the vessels enter the eye; "
+                                   "here pale yellow and about 1.00 disc diameters across.")
+    assert all(d.significance == BY_NAME[d.label].significance for d in exp.regions)
+
+
+def test_without_disc_or_fovea_the_text_says_so(expander):
+    bare = Anatomy(sha256=SHA, laterality="unknown", laterality_source="unknown")
+    regions = [_region(3, "microaneurysm", [130, 170, 150, 190], anat=bare)]
+    exp = expander.expand(_record(laterality="unknown"), bare, regions)
+    assert "eye of undetermined laterality" in exp.image.overview
+    assert "The optic disc was not located." in exp.image.anatomy and "The fovea was not located." in exp.image.anatomy
+    assert exp.image.positive_findings == ["1 microaneurysm"]
+    assert "of unmeasured size (disc not located)" in exp.regions[0].description
+    assert "at an undetermined position (fovea not located)" in exp.regions[0].description
+
+
+def test_no_lesions_gives_normal_with_every_finding_negative(expander):
+    exp = expander.expand(_record(), ANATOMY, _anatomy_regions())
+    assert (exp.image.diagnosis, exp.image.grade, exp.image.diagnosis_source) == (NORMAL, None, "inferred")
+    assert exp.image.positive_findings == []
+    assert exp.image.negative_findings == [BY_NAME[label].report_finding for label in LESIONS]
+    assert exp.image.evidence == ["no lesion was found"]
+
+
+def test_disc_position_laterality_is_stated(expander):
+    anat = ANATOMY.model_copy(update={"laterality": "OS", "laterality_source": "disc_position"})
+    exp = expander.expand(_record(laterality="unknown"), anat, [])
+    assert exp.image.overview.startswith(
+        "A colour fundus photograph of the left eye (OS), judged from the position of the optic disc, ")
+
+
+def test_labelled_diagnosis_wins_and_is_supported_by_relevant_findings(expander):
+    glaucoma = expander.expand(_record(diagnosis=GLAUCOMA), ANATOMY.model_copy(update={"cup_to_disc": 0.75}),
+                               _anatomy_regions())
+    assert (glaucoma.image.diagnosis, glaucoma.image.grade, glaucoma.image.diagnosis_source) == (
+        GLAUCOMA, None, "label")
+    assert glaucoma.image.evidence == ["a cup-to-disc ratio of 0.75"]
+
+    amd_without_drusen = expander.expand(_record(diagnosis=AMD), ANATOMY, _anatomy_regions() + _lesions())
+    assert amd_without_drusen.image.diagnosis == AMD
+    assert amd_without_drusen.image.evidence == [
+        "no supporting lesion was detected; the diagnosis comes from the source label"]
+    # The detections are still reported even though they do not support the label.
+    assert len(amd_without_drusen.image.positive_findings) == 2
+
+    # APTOS grade 0: a grade but no diagnosis column.
+    aptos0 = expander.expand(_record(grade=DR_GRADES[0], dr_grade=0), ANATOMY, _anatomy_regions())
+    assert (aptos0.image.diagnosis, aptos0.image.grade, aptos0.image.diagnosis_source) == (
+        NORMAL, DR_GRADES[0], "label")
+    assert aptos0.image.evidence == ["no lesion was found"]
+
+
+def test_provenance_names_the_offline_backend_and_its_prompt(expander):
+    exp = expander.expand(_record(), ANATOMY, [])
+    p = exp.provenance
+    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.1")
+    assert p.prompt_sha256 == hashlib.sha256((PROMPTS_DIR / "expand" / "offline.j2").read_bytes()).hexdigest()
+    assert p.engine_version == fundus_engine.__version__
+    assert make_expander(ExpandConfig()).name == "offline"
+    assert isinstance(make_expander(ExpandConfig()), OfflineExpander)
+
+
+def test_an_edited_template_changes_text_and_provenance(tmp_path, expander):
+    prompts = tmp_path / "prompts"
+    shutil.copytree(PROMPTS_DIR, prompts)
+    path = prompts / "expand" / "offline.j2"
+    path.write_text(path.read_text().replace("A colour fundus photograph", "A colour fundus image"))
+    edited = OfflineExpander(ExpandConfig(), prompts_dir=str(prompts)).expand(_record(), ANATOMY, [])
+    assert edited.image.overview.startswith("A colour fundus image of the right eye")
+    assert edited.provenance.prompt_sha256 != expander.provenance().prompt_sha256
+
+
+def test_expand_pairs_images_with_their_regions_and_isolates_failures(expander):
+    other = "cd" * 32
+    good = _record()
+    broken = _record(sha256=other, path="/data/y.jpg", relpath="y.jpg")
+    orphan = _record(sha256="ef" * 32, path="/data/z.jpg", relpath="z.jpg")  # no anatomy: rejected upstream
+    bad_region = _region(0, "microaneurysm", [130, 170, 150, 190]).model_copy(
+        update={"sha256": other, "label": "not_a_class"})
+    result = expand(expander, [good, broken, orphan],
+                    [ANATOMY, ANATOMY.model_copy(update={"sha256": other})], _lesions() + [bad_region])
+    assert [e.sha256 for e in result.expansions] == [SHA]
+    assert len(result.expansions[0].regions) == 3
+    assert [(r.stage, r.item) for r in result.rejects] == [("expand", other)]
+    assert result.rejects[0].reason.startswith("offline expander failed:")
+    assert result.complete is True
+
+
+def test_anatomy_sentences_are_separated_by_a_space(expander):
+    exp = expander.expand(_record(), ANATOMY, _anatomy_regions())
+    assert "0.35. The macula" in exp.image.anatomy
+
+
+def test_labelled_evidence_is_pluralised(expander):
+    exp = expander.expand(_record(diagnosis=DR, grade=DR_GRADES[2], dr_grade=2), ANATOMY, _lesions())
+    assert exp.image.evidence == ["1 haemorrhage", "2 microaneurysms"]
