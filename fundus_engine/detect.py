@@ -104,7 +104,7 @@ def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detec
     model = load_model(weights_path(config))
     device = resolve_device(config.device)
     options = dict(imgsz=config.imgsz, conf=config.confidence, iou=config.iou, device=device,
-                   half=device.startswith("cuda"), verbose=False)
+                   half=device.startswith("cuda"), batch=config.batch, verbose=False)
     for start in range(0, len(to_predict), config.batch):
         batch = to_predict[start:start + config.batch]
         try:
