@@ -205,3 +205,24 @@ class InstructionRecord(Row):
     grade: str | None = None
     provenance: Provenance
     flags: list[str] = []  # carried from the expansion; `expand.drop_flagged` leaves such records out
+
+
+class BenchmarkQuestion(Row):
+    """One multiple-choice question of the held-out benchmark, GMAI-MMBench style: options A-E,
+    one correct letter; box-level questions show the image with the box drawn."""
+
+    index: int
+    question: str
+    A: str
+    B: str
+    C: str | None = None
+    D: str | None = None
+    E: str | None = None
+    answer: Literal["A", "B", "C", "D", "E"]
+    category: str  # the correct label, e.g. "Hard exudate" or "Moderate non-proliferative diabetic retinopathy"
+    clinical_task: str  # Disease Diagnosis, Severity Grading, Attribute Recognition, Counting, Organ Recognition, ...
+    granularity: Literal["Image level", "Box level"]
+    department: str = "ophthalmology"
+    modality: str = "fundus photography"
+    image_path: str  # the image shown (the box-marked copy for box-level questions)
+    sha256: str  # the source image, for leakage checks against the training splits

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from fundus_engine.config import BuildConfig
 from fundus_engine.models import (Anatomy, Detection, Expansion, ImageFindings, ImageRecord, InstructionRecord, Region,
-                                  RegionFindings, Reject)
+                                  RegionFindings, Reject, BenchmarkQuestion)
 
 EXPORTED: dict[str, type[BaseModel]] = {
     "image_record": ImageRecord,
@@ -24,6 +24,7 @@ EXPORTED: dict[str, type[BaseModel]] = {
     "reject": Reject,
     "image_findings": ImageFindings,  # what the openai backend asks a model for
     "region_findings": RegionFindings,
+    "benchmark_question": BenchmarkQuestion,
     "build_config": BuildConfig,
 }
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
