@@ -232,7 +232,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         config.expand.openai.cache = False
     run_id = flow_run.get_id()
     expander = expand_stage.make_expander(config.expand, config.prompts_dir, out, run_id=run_id)
-    chain_prompts = list({p.sha256: p for p in chain_stage.templates(config.prompts_dir).values()}.values())
+    chain_prompts = chain_stage.all_templates(config.prompts_dir, config.chain.languages)
     expand_fp, chain_fp = fingerprint(expander.prompts), fingerprint(chain_prompts)
 
     tasks = {name: t.with_options(result_storage=storage) for name, t in

@@ -14,7 +14,7 @@ from fundus_engine.config import ChainConfig, WriteConfig
 from fundus_engine.models import (Anatomy, Expansion, GroundedBox, ImageRecord, InstructionRecord, Region,
                                   Reject, Turn)
 from fundus_engine.prompts import Prompt, load_dir
-from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, LESIONS
+from fundus_engine.vocabulary import ANATOMY, BY_NAME, CLASS_NAMES, LESIONS, chinese
 from fundus_engine.write import assign_split
 
 STAGE = "chain"
@@ -29,76 +29,134 @@ def grounded(display: str, regions: list[Region]) -> str:
     return f"<ref>{display}</ref><box>{box_text([r.box_999 for r in regions])}</box>"
 
 
-def templates(prompts_dir: str | None = None) -> dict[str, Prompt]:
-    """Task type -> template, from prompts/chain/*.j2 front matter."""
+def templates(prompts_dir: str | None = None, language: str = "en") -> dict[str, Prompt]:
+    """Task type -> template, from prompts/chain/*.j2 (English) or prompts/chain/<language>/*.j2."""
     by_task = {}
-    for prompt in load_dir("chain", prompts_dir):
+    for prompt in load_dir("chain" if language == "en" else f"chain/{language}", prompts_dir):
         for task in prompt.meta.get("tasks", {}):
             by_task[task] = prompt
     return by_task
+
+
+def all_templates(prompts_dir: str | None, languages: list[str]) -> list[Prompt]:
+    """Every chain template the configured languages render (their hashes key the stage)."""
+    return list({p.sha256: p for lang in languages for p in templates(prompts_dir, lang).values()}.values())
 
 
 def _rng(seed: int, *parts: str) -> random.Random:
     return random.Random(hashlib.sha256(":".join([str(seed), *parts]).encode()).digest())
 
 
-def _record(record: ImageRecord, expansion: Expansion, task: str, prompt: Prompt, question: str, answer: str,
-            split: str, key: str, image_path: str | None = None, boxes: list[GroundedBox] = ()) -> InstructionRecord:
-    return InstructionRecord(
-        record_id=hashlib.sha256(f"{record.sha256}:{task}:{key}".encode()).hexdigest()[:20],
-        sha256=record.sha256, image_path=image_path or record.path, source_image_path=record.path, task=task,
-        conversations=[Turn(**{"from": "human", "value": "<image>\n" + question}), Turn(**{"from": "gpt", "value": answer})],
-        boxes=list(boxes), split=split, template_id=prompt.id, template_version=prompt.version,
-        diagnosis=expansion.image.diagnosis, grade=expansion.image.grade, provenance=expansion.provenance,
-        flags=expansion.flags)
+def plural(display: str) -> str:
+    lower = display.lower()
+    return lower if lower.endswith(("s", "drusen", "neovascularisation")) else lower + "s"
 
 
 def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], expansion: Expansion,
-                config: ChainConfig, split: str, by_task: dict[str, Prompt]) -> list[InstructionRecord]:
+                config: ChainConfig, split: str, by_task: dict[str, Prompt], language: str = "en"
+                ) -> list[InstructionRecord]:
     image = expansion.image
     groups: dict[str, list[Region]] = defaultdict(list)
     for r in sorted(regions, key=lambda r: (CLASS_NAMES.index(r.label), -r.confidence)):
         groups[r.label].append(r)
     region_text = {d.region_id: d.description for d in expansion.regions}
+    lesion_groups = [(label, groups[label]) for label in LESIONS if label in groups]
+    context = dict(image=image, groups=groups, lesion_groups=lesion_groups, region_text=region_text,
+                   landmarks=[label for label in ANATOMY if label in groups], ref=grounded)
     out: list[InstructionRecord] = []
 
-    def question(task: str, *key: str) -> str:
-        return _rng(config.seed, record.sha256, task, *key).choice(by_task[task].meta["tasks"][task]["questions"])
+    def pick(task: str, *key: str, kind: str | None = None) -> str:
+        questions = by_task[task].meta["tasks"][task]["questions"]
+        return _rng(config.seed, record.sha256, language, task, *key).choice(questions[kind] if kind else questions)
 
-    def add(task, answer, key="", **kw):
-        out.append(_record(record, expansion, task, by_task[task], kw.pop("q", None) or question(task, key),
-                           answer, split, key, **kw))
+    def add(task: str, turns: list[tuple[str, str]], key: str = "", image_path: str | None = None,
+            boxes: list[Region] = ()):
+        prompt = by_task[task]
+        conversations = []
+        for n, (question, answer) in enumerate(turns):
+            conversations += [Turn(**{"from": "human", "value": ("<image>\n" if n == 0 else "") + question}),
+                              Turn(**{"from": "gpt", "value": answer.strip()})]
+        out.append(InstructionRecord(
+            record_id=hashlib.sha256(f"{record.sha256}:{language}:{task}:{key}".encode()).hexdigest()[:20],
+            sha256=record.sha256, image_path=image_path or record.path, source_image_path=record.path, task=task,
+            language=language, conversations=conversations,
+            boxes=[GroundedBox(label=r.label, box_999=r.box_999) for r in boxes], split=split,
+            template_id=prompt.id, template_version=prompt.version, diagnosis=image.diagnosis, grade=image.grade,
+            provenance=expansion.provenance, flags=expansion.flags))
 
-    add("disease_diagnosis", by_task["disease_diagnosis"].render(image=image))
-    if image.grade:
-        add("severity_grading", by_task["severity_grading"].render(image=image))
+    def answer(task: str, macro: str | None = None, *args, **kw) -> str:
+        """The macro named `macro` (or after the task) where the template defines one, else its body."""
+        prompt = by_task[task]
+        module = prompt.module(**{**context, **kw})
+        if hasattr(module, macro or task):
+            return str(getattr(module, macro or task)(*args)).strip()
+        return prompt.render(**{**context, **kw})
+
+    if "disease_diagnosis" in by_task:
+        add("disease_diagnosis", [(pick("disease_diagnosis"), answer("disease_diagnosis"))])
+    if image.grade and "severity_grading" in by_task:
+        add("severity_grading", [(pick("severity_grading"), answer("severity_grading"))])
 
     rng = _rng(config.seed, record.sha256, "regions")
     marked = [r for r in regions if r.marked_path]
     for r in rng.sample(marked, min(config.max_region_questions, len(marked))):
-        add("region_identification", by_task["region_identification"].render(region=r), key=r.region_id,
-            image_path=r.marked_path, boxes=[GroundedBox(label=r.label, box_999=r.box_999)])
-    labels = list(groups)
-    for label in rng.sample(labels, min(config.max_region_questions, len(labels))):
+        add("region_identification", [(pick("region_identification", r.region_id),
+                                        answer("region_identification", None, r, region=r))],
+            key=r.region_id, image_path=r.marked_path, boxes=[r])
+    for label in rng.sample(list(groups), min(config.max_region_questions, len(groups))):
         items = groups[label]
-        target = items[0].display.lower()
-        add("region_detection", by_task["region_detection"].render(display=items[0].display, regions=items, ref=grounded),
-            key=label, q=question("region_detection", label).format(target=target),
-            boxes=[GroundedBox(label=label, box_999=r.box_999) for r in items])
+        target = items[0].display if language == "zh" else items[0].display.lower()
+        question = pick("region_detection", label).format(target=target if language == "en" else chinese(items[0].display))
+        add("region_detection", [(question, answer("region_detection", None, items[0].display, items,
+                                                   display=items[0].display, regions=items))],
+            key=label, boxes=items)
 
-    lesion_groups = [(label, groups[label]) for label in LESIONS if label in groups]
-    context = dict(image=image, groups=groups, lesion_groups=lesion_groups, region_text=region_text,
-                   landmarks=[label for label in ANATOMY if label in groups])
-    add("report_generation", by_task["report_generation"].render(grounded=False, ref=lambda d, _: d, **context))
-    add("grounded_report", by_task["grounded_report"].render(grounded=True, ref=grounded, **context),
-        boxes=[GroundedBox(label=r.label, box_999=r.box_999) for r in regions])
+    # Presence: as many absent lesions as present ones, so "no" is learnt from evidence, not habit.
+    present = [label for label in LESIONS if label in groups]
+    absent = [label for label in LESIONS if label not in groups]
+    half = config.max_finding_questions // 2
+    asked = rng.sample(present, min(half, len(present)))
+    asked += rng.sample(absent, min(config.max_finding_questions - len(asked), len(absent)))
+    for label in asked:
+        display = BY_NAME[label].display
+        target = chinese(display) if language == "zh" else display.lower()
+        add("finding_presence", [(pick("finding_presence", label).format(target=target),
+                                  answer("finding_presence", "presence", display, groups.get(label, [])))],
+            key=label, boxes=groups.get(label, []))
+    for label in rng.sample(present, min(2, len(present))):
+        display = BY_NAME[label].display
+        question = pick("counting", label).format(target=chinese(display) if language == "zh" else display.lower(),
+                                                  targets=plural(display))
+        add("counting", [(question, answer("counting", "counting", display, groups[label]))], key=label,
+            boxes=groups[label])
+
+    if language != "en":
+        return out
+    lesions = [r for _, items in lesion_groups for r in items]
+    for r in rng.sample(lesions, min(config.max_attribute_questions, len(lesions))):
+        kinds = [k for k, known in (("size", r.size_dd is not None and r.area_disc_areas is not None),
+                                    ("position", r.fovea_distance_dd is not None), ("colour", True)) if known]
+        kind = _rng(config.seed, record.sha256, r.region_id, "attribute").choice(kinds)
+        question = pick("lesion_attribute", r.region_id, kind=kind).format(
+            target=r.display.lower(), box=f"<box>{box_text([r.box_999])}</box>")
+        add("lesion_attribute", [(question, answer("lesion_attribute", kind, r))], key=f"{r.region_id}:{kind}",
+            boxes=[r])
+
+    add("report_generation", [(pick("report_generation"), answer("report_generation", None, grounded=False,
+                                                                  **{"ref": lambda d, _: d}))])
+    add("grounded_report", [(pick("grounded_report"), answer("grounded_report", None, grounded=True))], boxes=regions)
+    add("cognitive_chain", [(pick("cognitive_chain"), answer("cognitive_chain"))], boxes=regions)
+    steps = by_task["multi_turn"].meta["tasks"]["multi_turn"]["steps"]
+    macros = by_task["multi_turn"].module(**context)
+    add("multi_turn", [(_rng(config.seed, record.sha256, "multi_turn", step).choice(questions),
+                        str(getattr(macros, step)())) for step, questions in steps.items()], boxes=regions)
     return out
 
 
 def chain(records: list[ImageRecord], anatomies: list[Anatomy], regions: list[Region], expansions: list[Expansion],
           config: ChainConfig, write_config: WriteConfig, prompts_dir: str | None = None
           ) -> tuple[list[InstructionRecord], list[Reject]]:
-    by_task = templates(prompts_dir)
+    by_language = {language: templates(prompts_dir, language) for language in config.languages}
     anatomy_of = {a.sha256: a for a in anatomies}
     record_of = {r.sha256: r for r in records}
     regions_of: dict[str, list[Region]] = defaultdict(list)
@@ -109,8 +167,9 @@ def chain(records: list[ImageRecord], anatomies: list[Anatomy], regions: list[Re
         record = record_of[expansion.sha256]
         split = assign_split(record.patient_id or record.sha256, write_config)
         try:
-            out.extend(chain_image(record, anatomy_of[record.sha256], regions_of[record.sha256], expansion,
-                                   config, split, by_task))
+            for language, by_task in by_language.items():
+                out.extend(chain_image(record, anatomy_of[record.sha256], regions_of[record.sha256], expansion,
+                                       config, split, by_task, language))
         except Exception as exc:  # a template error on one image is reported, the rest go on
             rejects.append(Reject(stage=STAGE, item=record.path, reason=f"chain template failed: {exc}"))
     return out, rejects

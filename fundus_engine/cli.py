@@ -1,4 +1,4 @@
-"""`fundus-engine`: synth, build, serve, train-detector, inspect."""
+"""`fundus-engine`: synth, build, serve, train-detector, export, inspect."""
 from __future__ import annotations
 
 import json
@@ -94,6 +94,20 @@ def train_detector(config: Optional[Path] = typer.Option(None, "--config", help=
     console.print(table)
     for r in meta["self_training"]:
         console.print(f"round {r['round']}: {r['pseudo_images']} pseudo-labelled images, mAP50 {r['mAP50']}")
+
+
+@app.command()
+def export(out: Path = typer.Argument(..., help="output folder of a build")):
+    """Write InternVL (jsonl + meta), LLaVA and LLaMA-Factory exports of the dataset under OUT/exports/."""
+    from fundus_engine.export import ExportError, export_all
+
+    try:
+        written = export_all(out)
+    except (ExportError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    for name, path in written.items():
+        console.print(f"{name}: {path}")
 
 
 @app.command()

@@ -91,6 +91,10 @@ class ExpandConfig(Section):
 class ChainConfig(Section):
     seed: int = 0
     max_region_questions: int = Field(4, ge=0, description="region identification/detection questions per image")
+    max_finding_questions: int = Field(4, ge=0, description="presence questions per image, half about absent lesions")
+    max_attribute_questions: int = Field(2, ge=0, description="size/position/colour questions per image")
+    languages: list[Literal["en", "zh"]] = Field(["en"], min_length=1,
+                                                 description="zh adds Chinese records for the short-answer tasks")
 
 
 class WriteConfig(Section):

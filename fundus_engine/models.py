@@ -19,6 +19,11 @@ TaskType = Literal[
     "region_detection",
     "report_generation",
     "grounded_report",
+    "cognitive_chain",  # the whole reasoning chain in one answer, citing boxes
+    "multi_turn",  # the same chain, one step per turn
+    "finding_presence",  # "is there X?" answered yes with boxes, or no where none was found or labelled
+    "counting",
+    "lesion_attribute",  # size, position, colour from the measured facts
 ]
 Split = Literal["train", "val", "test"]
 

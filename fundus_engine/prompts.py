@@ -14,6 +14,8 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from fundus_engine.vocabulary import chinese
+
 PROMPTS_DIR = Path(os.environ.get("FUNDUS_PROMPTS_DIR", Path(__file__).resolve().parent.parent / "prompts"))
 
 
@@ -35,6 +37,7 @@ class Prompt:
 
 _env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                           keep_trailing_newline=False)
+_env.filters["zh"] = chinese
 
 
 @functools.cache

@@ -100,6 +100,23 @@ ALIASES: dict[str, str] = {
 }
 
 
+# Chinese names for the zh templates (FundusExpert trained on English and Chinese).
+CHINESE: dict[str, str] = {
+    "Optic disc": "视盘", "Optic cup": "视杯", "Fovea": "黄斑中心凹", "Microaneurysm": "微动脉瘤",
+    "Haemorrhage": "出血", "Hard exudate": "硬性渗出", "Cotton-wool spot": "棉絮斑", "Drusen": "玻璃膜疣",
+    "Neovascularisation": "新生血管",
+    NORMAL: "正常眼底", DR: "糖尿病视网膜病变", AMD: "年龄相关性黄斑变性", GLAUCOMA: "青光眼",
+    DR_GRADES[0]: "无糖尿病视网膜病变", DR_GRADES[1]: "轻度非增殖性糖尿病视网膜病变",
+    DR_GRADES[2]: "中度非增殖性糖尿病视网膜病变", DR_GRADES[3]: "重度非增殖性糖尿病视网膜病变",
+    DR_GRADES[4]: "增殖性糖尿病视网膜病变",
+}
+
+
+def chinese(text: str) -> str:
+    """The Chinese name of a class, diagnosis or grade; text outside the vocabulary stays as it is."""
+    return CHINESE.get(text, text)
+
+
 # How text names each lesion, for checking a model's claims against the detections.
 MENTIONS: dict[str, str] = {
     "microaneurysm": r"micro-?aneurysm",

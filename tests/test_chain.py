@@ -1,4 +1,5 @@
-"""fundus_engine.chain: the six FundusExpert task types, InternVL box syntax, seeded templates."""
+"""fundus_engine.chain: the six FundusExpert task types and the richer families, InternVL box
+syntax, seeded templates, Chinese records."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import shutil
 
 import pytest
 
-from fundus_engine.chain import box_text, chain, grounded, templates
+from fundus_engine.chain import box_text, chain, grounded, plural, templates
 from fundus_engine.config import ChainConfig, CropConfig, ExpandConfig, IngestConfig, WriteConfig
 from fundus_engine.crop import box_999, crop, region_facts
 from fundus_engine.detect import from_labels
@@ -21,6 +22,7 @@ from fundus_engine.write import assign_split
 
 TASKS = {"disease_diagnosis", "severity_grading", "region_identification", "region_detection", "report_generation",
          "grounded_report"}
+FAMILIES = TASKS | {"cognitive_chain", "multi_turn", "finding_presence", "counting", "lesion_attribute"}
 QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
 # Strict InternVL grounding: <ref>Name</ref><box>[[x1, y1, x2, y2], ...]</box>
 BOX = r"\[\d{1,3}, \d{1,3}, \d{1,3}, \d{1,3}\]"
@@ -83,20 +85,26 @@ def _of(records, sha, task):
 
 def test_all_six_task_types_are_produced(built, images):
     dr_od_sha = images[0][0].sha256
-    assert {r.task for r in built if r.sha256 == dr_od_sha} == TASKS
-    counts = {task: len(_of(built, dr_od_sha, task)) for task in TASKS}
-    # 5 classes present (disc, cup, fovea, microaneurysm, haemorrhage, hard exudate = 6), capped at 4 each.
+    assert {r.task for r in built if r.sha256 == dr_od_sha} == FAMILIES
+    counts = {task: len(_of(built, dr_od_sha, task)) for task in FAMILIES}
+    # 6 classes present (disc, cup, fovea, microaneurysm, haemorrhage, hard exudate), capped at 4 each;
+    # 3 lesion kinds present and 3 absent: 2 + 2 presence questions, 2 counts, 2 attributes.
     assert counts == {"disease_diagnosis": 1, "severity_grading": 1, "region_identification": 4,
-                      "region_detection": 4, "report_generation": 1, "grounded_report": 1}
-    # AMD has no grade, so no severity question.
+                      "region_detection": 4, "report_generation": 1, "grounded_report": 1, "cognitive_chain": 1,
+                      "multi_turn": 1, "finding_presence": 4, "counting": 2, "lesion_attribute": 2}
+    # AMD has no grade, so no severity question; one lesion kind present, so 1 + 3 presence questions.
     amd_sha = images[2][0].sha256
-    assert {r.task for r in built if r.sha256 == amd_sha} == TASKS - {"severity_grading"}
+    assert {r.task for r in built if r.sha256 == amd_sha} == FAMILIES - {"severity_grading"}
+    assert len(_of(built, amd_sha, "finding_presence")) == 4 and len(_of(built, amd_sha, "counting")) == 1
 
 
 def test_records_validate_against_the_instruction_record_model(built):
     for r in built:
         dumped = r.model_dump(mode="json", by_alias=True)
-        assert [t["from"] for t in dumped["conversations"]] == ["human", "gpt"]
+        turns = len(dumped["conversations"]) // 2
+        assert [t["from"] for t in dumped["conversations"]] == ["human", "gpt"] * turns
+        assert turns == (4 if r.task == "multi_turn" else 1)
+        assert sum(t["value"].count("<image>") for t in dumped["conversations"]) == 1
         assert InstructionRecord.model_validate(dumped) == r
         assert InstructionRecord.model_validate_json(r.model_dump_json(by_alias=True)) == r
         assert r.conversations[0].value.startswith("<image>\n")
@@ -117,14 +125,25 @@ def test_answers_match_the_expansion(built, images):
 
 def test_questions_come_from_the_templates(built):
     by_task = templates()
-    assert set(by_task) == TASKS
+    assert set(by_task) == FAMILIES
     for r in built:
+        if r.task == "multi_turn":
+            steps = by_task[r.task].meta["tasks"][r.task]["steps"]
+            asked = [t.value.removeprefix("<image>\n") for t in r.conversations[::2]]
+            assert all(q in options for q, options in zip(asked, steps.values()))
+            continue
         question = r.conversations[0].value.removeprefix("<image>\n")
         options = by_task[r.task].meta["tasks"][r.task]["questions"]
-        if r.task == "region_detection":
-            target = BY_NAME[r.boxes[0].label].display.lower()
-            assert target in question
-            options = [q.format(target=target) for q in options]
+        if r.task == "lesion_attribute":
+            options = [q for kind in options.values() for q in kind]
+            options = [q.format(target=BY_NAME[r.boxes[0].label].display.lower(),
+                                box=f"<box>{box_text([r.boxes[0].box_999])}</box>") for q in options]
+        elif r.task in ("region_detection", "finding_presence", "counting"):
+            label = r.boxes[0].label if r.boxes else next(
+                label for label in BY_NAME if BY_NAME[label].display.lower() in question.lower())
+            target = BY_NAME[label].display.lower()
+            assert target in question.lower()
+            options = [q.format(target=target, targets=plural(BY_NAME[label].display)) for q in options]
         assert question in options, (r.task, question)
         assert (r.template_id, r.template_version) == (by_task[r.task].id, by_task[r.task].version)
 
@@ -139,7 +158,7 @@ def test_box_text_and_grounded_syntax():
 def test_every_box_in_every_answer_follows_the_internvl_convention(built, images):
     by_image = {rec.sha256: rs for rec, _, rs in images}
     for r in built:
-        answer = r.conversations[1].value
+        answer = " ".join(t.value for t in r.conversations[1::2])
         tags = GROUNDED.findall(answer)
         # Nothing that looks like a box escapes the strict pattern.
         assert answer.count("<box>") == answer.count("</box>") == len(tags)
@@ -206,8 +225,11 @@ def test_no_lesions_and_no_region_questions(images):
     record, anat, regions = _image("55" * 32, "P9", "OS", grade=DR_GRADES[0], dr_grade=0)
     out, rejects = _run([(record, anat, regions)], ChainConfig(max_region_questions=0))
     assert rejects == []
-    assert [r.task for r in out] == ["disease_diagnosis", "severity_grading", "report_generation", "grounded_report"]
-    report = out[2].conversations[1].value
+    assert [r.task for r in out] == ["disease_diagnosis", "severity_grading", "finding_presence", "finding_presence",
+                                     "finding_presence", "finding_presence", "report_generation", "grounded_report",
+                                     "cognitive_chain", "multi_turn"]
+    assert all(r.conversations[1].value.startswith("No, no ") for r in out if r.task == "finding_presence")
+    report = out[6].conversations[1].value
     assert "- No lesion is seen." in report and "Normal fundus (No diabetic retinopathy)" in report
 
 
@@ -261,7 +283,7 @@ def test_chain_on_synthetic_images_grounds_the_true_boxes(tmp_path):
     assert rejects == []
     expansions = expand(OfflineExpander(ExpandConfig()), records, anatomies, regions).expansions
     out, rejects = chain(records, anatomies, regions, expansions, ChainConfig(), WriteConfig())
-    assert rejects == [] and {r.task for r in out} == TASKS
+    assert rejects == [] and TASKS <= {r.task for r in out}
 
     truth = json.loads((root / "labels.json").read_text())["images"]
     for record in records:
@@ -273,3 +295,52 @@ def test_chain_on_synthetic_images_grounds_the_true_boxes(tmp_path):
         assert in_text == expected
         assert len({r.split for r in out if r.sha256 == record.sha256}) == 1
     assert {r.split for r in out} == {assign_split("P00000", WriteConfig())}  # both eyes of patient P00000
+
+
+def test_presence_counting_and_attribute_answers(built, images):
+    record, _, regions = images[0]
+    presence = {r.conversations[0].value: r.conversations[1].value for r in _of(built, record.sha256, "finding_presence")}
+    yes = [a for a in presence.values() if a.startswith("Yes. <ref>")]
+    no = [a for a in presence.values() if a.startswith("No, no ")]
+    assert len(yes) == 2 and len(no) == 2  # present and absent, balanced
+    assert all(any(k in a for k in ("cotton-wool spot", "drusen", "neovascularisation")) for a in no)
+    for r in _of(built, record.sha256, "counting"):
+        label = r.boxes[0].label
+        n = sum(1 for x in regions if x.label == label)
+        assert r.conversations[1].value.startswith(f"{n}: <ref>{BY_NAME[label].display}</ref>")
+        assert len(r.boxes) == n
+    for r in _of(built, record.sha256, "lesion_attribute"):
+        region = next(x for x in regions if x.box_999 == r.boxes[0].box_999)
+        answer = r.conversations[1].value
+        assert any(fact in answer for fact in (f"{region.size_dd:.2f} disc diameters across",
+                                               f"{region.fovea_distance_dd:.1f} disc diameters from the fovea",
+                                               region.colour.capitalize()))
+        assert f"<box>{box_text([region.box_999])}</box>" in r.conversations[0].value
+
+
+def test_cognitive_chain_and_multi_turn_walk_the_same_steps(built, images):
+    record, _, regions = images[0]
+    chain_answer = _of(built, record.sha256, "cognitive_chain")[0].conversations[1].value
+    steps = [line.split(",")[0] for line in chain_answer.split("\n\n")]
+    assert steps == ["Step 1", "Step 2", "Step 3", "Step 4", "Step 5"]
+    assert f"Step 5, diagnosis: {DR} ({DR_GRADES[2]})" in chain_answer
+    assert "2 <ref>Microaneurysm</ref><box>" in chain_answer  # lesions cite their boxes with counts
+    talk = _of(built, record.sha256, "multi_turn")[0].conversations
+    assert len(talk) == 8 and talk[0].value.startswith("<image>\n") and "<image>" not in talk[2].value
+    assert talk[3].value.startswith("<ref>Optic disc</ref><box>") and talk[7].value.startswith(DR)
+
+
+def test_chinese_records_beside_english(images):
+    out, rejects = _run(images, ChainConfig(languages=["en", "zh"]))
+    assert rejects == []
+    zh = [r for r in out if r.language == "zh"]
+    assert {r.task for r in zh} == {"disease_diagnosis", "severity_grading", "region_identification",
+                                    "region_detection", "finding_presence", "counting"}
+    dr_od = images[0][0].sha256
+    assert _of(zh, dr_od, "disease_diagnosis")[0].conversations[1].value == "糖尿病视网膜病变"
+    assert _of(zh, dr_od, "severity_grading")[0].conversations[1].value == "中度非增殖性糖尿病视网膜病变"
+    assert all(GROUNDED.findall(r.conversations[1].value) for r in _of(zh, dr_od, "region_detection"))
+    assert "<ref>视盘</ref>" in " ".join(r.conversations[1].value for r in _of(zh, dr_od, "region_detection"))
+    english = [r for r in out if r.language == "en"]
+    assert len({r.record_id for r in out}) == len(out)
+    assert [r.record_id for r in english] == [r.record_id for r in _run(images)[0]]
