@@ -26,13 +26,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 import fundus_engine
+from fundus_engine import benchmark
 from fundus_engine import chain as chain_stage
 from fundus_engine import crop as crop_stage
 from fundus_engine import detect as detect_stage
 from fundus_engine import expand as expand_stage
 from fundus_engine import ingest as ingest_stage
 from fundus_engine import write as write_stage
+from fundus_engine.card import write_card
 from fundus_engine.config import BuildConfig
+from fundus_engine.export import to_vlmevalkit_tsv
 from fundus_engine.models import (Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject)
 from fundus_engine.prompts import fingerprint
 from fundus_engine.tables import read_rows, write_rows
@@ -159,16 +162,30 @@ def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict,
 
 
 @task(task_run_name="write")
-def write_task(out: str, chained: list[ShardOutput], rejects: list[Reject], config: BuildConfig) -> dict:
-    records = [r for output in chained for r in _load(output, "records")]
+def write_task(out: str, ingested: list[ShardOutput], cropped: list[ShardOutput], chained: list[ShardOutput],
+               rejects: list[Reject], config: BuildConfig, about: dict) -> dict:
+    images = [r for output in ingested for r in _load(output, "images")]
+    split_of = write_stage.split_images(images, config.write)  # patients and near-duplicates, across shards
+    records = [r.model_copy(update={"split": split_of[r.sha256]})
+               for output in chained for r in _load(output, "records")]
     flagged = [r for r in records if r.flags]
     if config.expand.drop_flagged:
         records = [r for r in records if not r.flags]
     files = write_stage.write_dataset(records, Path(out), config.write)
     write_stage.write_rejects(rejects, Path(out))
+    regions = [r for output in cropped for r in _load(output, "regions")]
+    write_card(Path(out), records, regions, about)
+    # The multiple-choice benchmark: held-out (test split) images only, never in train or val.
+    held_out = {r.sha256 for r in records if r.split == "test"}
+    questions = benchmark.build_benchmark(images, [a for o in cropped for a in _load(o, "anatomy")], regions,
+                                          held_out, seed=config.chain.seed)
+    benchmark.write_benchmark(questions, Path(out) / "benchmark" / "test.parquet")
+    to_vlmevalkit_tsv(questions, Path(out) / "benchmark" / "test.tsv")
     consistency = {"flagged_records": len(flagged), "dropped_records": len(flagged) if config.expand.drop_flagged else 0,
                    "flags": dict(sorted(Counter(f.split(":")[0] for r in flagged for f in r.flags).items()))}
-    return {"files": files, **write_stage.summarise(records, rejects), "consistency": consistency}
+    return {"files": files, **write_stage.summarise(records, rejects), "consistency": consistency,
+            "benchmark": {"questions": len(questions), "images": len({q.sha256 for q in questions}),
+                          "per_task": dict(sorted(Counter(q.clinical_task for q in questions).items()))}}
 
 
 def _prune(out: Path, keep: set[str]) -> None:
@@ -289,12 +306,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
                     errors.append(reason)
                 stage_rows[stage].append({"shard": shard, "status": state.name.lower(), "rows": 0, "rejects": 0})
 
-    result = write_task.with_options(result_storage=storage)(str(out), outputs["chain"], rejects, config)
-    _prune(out, {str(out / "stages" / o.stage / Path(f).name.split(".")[0])
-                 for stage in STAGES for o in outputs[stage] for f in o.files.values()})
-
-    seconds = time.monotonic() - started
-    manifest = {
+    about = {
         "engine_version": fundus_engine.__version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input_dir": str(inp),
@@ -302,9 +314,18 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         "config": config.model_dump(mode="json"),
         "detector": {"weights": str(weights), "sha256": weights_sha},
         "expand_backend": expander.name,
-        "model_usage": sum_usage(usage, config),
         "prompts": [{"id": p.id, "version": p.version, "sha256": p.sha256}
                     for p in [*expander.prompts, *chain_prompts]],
+    }
+    result = write_task.with_options(result_storage=storage)(str(out), outputs["ingest"], outputs["crop"],
+                                                             outputs["chain"], rejects, config, about)
+    _prune(out, {str(out / "stages" / o.stage / Path(f).name.split(".")[0])
+                 for stage in STAGES for o in outputs[stage] for f in o.files.values()})
+
+    seconds = time.monotonic() - started
+    manifest = {
+        **about,
+        "model_usage": sum_usage(usage, config),
         "labels": {"entries": len(labels), "matched_images": sum(1 for v in matched.values() if v)},
         "stages": {stage: {"shards": len(rows), "computed": sum(r["status"] == "computed" for r in rows),
                            "cached": sum(r["status"] == "cached" for r in rows)} for stage, rows in stage_rows.items()},

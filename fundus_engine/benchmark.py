@@ -23,7 +23,8 @@ from typing import Iterable
 from fundus_engine.config import WriteConfig
 from fundus_engine.models import Anatomy, BenchmarkQuestion, ImageRecord, Region
 from fundus_engine.tables import read_rows, write_rows
-from fundus_engine.vocabulary import AMD, ANATOMY, BY_NAME, CLASSES, DIAGNOSES, DR, DR_GRADES, LESIONS, NORMAL
+from fundus_engine.vocabulary import (AMD, ANATOMY, BY_NAME, CLASSES, DIAGNOSES, DR, DR_GRADES, GLAUCOMA, LESIONS,
+                                      NORMAL)
 from fundus_engine.write import assign_split
 
 LETTERS = ("A", "B", "C", "D", "E")
@@ -49,7 +50,7 @@ MAX_COUNT = 10  # above this an exact count is not a fair question (mask-derived
 BOX_MIN_CONFIDENCE = 0.5  # a detector box weaker than this is not trusted as a benchmark truth
 QUADRANTS = ("superotemporal", "inferotemporal", "superonasal", "inferonasal")
 
-_DIAGNOSIS_ALIASES = {"dr": DR, "amd": AMD, "normal": NORMAL, "normal fundus": NORMAL, "glaucoma": "Glaucoma",
+_DIAGNOSIS_ALIASES = {"dr": DR, "amd": AMD, "normal": NORMAL, "normal fundus": NORMAL, "glaucoma": GLAUCOMA,
                       "age related macular degeneration": AMD}
 
 
@@ -273,11 +274,13 @@ def _text_match(reply: str, options: dict[str, str]) -> str | None:
     text = reply.casefold()
     spans = {k: [m.span() for m in re.finditer(rf"(?<![\w-]){re.escape(_norm(v))}(?![\w-])", text)]
              for k, v in options.items() if _norm(v)}
-    spans = {k: s for k, s in spans.items() if s}
-    found = [k for k, s in spans.items()
-             if any(not any(o != k and a <= x and y <= b and (a, b) != (x, y) for o, os_ in spans.items() for a, b in os_)
-                    for x, y in s)]
-    return found[0] if len(found) == 1 else None
+    every = [(k, x, y) for k, s in spans.items() for x, y in s]
+
+    def nested(k, x, y):
+        return any(o != k and a <= x and y <= b and (a, b) != (x, y) for o, a, b in every)
+
+    found = {k for k, x, y in every if not nested(k, x, y)}
+    return found.pop() if len(found) == 1 else None
 
 
 def extract_letter(reply: str | None, question: BenchmarkQuestion) -> str | None:
@@ -348,7 +351,8 @@ _FINDING_PATTERNS: dict[str, str] = {
     "hard exudate": r"(?:hard\s+)?exudates?",
     "cotton-wool spot": r"cotton[-\s]?wool\s+spots?|soft\s+exudates?",
     "drusen": r"drus(?:en|e)",
-    "neovascularisation of the disc": r"neovasculari[sz]ation(?:\s+(?:of|at)\s+the\s+(?:optic\s+)?disc)?|nvd|new\s+vessels",
+    "neovascularisation of the disc": r"neovasculari[sz]ation(?:\s+(?:of|at)\s+the\s+(?:optic\s+)?disc)?|nvd"
+                                      r"|new\s+vessels",
     # REFERENCE's two terms without a detector class: matched so they are never read as another term.
     "venous beading": r"venous\s+beading|beaded\s+veins?",
     "preretinal haemorrhage": r"(?:pre-?\s?retinal|sub-?\s?hyaloid|vitreous)\s+ha?emorrhag(?:es?|ic)",
@@ -475,22 +479,6 @@ def write_benchmark(questions: list[BenchmarkQuestion], path: Path) -> Path:
 
 def read_benchmark(path: Path) -> list[BenchmarkQuestion]:
     return read_rows(Path(path), BenchmarkQuestion)
-
-
-def write_tsv(questions: list[BenchmarkQuestion], path: Path) -> Path:
-    """VLMEvalKit's custom MCQ TSV (index, question, A-E, answer, category, image_path, ...)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["index", "question", *LETTERS, "answer", "category", "clinical_task", "granularity", "image_path",
-               "sha256"]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(columns)
-        for q in questions:
-            writer.writerow(["" if getattr(q, c) is None else getattr(q, c) for c in columns])
-    tmp.replace(path)
-    return path
 
 
 def read_answers(path: Path) -> dict[int, str]:

@@ -1,4 +1,4 @@
-"""`fundus-engine`: synth, build, serve, train-detector, export, inspect."""
+"""`fundus-engine`: synth, build, serve, train-detector, export, score, inspect."""
 from __future__ import annotations
 
 import json
@@ -108,6 +108,26 @@ def export(out: Path = typer.Argument(..., help="output folder of a build")):
         raise typer.Exit(2)
     for name, path in written.items():
         console.print(f"{name}: {path}")
+
+
+@app.command()
+def score(questions: Path = typer.Argument(..., help="OUT/benchmark/test.parquet"),
+          answers: Path = typer.Argument(..., help='model replies: JSONL {"index", "prediction"} or TSV/CSV')):
+    """Accuracy of a model's answers on the benchmark, overall and per task, granularity and category."""
+    from fundus_engine.benchmark import read_answers, read_benchmark, score as score_answers
+
+    try:
+        result = score_answers(read_benchmark(questions), read_answers(answers))
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    console.print(f"accuracy {result['accuracy']:.3f} ({result['correct']}/{result['questions']}); "
+                  f"unanswered {result['unanswered']}, unparseable {result['unparseable']}")
+    for key, title in (("per_task", "clinical task"), ("per_granularity", "granularity"), ("per_category", "category")):
+        table = Table(title, "correct", "questions", "accuracy")
+        for name, b in result[key].items():
+            table.add_row(name, str(b["correct"]), str(b["questions"]), f"{b['accuracy']:.3f}")
+        console.print(table)
 
 
 @app.command()

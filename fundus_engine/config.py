@@ -100,6 +100,8 @@ class ChainConfig(Section):
 class WriteConfig(Section):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, ge=0, lt=1)
+    near_duplicate_bits: int = Field(20, ge=0, le=64, description="images whose perceptual hashes differ in at most "
+                                     "this many of 256 bits are near-duplicates and share a split (0: exact only)")
     rows_per_file: int = Field(20000, ge=100)
 
 

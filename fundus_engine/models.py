@@ -68,6 +68,7 @@ class ImageRecord(Row):
     fovea: Point | None = None
     label_boxes: list[LabelBox] = []
     quality: Quality
+    phash: str | None = None  # 256-bit dHash, hex: near-duplicates are kept in one split
 
 
 class Reject(Row):

@@ -49,3 +49,23 @@ def test_build_reports_a_bad_config_file_by_name(tmp_path):
 def test_inspect_without_a_build_says_so(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path)])
     assert result.exit_code == 2 and "no manifest" in result.output
+
+
+def test_score_reports_accuracy_of_an_answers_file(tmp_path):
+    from fundus_engine.benchmark import write_benchmark
+    from fundus_engine.models import BenchmarkQuestion
+
+    questions = [BenchmarkQuestion(index=i, question="What is the marked part in this fundus image?",
+                                   A="Optic disc", B="Fovea", C="Drusen", D="Haemorrhage", answer=letter,
+                                   category=category, clinical_task="Organ Recognition", granularity="Box level",
+                                   image_path=f"/x/{i}.jpg", sha256=f"{i:064x}")
+                 for i, (letter, category) in enumerate([("A", "Optic disc"), ("B", "Fovea"), ("D", "Haemorrhage")])]
+    bench = write_benchmark(questions, tmp_path / "test.parquet")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"index": 0, "prediction": "A"}\n{"index": 1, "prediction": "(C)"}\n'
+                       '{"index": 2, "prediction": "Haemorrhage"}\n')
+    result = runner.invoke(app, ["score", str(bench), str(answers)])
+    assert result.exit_code == 0, result.output
+    assert "accuracy 0.667 (2/3)" in result.output
+    bad = runner.invoke(app, ["score", str(bench), str(tmp_path / "answers.txt")])
+    assert bad.exit_code == 2 and "answers.txt" in bad.output

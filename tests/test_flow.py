@@ -13,7 +13,7 @@ import pytest
 
 from flows.build_fundusgen import build_fundusgen
 from fundus_engine.config import BuildConfig
-from fundus_engine.models import InstructionRecord, Reject
+from fundus_engine.models import BenchmarkQuestion, InstructionRecord, Reject
 from fundus_engine.prompts import PROMPTS_DIR
 from fundus_engine.synth import generate
 from fundus_engine.tables import read_rows
@@ -120,3 +120,22 @@ def test_bad_config_and_missing_input_fail_with_the_path(tmp_path):
     bad.write_text("detect:\n  confidence: 3\n")
     with pytest.raises(ValueError, match=str(bad)):
         BuildConfig.load(bad)
+
+
+def test_benchmark_comes_from_held_out_images_only_and_the_card_describes_the_build(source, tmp_path):
+    out = tmp_path / "out"
+    # patient keys hash to 0.649 (P00000), 0.651 and 0.840: one patient held out, two for training
+    config = BuildConfig.model_validate({"write": {"test_fraction": 0.65, "val_fraction": 0.0}})
+    manifest = build_fundusgen(str(source), str(out), config)
+    records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
+    test_images = {r.sha256 for r in records if r.split == "test"}
+    train_images = {r.sha256 for r in records if r.split == "train"}
+    assert test_images and train_images
+    questions = read_rows(out / "benchmark" / "test.parquet", BenchmarkQuestion)
+    assert questions and {q.sha256 for q in questions} <= test_images
+    assert not {q.sha256 for q in questions} & train_images
+    assert manifest["benchmark"]["questions"] == len(questions)
+    assert (out / "benchmark" / "test.tsv").read_text().splitlines()[0].startswith("index\tquestion\tA\tB")
+    card = (out / "card" / "README.md").read_text()
+    assert f"{manifest['records']} instruction records from {manifest['images']} images" in card
+    assert (out / "card" / "box_positions.png").is_file()

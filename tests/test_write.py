@@ -1,6 +1,7 @@
 """fundus_engine.write: patient-level splits, Parquet shards with an explicit schema, rejects, summary."""
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 
@@ -166,3 +167,84 @@ def test_manifest_is_written_atomically(tmp_path):
     write_manifest(tmp_path, {"records": 4})
     assert json.loads(path.read_text()) == {"records": 4}
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+# ------------------------------------------------------------------ near-duplicates and the card
+
+def _image(sha: str, phash: str | None, patient: str | None = None):
+    from fundus_engine.models import ImageRecord, Quality
+
+    return ImageRecord(sha256=sha, path=f"/img/{sha[:6]}.jpg", relpath=f"{sha[:6]}.jpg", width=512, height=512,
+                       patient_id=patient, phash=phash,
+                       quality=Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.7, grade="good"))
+
+
+def test_near_duplicate_pairs_by_hamming_distance():
+    from fundus_engine.write import near_duplicate_pairs
+
+    hashes = {"a": "0" * 16, "b": "0" * 15 + "7", "c": "f" * 16, "d": "00000000ffffffff"}
+    # a~b differ in 3 bits, a~d in 32, c is far from all
+    assert near_duplicate_pairs(hashes, 6) == [("a", "b")]
+    assert near_duplicate_pairs(hashes, 2) == [] and near_duplicate_pairs(hashes, 3) == [("a", "b")]
+    assert near_duplicate_pairs(hashes, 32) == [("a", "b"), ("a", "d"), ("b", "d"), ("c", "d")]
+    assert near_duplicate_pairs(hashes, 0) == []
+    assert near_duplicate_pairs({"x": "1234" * 4, "y": "1234" * 4}, 0) == [("x", "y")]
+
+
+def test_near_duplicates_and_patients_share_one_split(tmp_path):
+    import cv2
+
+    from fundus_engine.ingest import decode, perceptual_hash
+    from fundus_engine.synth import generate
+    from fundus_engine.write import split_images
+
+    truths = generate(tmp_path, 2, seed=4)
+    original = decode(tmp_path / truths[0].image)
+    smaller = cv2.resize(original, (300, 300), interpolation=cv2.INTER_AREA)
+    brighter = cv2.convertScaleAbs(original, alpha=1.08)
+    assert perceptual_hash(original) == perceptual_hash(original.copy())
+    h0, h1, h2 = perceptual_hash(original), perceptual_hash(smaller), perceptual_hash(brighter)
+    other = perceptual_hash(decode(tmp_path / truths[1].image))
+    bits = WriteConfig().near_duplicate_bits
+    assert len(h0) == 64 and (int(h0, 16) ^ int(h1, 16)).bit_count() <= bits
+    assert (int(h0, 16) ^ int(h2, 16)).bit_count() <= bits
+    assert (int(h0, 16) ^ int(other, 16)).bit_count() > bits  # the other eye is not a duplicate
+
+    # 60 images with unrelated hashes, except every 3rd: a near-duplicate (2 bits off) of its
+    # predecessor; the last 20 come in pairs sharing a patient
+    images = []
+    for n in range(60):
+        phash = hashlib.sha256(str(n).encode()).hexdigest()
+        if n % 3 == 2:
+            phash = f"{int(images[-1].phash, 16) ^ 0b1010110101:064x}"  # 6 bits off
+        images.append(_image(f"{n:064x}", phash, patient=f"P{n // 2}" if n >= 40 else None))
+    split = split_images(images, WriteConfig(val_fraction=0.3, test_fraction=0.3))
+    for n in range(2, 60, 3):
+        assert split[images[n].sha256] == split[images[n - 1].sha256]  # near-duplicates together
+    for n in range(40, 60, 2):
+        assert split[images[n].sha256] == split[images[n + 1].sha256]  # one patient, one split
+    assert len(set(split.values())) == 3
+    assert split == split_images(list(reversed(images)), WriteConfig(val_fraction=0.3, test_fraction=0.3))
+
+
+def test_dataset_card_counts_and_plots(tmp_path):
+    from fundus_engine.card import write_card
+    from fundus_engine.models import Region
+
+    records = _dataset(patients=6)
+    regions = [Region(sha256=r.sha256, region_id=f"{r.sha256[:12]}-000", label="haemorrhage", display="Haemorrhage",
+                      xyxy=[10, 10, 40, 40], box_999=[20, 20, 80, 80], confidence=0.9, source="model",
+                      crop_path="/c.jpg", mean_rgb=[120, 20, 20], colour="dark red", size_dd=0.3)
+               for r in records if r.task == "disease_diagnosis"]
+    about = {"engine_version": "9.9", "created_at": "now", "config": {"shard_size": 64},
+             "detector": {"weights": "demo.pt", "sha256": "ab" * 32}, "expand_backend": "offline",
+             "prompts": [{"id": "chain.report", "version": "1.0", "sha256": "cd" * 32}]}
+    path = write_card(tmp_path, records, regions, about)
+    text = path.read_text()
+    assert f"{len(records)} instruction records from 12 images" in text
+    assert "| haemorrhage | 12 | 0 | 12 |" in text
+    assert "| en | 36 |" in text and "Prompt `chain.report` version 1.0" in text
+    per_task = Counter(r.task for r in records)
+    assert f"| disease_diagnosis | " in text and f"| {per_task['disease_diagnosis']} |" in text
+    for png in ("box_sizes.png", "box_positions.png"):
+        assert (tmp_path / "card" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
