@@ -1,7 +1,7 @@
 """Does self-training help? A small labelled set, an unlabelled pool and a held-out set, all
 synthetic, all measured in this run.
 
-Run: `make bench-self-training` (about 15 minutes on 2 CPU cores with the defaults).
+Run: `make bench-self-training` (about 30 minutes on 2 CPU cores with the defaults).
 
 Three detectors are compared on the same held-out images:
 - round 0: trained on the labelled subset only;
@@ -24,13 +24,13 @@ from fundus_engine.train import self_train, train_detector, validate
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--labelled", type=int, default=30)
-    ap.add_argument("--pool", type=int, default=90)
-    ap.add_argument("--held-out", type=int, default=48)
-    ap.add_argument("--epochs", type=int, default=15, help="per round")
+    ap.add_argument("--labelled", type=int, default=64)
+    ap.add_argument("--pool", type=int, default=128)
+    ap.add_argument("--held-out", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=30, help="per round")
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--confidence", type=float, default=0.4)
-    ap.add_argument("--imgsz", type=int, default=512)
+    ap.add_argument("--confidence", type=float, default=0.25)
+    ap.add_argument("--imgsz", type=int, default=384)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fundus-selftrain-") as tmp:
