@@ -96,31 +96,32 @@ def test_hugging_face_datasets_reads_the_parquet_dataset(build, tmp_path):
     assert not expected
 
 
+def _replace_extra_shard(build, row: dict) -> None:
+    pq.write_table(pa.Table.from_pylist([row], schema=arrow_schema(InstructionRecord)),
+                   build / "dataset" / "val-00001.parquet")
+
+
 def test_malformed_rows_and_missing_images_stop_the_export(build):
     good = pq.read_table(build / "dataset" / "val-00000.parquet").to_pylist()[0]
     bad = {**good, "record_id": "bad", "task": "not_a_task"}
-    pq.write_table(pa.Table.from_pylist([bad], schema=arrow_schema(InstructionRecord)),
-                   build / "dataset" / "val-00001.parquet")
+    _replace_extra_shard(build, bad)
     with pytest.raises(ExportError, match="record 'bad' is malformed"):
         to_internvl(build, ["val"])
 
     stray = {**good, "record_id": "stray", "conversations": [{"from": "human", "value": "<image>\nQ?"},
                                                              {"from": "gpt", "value": "See <image>"}]}
-    pq.write_table(pa.Table.from_pylist([stray], schema=arrow_schema(InstructionRecord)),
-                   build / "dataset" / "val-00001.parquet")
+    _replace_extra_shard(build, stray)
     with pytest.raises(ExportError, match="stray <image>"):
         to_llamafactory(build, ["val"])
 
     reversed_turns = {**good, "record_id": "rev", "conversations": [{"from": "gpt", "value": "A"},
                                                                     {"from": "human", "value": "Q?"}]}
-    pq.write_table(pa.Table.from_pylist([reversed_turns], schema=arrow_schema(InstructionRecord)),
-                   build / "dataset" / "val-00001.parquet")
+    _replace_extra_shard(build, reversed_turns)
     with pytest.raises(ExportError, match="alternate human/gpt"):
         to_llava(build, ["val"])
 
     dup = {**good}
-    pq.write_table(pa.Table.from_pylist([dup], schema=arrow_schema(InstructionRecord)),
-                   build / "dataset" / "val-00001.parquet")
+    _replace_extra_shard(build, dup)
     with pytest.raises(ExportError, match="duplicate record_id 'v1'"):
         to_llava(build, ["val"])
 

@@ -262,21 +262,16 @@ def test_coco_boxes_and_alias_categories(coco):
     assert items[0].source == f"coco:{path}"
 
 
-def test_coco_bad_category_id_names_file_and_id(coco, tmp_path):
+@pytest.mark.parametrize("annotation, message", [
+    ({"id": 12, "image_id": 2, "category_id": 99}, r"bad\.json.*annotation id 12.*category id 99"),
+    ({"id": 13, "image_id": 5, "category_id": 1}, r"bad\.json.*annotation id 13.*image id 5"),
+], ids=["unknown-category", "unknown-image"])
+def test_coco_bad_reference_names_file_and_ids(coco, tmp_path, annotation, message):
     path, data = coco
-    data["annotations"].append({"id": 12, "image_id": 2, "category_id": 99, "bbox": [1, 1, 2, 2]})
+    data["annotations"].append({**annotation, "bbox": [1, 1, 2, 2]})
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"bad\.json.*annotation id 12.*category id 99"):
-        from_coco(bad, tmp_path / "imgs")
-
-
-def test_coco_missing_image_id_names_file_and_id(coco, tmp_path):
-    path, data = coco
-    data["annotations"].append({"id": 13, "image_id": 5, "category_id": 1, "bbox": [1, 1, 2, 2]})
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"bad\.json.*annotation id 13.*image id 5"):
+    with pytest.raises(ValueError, match=message):
         from_coco(bad, tmp_path / "imgs")
 
 
