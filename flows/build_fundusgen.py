@@ -35,6 +35,7 @@ from fundus_engine import ingest as ingest_stage
 from fundus_engine import write as write_stage
 from fundus_engine.card import write_card
 from fundus_engine.config import BuildConfig
+from fundus_engine.expand_openai import redact_url
 from fundus_engine.export import to_vlmevalkit_tsv
 from fundus_engine.models import (Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject)
 from fundus_engine.prompts import fingerprint
@@ -147,9 +148,11 @@ def chain_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput
 
 
 def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict, config: BuildConfig,
-               expand_prompts: str, chain_prompts: str, weights_sha: str) -> dict[str, str]:
-    """Every stage's cache key for one shard, each chained on the key before it."""
-    keys = {"ingest": digest("ingest", code_version("ingest"), [(s.relpath, s.sha256) for s in shard_sources],
+               expand_prompts: str, chain_prompts: str, weights_sha: str, inp: Path, out: Path) -> dict[str, str]:
+    """Every stage's cache key for one shard, each chained on the key before it. The input and
+    output folders are part of it because rows hold absolute paths to images and crops."""
+    keys = {"ingest": digest("ingest", code_version("ingest"), str(inp), str(out),
+                             [(s.relpath, s.sha256) for s in shard_sources],
                              shard_labels, config.ingest.model_dump())}
     keys["detect"] = digest(keys["ingest"], code_version("detect"), config.detect.model_dump(exclude={"weights"}),
                             weights_sha)
@@ -239,7 +242,10 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     sources, scan_rejects = ingest_stage.scan(inp, exclude=out,
                                               labelled=lambda rel: ingest_stage.labels_for(rel, labels) is not None)
     rejects += scan_rejects
-    matched = {s.relpath: ingest_stage.labels_for(s.relpath, labels) for s in sources}
+    ambiguous = ingest_stage.ambiguous_keys([s.relpath for s in sources], labels)
+    rejects += [Reject(stage="ingest", item=f"labels entry {key}",
+                       reason="names several images in the input folder; use the relative path") for key in sorted(ambiguous)]
+    matched = {s.relpath: ingest_stage.labels_for(s.relpath, labels, ambiguous) for s in sources}
     logger.info("%d images in %s (%d rejected at scan), %d label entries", len(sources), inp, len(rejects), len(labels))
 
     weights = detect_stage.weights_path(config.detect)
@@ -259,7 +265,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     for shard, start in enumerate(range(0, len(sources), config.shard_size)):
         batch = sources[start:start + config.shard_size]
         shard_labels = {s.relpath: matched[s.relpath] for s in batch if matched[s.relpath]}
-        keys = stage_keys(batch, shard_labels, config, expand_fp, chain_fp, weights_sha)
+        keys = stage_keys(batch, shard_labels, config, expand_fp, chain_fp, weights_sha, inp, out)
         common = dict(shard=shard, out=str(out), config=config)
         stale = no_cache
 
@@ -311,7 +317,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input_dir": str(inp),
         "output_dir": str(out),
-        "config": config.model_dump(mode="json"),
+        "config": _public(config),
         "detector": {"weights": str(weights), "sha256": weights_sha},
         "expand_backend": expander.name,
         "prompts": [{"id": p.id, "version": p.version, "sha256": p.sha256}
@@ -345,6 +351,13 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     return manifest
 
 
+def _public(config: BuildConfig) -> dict:
+    """The config as written to the manifest and card: server URLs without credentials."""
+    data = config.model_dump(mode="json")
+    data["expand"]["openai"]["base_url"] = redact_url(config.expand.openai.base_url)
+    return data
+
+
 def sum_usage(usage: list[dict], config: BuildConfig) -> dict:
     """Model calls, tokens and estimated cost spent by this run (cached shards cost nothing)."""
     total: Counter = Counter()
@@ -354,7 +367,7 @@ def sum_usage(usage: list[dict], config: BuildConfig) -> dict:
         status.update(u.get("http_status", {}))
     out = {k: (round(v, 6) if k == "cost_usd" else v) for k, v in total.items()}
     if config.expand.backend == "openai":
-        out.update(model=config.expand.openai.model, base_url=config.expand.openai.base_url,
+        out.update(model=config.expand.openai.model, base_url=redact_url(config.expand.openai.base_url),
                    max_cost_usd=config.expand.openai.max_cost, response_cache=config.expand.openai.cache,
                    http_status=dict(status))
         out["budget_stopped"] = total["not_sent_budget"] > 0

@@ -6,6 +6,7 @@ Run it with `fundus-engine train-detector --config train.yaml` or as a deploymen
 is a task, and the import counts, the per-class validation and the self-training rounds are
 published as artifacts.
 """
+import hashlib
 import json
 import shutil
 import tempfile
@@ -85,6 +86,7 @@ def import_labelled(params: TrainDetectorParams, work: str) -> list[importers.La
 @task(task_run_name="self-train-{params.self_training_rounds}-rounds")
 def train_rounds(items: list[importers.LabelledImage], params: TrainDetectorParams, work: str) -> list[training.Round]:
     work_dir = Path(work)
+    known = {hashlib.sha256(Path(i.image).read_bytes()).hexdigest() for i in items}
     if params.held_out:
         held_out = Path(params.held_out)
     else:  # a fixed split of the labelled data, kept out of every round's training
@@ -92,6 +94,9 @@ def train_rounds(items: list[importers.LabelledImage], params: TrainDetectorPara
         held_out = importers.write_yolo_dataset(kept_out, work_dir / "held_out", val_fraction=1.0)
     unlabelled = sorted(p for p in Path(params.unlabelled).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) \
         if params.unlabelled else []
+    # A pool image that is also labelled or held out would be pseudo-labelled over its truth, or
+    # trained on and then scored on: both inflate the metrics.
+    unlabelled = [p for p in unlabelled if hashlib.sha256(p.read_bytes()).hexdigest() not in known]
     if params.self_training_rounds and not unlabelled:
         raise ValueError(f"self-training needs unlabelled images; none found in {params.unlabelled!r}")
     return training.self_train(items, unlabelled, held_out, work_dir / "rounds", params.self_training_rounds,

@@ -25,7 +25,7 @@ from fundus_engine.models import Anatomy, BenchmarkQuestion, ImageRecord, Region
 from fundus_engine.tables import read_rows, write_rows
 from fundus_engine.vocabulary import (AMD, ANATOMY, BY_NAME, CLASSES, DIAGNOSES, DR, DR_GRADES, GLAUCOMA, LESIONS,
                                       NORMAL)
-from fundus_engine.write import assign_split
+from fundus_engine.write import split_images
 
 LETTERS = ("A", "B", "C", "D", "E")
 MIN_OPTIONS = 4  # fewer choices make chance accuracy too high to compare with GMAI-MMBench
@@ -57,8 +57,9 @@ _DIAGNOSIS_ALIASES = {"dr": DR, "amd": AMD, "normal": NORMAL, "normal fundus": N
 # ------------------------------------------------------------------ building questions
 
 def held_out_images(records: Iterable[ImageRecord], config: WriteConfig) -> set[str]:
-    """The sha256s of the test split, decided exactly as the chain stage decides it (by patient)."""
-    return {r.sha256 for r in records if assign_split(r.patient_id or r.sha256, config) == "test"}
+    """The sha256s of the test split, decided exactly as the write stage decides it (patients and
+    near-duplicates grouped)."""
+    return {sha for sha, split in split_images(list(records), config).items() if split == "test"}
 
 
 def _rng(seed: int, *parts: str) -> random.Random:

@@ -16,6 +16,9 @@ from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 from fundus_engine.yolo import ultralytics
 
 STAGE = "detect"
+# An image labelled with these classes is taken as fully labelled: its lesion boxes are complete
+# (absent means absent) and the detector is not run on it.
+COMPLETE_LABELS = {"optic_disc", "fovea"}
 DEMO_WEIGHTS = Path(__file__).parent / "weights" / "demo_detector.pt"
 _predict_lock = threading.Lock()  # a YOLO predictor is not safe to call from two threads at once
 
@@ -91,11 +94,15 @@ def from_labels(record: ImageRecord) -> list[Detection]:
 
 
 def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detection], list[Reject]]:
+    """Predicted boxes; with `ground_truth: prefer`, an image's labelled boxes replace the
+    predictions of the classes its labels cover, and predictions fill the others (lesion-only
+    datasets such as IDRiD still get a disc and fovea to measure from)."""
     detections: list[Detection] = []
     rejects: list[Reject] = []
     to_predict = []
     for record in records:
-        if config.ground_truth == "prefer" and record.label_boxes:
+        labelled = {b.label for b in record.label_boxes} if config.ground_truth == "prefer" else set()
+        if labelled >= COMPLETE_LABELS:  # nothing left for the model to add
             detections.extend(from_labels(record))
         else:
             to_predict.append(record)
@@ -120,6 +127,12 @@ def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detec
                     rejects.append(Reject(stage=STAGE, item=record.path, reason=f"detector failed: {exc}"))
                     results.append(None)
         for record, result in zip(batch, results):
-            if result is not None:
-                detections.extend(_from_result(record.sha256, result))
+            if result is None:
+                continue
+            predicted = _from_result(record.sha256, result)
+            if config.ground_truth == "prefer" and record.label_boxes:
+                labelled = {b.label for b in record.label_boxes}
+                predicted = _numbered(record.sha256, from_labels(record)
+                                      + [d for d in predicted if d.label not in labelled])
+            detections.extend(predicted)
     return detections, rejects

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import threading
+from urllib.parse import urlsplit, urlunsplit
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,7 +259,8 @@ class OpenAIExpander:
                           system=str(macros.system()).strip(), text=str(macros.user(**context)).strip(),
                           images=images, sampling=sampling)
         request.key = hashlib.sha256(json.dumps(
-            [self.config.model, request.system, request.text, image_hashes, self.config.image_max_side, sampling,
+            [self.config.base_url, self.config.model, request.system, request.text, image_hashes,
+             self.config.image_max_side, sampling,
              json_schema(request.output)], sort_keys=True).encode()).hexdigest()
         return request
 
@@ -272,7 +274,8 @@ class OpenAIExpander:
         paths = [{"full": record.path, "crop": region.crop_path, "marked": region.marked_path}[w] for w in wanted]
         paths = [p for p in paths if p]
         return self._request(self.region_prompt, region.region_id, paths, [_file_sha256(p) for p in paths],
-                             record=record, anatomy=anatomy, region=region, facts=facts_of(region))
+                             record=record, anatomy=anatomy, region=region, facts=facts_of(region),
+                             with_marked=bool(region.marked_path and "marked" in wanted))
 
     # calling ----------------------------------------------------------------------------
 
@@ -370,7 +373,7 @@ class OpenAIExpander:
 
     def _circuit_message(self) -> str:
         return (f"circuit breaker open: {self.ledger.consecutive_failures} consecutive failed requests to "
-                f"{self.config.base_url} (model {self.config.model}); last error: {self.ledger.last_error}. "
+                f"{redact_url(self.config.base_url)} (model {self.config.model}); last error: {self.ledger.last_error}. "
                 "Everything already answered is kept in the response cache; re-run to continue.")
 
     # the shard ----------------------------------------------------------------------------
@@ -447,6 +450,15 @@ def with_schema_instruction(messages: list[dict], output: type[BaseModel]) -> li
     note = {"type": "text", "text": f"Reply with one JSON object that follows this JSON Schema:\n<schema>{schema}</schema>"}
     user = messages[1]
     return [messages[0], {**user, "content": [*user["content"], note]}, *messages[2:]]
+
+
+def redact_url(url: str) -> str:
+    """A server URL fit for logs and outputs: credentials some users put in the userinfo or the
+    query string (`https://user:key@host/v1`, `?api-key=...`) are dropped."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def parse_output(raw: str, output: type[BaseModel]) -> BaseModel:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,13 +153,26 @@ def load_labels(input_dir: Path, config: IngestConfig) -> tuple[dict[str, dict],
     return labels, rejects
 
 
-def labels_for(relpath: str, labels: dict[str, dict]) -> dict | None:
-    """Manifests name images by relative path, file name, or bare id (APTOS id_code)."""
+def _short_keys(relpath: str) -> tuple[str, str]:
     name = relpath.rsplit("/", 1)[-1]
-    for key in (relpath, name, name.rsplit(".", 1)[0]):
-        if key in labels:
+    return name, name.rsplit(".", 1)[0]
+
+
+def labels_for(relpath: str, labels: dict[str, dict], ambiguous: frozenset[str] = frozenset()) -> dict | None:
+    """Manifests name images by relative path, file name, or bare id (APTOS id_code); a name or
+    id shared by several images in the folder identifies none of them."""
+    if relpath in labels:
+        return labels[relpath]
+    for key in _short_keys(relpath):
+        if key in labels and key not in ambiguous:
             return labels[key]
     return None
+
+
+def ambiguous_keys(relpaths: list[str], labels: dict[str, dict]) -> frozenset[str]:
+    """Label keys that are the file name or id of more than one image (clinicA/001.jpg, clinicB/001.jpg)."""
+    seen = Counter(key for rel in relpaths for key in set(_short_keys(rel)))
+    return frozenset(key for key in labels if seen[key] > 1 and key not in relpaths)
 
 
 # ---------------------------------------------------------------- checks and quality
@@ -200,17 +214,18 @@ def perceptual_hash(rgb: np.ndarray) -> str:
 def decode(path: Path) -> np.ndarray:
     """RGB uint8 pixels, or ValueError saying why the file is unusable."""
     data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    # IMREAD_COLOR applies the EXIF orientation, as ultralytics and the model client do when they
+    # read the same file, so boxes, crops and 0-999 coordinates share one frame; ANYDEPTH keeps
+    # 16-bit data (scaled below); a grayscale file comes back as three equal channels.
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
     if image is None:
         raise ValueError("cannot decode: not an image or a corrupt file")
     if image.dtype != np.uint8:  # 16-bit TIFFs from some cameras
         image = cv2.convertScaleAbs(image, alpha=255.0 / max(1, int(image.max())))
-    if image.ndim == 2 or image.shape[2] == 1:
-        raise ValueError("grayscale image: a colour fundus photograph is required")
-    image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-    b, g, r = image[..., 2].astype(np.int16), image[..., 1].astype(np.int16), image[..., 0].astype(np.int16)
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    r, g, b = (image[..., c].astype(np.int16) for c in range(3))
     if max(np.abs(r - g).max(), np.abs(g - b).max()) <= 2:
-        raise ValueError("grayscale image stored as colour: a colour fundus photograph is required")
+        raise ValueError("grayscale image (no colour in any channel): a colour fundus photograph is required")
     return image
 
 

@@ -55,3 +55,19 @@ def test_short_training_run_writes_loadable_weights_and_metadata(tmp_path):
     assert len(meta["training_data_sha256"]) == 64
     model = load_model(weights)
     assert list(model.names.values()) == list(CLASS_NAMES)
+
+
+def test_lesion_only_labels_keep_their_boxes_and_the_model_adds_the_anatomy(tmp_path):
+    from fundus_engine.models import LabelBox
+
+    truths = generate(tmp_path, 2, seed=77)
+    sources = [SourceFile(t.image, sha256_file(tmp_path / t.image)) for t in truths]
+    records, _ = ingest(tmp_path, sources, {}, IngestConfig())
+    lesion = LabelBox(label="hard_exudate", xyxy=[100.0, 100.0, 120.0, 112.0])
+    records = [records[0].model_copy(update={"label_boxes": [lesion]}), records[1]]
+    detections, _ = detect(records, DetectConfig())
+    first = [d for d in detections if d.sha256 == records[0].sha256]
+    assert [(d.label, d.xyxy, d.source) for d in first if d.label == "hard_exudate"] == \
+        [("hard_exudate", lesion.xyxy, "ground_truth")]
+    assert {d.source for d in first if d.label == "optic_disc"} == {"model"}
+    assert [d.region_id for d in first] == [f"{records[0].sha256[:12]}-{i:03d}" for i in range(len(first))]

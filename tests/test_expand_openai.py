@@ -195,3 +195,11 @@ def test_cache_makes_a_rerun_free_and_a_prompt_edit_recalls_only_its_requests(sh
 
     fresh = expand(expander_for(server, tmp_path, cache=False), records, anatomies, regions)
     assert fresh.usage["requests"] == n_requests(shard)  # --no-cache sends everything again
+
+
+def test_server_urls_lose_their_credentials_before_they_are_written():
+    from fundus_engine.expand_openai import redact_url
+
+    assert redact_url("https://user:sk-secret@llm.example.org:8443/v1?api-key=sk-secret") == \
+        "https://llm.example.org:8443/v1"
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"

@@ -72,7 +72,7 @@ def test_reruns_cost_nothing_and_a_prompt_edit_recalls_only_its_requests(source,
     assert third["model_usage"]["cache_hits"] == images
     assert third["stages"]["ingest"]["cached"] == 2 and third["stages"]["expand"]["computed"] == 2
     prompt_ids = {p["id"]: p["version"] for p in third["prompts"]}
-    assert prompt_ids["expand.openai_region"] == "1.0"
+    assert prompt_ids["expand.openai_region"] == "1.1"
 
     # ...and nowhere else: not in outputs, the manifest, caches, artifacts or logs.
     for path in out.rglob("*"):

@@ -109,8 +109,8 @@ def test_bad_files_are_rejected_with_name_and_reason_and_good_ones_go_on(workdir
     assert all(r.stage == "ingest" and r.item == str(workdir / "images" / Path(r.item).name) for r in rejects)
     assert reasons["notes.jpg"] == "cannot decode: not an image or a corrupt file"
     assert reasons["empty.png"] == "cannot decode: not an image or a corrupt file"
-    assert reasons["gray.png"].startswith("grayscale image:")
-    assert reasons["gray3.png"].startswith("grayscale image stored as colour")
+    assert reasons["gray.png"].startswith("grayscale image (no colour in any channel)")
+    assert reasons["gray3.png"].startswith("grayscale image (no colour in any channel)")
     assert reasons["tiny.png"] == "too small: 100x64, shorter side must be >= 256 px"
     assert reasons["no_retina.png"] == "no retina visible: field of view covers 4% of the frame"
 
@@ -302,3 +302,28 @@ def test_a_file_that_vanished_after_the_scan_is_a_reject_not_an_exception(tmp_pa
     result = ingest_image(tmp_path, SourceFile("gone.jpg", "0" * 64), None, CONFIG)
     assert isinstance(result, Reject) and result.item == str(tmp_path / "gone.jpg")
     assert "No such file or directory" in result.reason
+
+
+def test_exif_orientation_is_applied_like_every_other_reader(tmp_path):
+    """Boxes from ultralytics and crops from ingest must share one frame."""
+    from PIL import Image
+
+    wide = np.zeros((300, 500, 3), np.uint8)
+    wide[..., 0], wide[40:80, 400:460] = 180, (250, 240, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    Image.fromarray(wide).save(tmp_path / "rotated.jpg", exif=exif)
+    rgb = decode(tmp_path / "rotated.jpg")
+    assert rgb.shape[:2] == cv2.imread(str(tmp_path / "rotated.jpg")).shape[:2] == (500, 300)
+
+
+def test_a_bare_name_shared_by_two_images_labels_neither(tmp_path):
+    from fundus_engine.ingest import ambiguous_keys, labels_for
+
+    labels = {"001.jpg": {"diagnosis": "Glaucoma"}, "b/002.jpg": {"diagnosis": "Normal fundus"}, "003": {}}
+    relpaths = ["a/001.jpg", "b/001.jpg", "b/002.jpg", "c/003.png"]
+    ambiguous = ambiguous_keys(relpaths, labels)
+    assert ambiguous == {"001.jpg"}
+    assert labels_for("a/001.jpg", labels, ambiguous) is None and labels_for("b/001.jpg", labels, ambiguous) is None
+    assert labels_for("b/002.jpg", labels, ambiguous) == {"diagnosis": "Normal fundus"}
+    assert labels_for("c/003.png", labels, ambiguous) == {}
