@@ -143,13 +143,14 @@ class Round:
 
 def self_train(labelled: list[LabelledImage], unlabelled: list[Path], held_out: Path, work: Path, rounds: int,
                confidence: float = 0.5, epochs: int = 20, imgsz: int = 512, batch: int = 16,
-               base_model: str = "yolo11n.yaml", seed: int = 0) -> list[Round]:
+               base_model: str = "yolo11n.yaml", seed: int = 0, first_epochs: int | None = None) -> list[Round]:
     """Train on the labelled set, then `rounds` times: pseudo-label the unlabelled pool with the
     latest weights (boxes at or above `confidence`), and train on from those weights with
-    labelled + pseudo-labelled images. Every round is validated on the same held-out set."""
+    labelled + pseudo-labelled images. Every round is validated on the same held-out set. A
+    teacher that finds nothing yields no pseudo-labels, so round 0 may get `first_epochs`."""
     work = Path(work)
     data = write_yolo_dataset(labelled, work / "round0" / "data", val_fraction=0)
-    weights = train_detector(data, work / "round0" / "weights.pt", epochs, imgsz, batch, base_model, seed)
+    weights = train_detector(data, work / "round0" / "weights.pt", first_epochs or epochs, imgsz, batch, base_model, seed)
     history = [Round(0, len(labelled), 0, 0, weights, validate(weights, held_out, imgsz))]
     for r in range(1, rounds + 1):
         pseudo = [p for p in pseudo_labels(weights, unlabelled, confidence, imgsz, batch) if p.boxes]
