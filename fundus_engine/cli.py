@@ -168,6 +168,10 @@ def _print_summary(manifest: dict) -> None:
     console.print(table)
     console.print(f"splits (images): {manifest['images_per_split']}")
     console.print(f"rejects: {manifest['rejects']} {manifest['rejects_per_stage']} -> {manifest['output_dir']}/rejects.parquet")
+    if manifest.get("benchmark"):
+        bench = manifest["benchmark"]
+        console.print(f"benchmark: {bench['questions']} questions on {bench['images']} held-out images "
+                      f"{bench['per_task']} -> {manifest['output_dir']}/benchmark/test.tsv")
     if manifest.get("model_usage"):
         console.print(f"model usage: {manifest['model_usage']}")
     console.print(f"dataset: {manifest['output_dir']}/dataset  ({manifest['wall_seconds']} s)")
