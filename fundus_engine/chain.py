@@ -1,5 +1,7 @@
 """Chain: clinical cognitive-chain templates turn an image's facts and descriptions into
-instruction records of the six FundusExpert task types.
+instruction records: the six FundusExpert task types, the whole chain as one answer and as a
+conversation, presence (with as many "no" as "yes"), counting and attribute questions, in
+English and optionally Chinese.
 
 Template and question choice is seeded by (seed, image, task), so a build is reproducible and
 a one-image change leaves every other image's records as they were.
@@ -165,6 +167,7 @@ def chain(records: list[ImageRecord], anatomies: list[Anatomy], regions: list[Re
     out, rejects = [], []
     for expansion in expansions:
         record = record_of[expansion.sha256]
+        # Provisional: the write stage regroups patients and near-duplicates across all shards.
         split = assign_split(record.patient_id or record.sha256, write_config)
         try:
             for language, by_task in by_language.items():
