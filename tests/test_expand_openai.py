@@ -203,3 +203,14 @@ def test_server_urls_lose_their_credentials_before_they_are_written():
     assert redact_url("https://user:sk-secret@llm.example.org:8443/v1?api-key=sk-secret") == \
         "https://llm.example.org:8443/v1"
     assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+
+
+def test_a_request_that_keeps_failing_is_rejected_and_the_rest_go_on(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    target = regions[0]
+    server.inject("unavailable", times=3, match=f'<facts>{{"box_0_999": {json.dumps(target.box_999)}')
+    result = expand(expander_for(server, tmp_path, concurrency=1), records, anatomies, regions)  # 1 try + 2 retries
+    assert not result.complete and [r.item for r in result.rejects] == [target.region_id]
+    assert "request failed after 2 retries" in result.rejects[0].reason and "503" in result.rejects[0].reason
+    assert len(result.expansions) == 4 and result.usage["http_status"]["503"] == 3
+    assert sum(len(e.regions) for e in result.expansions) == len(regions) - 1
