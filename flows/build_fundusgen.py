@@ -19,6 +19,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -191,6 +192,12 @@ def write_task(out: str, ingested: list[ShardOutput], cropped: list[ShardOutput]
                           "per_task": dict(sorted(Counter(q.clinical_task for q in questions).items()))}}
 
 
+def _crops_present(regions_file: Path) -> bool:
+    """The crop stage's images live outside its Parquet; a deleted crops/ folder re-runs it."""
+    table = pq.read_table(regions_file, columns=["crop_path", "marked_path"])
+    return all(Path(p).exists() for column in table.columns for p in column.to_pylist() if p)
+
+
 def _prune(out: Path, keep: set[str]) -> None:
     """Drop shard files of earlier builds that no current shard uses."""
     for stage in STAGES:
@@ -273,8 +280,10 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
             # A cache record must not hit when its shard files were deleted, when the shard was left
             # incomplete (failed or unsent model requests), or when an upstream stage recomputes.
             nonlocal stale
-            stale = (stale or not all(p.exists() for p in shard_files(out, stage, shard, keys[stage]).values())
-                     or incomplete_marker(out, stage, shard, keys[stage]).exists())
+            files = shard_files(out, stage, shard, keys[stage])
+            stale = (stale or not all(p.exists() for p in files.values())
+                     or incomplete_marker(out, stage, shard, keys[stage]).exists()
+                     or (stage == "crop" and not _crops_present(files["regions"])))
             stage_task = tasks[stage].with_options(refresh_cache=True) if stale else tasks[stage]
             future = stage_task.submit(stage=stage, key=keys[stage], **common, **kw)
             futures[stage].append(future)

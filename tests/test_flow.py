@@ -13,7 +13,7 @@ import pytest
 
 from flows.build_fundusgen import build_fundusgen
 from fundus_engine.config import BuildConfig
-from fundus_engine.models import BenchmarkQuestion, InstructionRecord, Reject
+from fundus_engine.models import BenchmarkQuestion, InstructionRecord, Region, Reject
 from fundus_engine.prompts import PROMPTS_DIR
 from fundus_engine.synth import generate
 from fundus_engine.tables import read_rows
@@ -111,6 +111,12 @@ def test_deleted_stage_files_are_rebuilt_not_served_from_a_stale_cache(source, t
     manifest = build_fundusgen(str(source), str(out), config)
     assert manifest["stages"]["crop"] == {"shards": 2, "computed": 1, "cached": 1}
     assert len(list((out / "stages" / "crop").glob("00000-*"))) == 2  # anatomy + regions rebuilt
+
+    shutil.rmtree(out / "crops")  # the crop images live outside the stage's Parquet
+    manifest = build_fundusgen(str(source), str(out), config)
+    assert manifest["stages"]["crop"] == {"shards": 2, "computed": 2, "cached": 0}
+    regions = read_rows(sorted((out / "stages" / "crop").glob("*.regions.parquet")), Region)
+    assert regions and all(Path(r.crop_path).is_file() for r in regions)
 
 
 def test_bad_config_and_missing_input_fail_with_the_path(tmp_path):
