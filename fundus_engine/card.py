@@ -29,7 +29,8 @@ def plot_box_sizes(regions: list[Region], path: Path) -> Path:
             ax.hist(sizes, bins=30, alpha=0.5, label=f"{label} ({len(sizes)})")
     ax.set_xlabel("box size (disc diameters)")
     ax.set_ylabel("boxes")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a build with no boxes plots an empty chart, no legend
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -50,7 +51,8 @@ def plot_box_positions(regions: list[Region], path: Path) -> Path:
     ax.set_aspect("equal")
     ax.set_xlabel("x (0-999)")
     ax.set_ylabel("y (0-999)")
-    ax.legend(fontsize=6, markerscale=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, markerscale=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

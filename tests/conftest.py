@@ -63,3 +63,16 @@ def prefect_local():
     """Prefect's local test harness (a temporary server and database) for one test module."""
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_ephemeral_prefect_servers():
+    """`fundus-engine build` starts Prefect's temporary server in-process (ephemeral mode), which
+    Prefect stops at interpreter exit, after pytest has closed the streams its log line goes to."""
+    yield
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogWorker.drain_all(timeout=5)  # the run logs still queued go to the server before it stops
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()
