@@ -16,7 +16,17 @@ import yaml
 
 from fundus_engine.vocabulary import chinese
 
-PROMPTS_DIR = Path(os.environ.get("FUNDUS_PROMPTS_DIR", Path(__file__).resolve().parent.parent / "prompts"))
+
+
+def _default_prompts_dir() -> Path:
+    """The repo's prompts/ in a checkout or editable install (where users edit them); the copy
+    shipped in the wheel as fundus_engine.prompt_templates otherwise."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "prompts"
+    return checkout if checkout.is_dir() else here / "prompt_templates"
+
+
+PROMPTS_DIR = Path(os.environ.get("FUNDUS_PROMPTS_DIR") or _default_prompts_dir())
 
 
 @dataclass(frozen=True)
