@@ -226,6 +226,8 @@ def _publish(stage_rows: dict[str, list[dict]], summary: dict, out: Path, reject
     if summary.get("model_usage"):
         lines += ["", "| model usage (this run) | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in summary["model_usage"].items()]
+    if not summary["complete"]:
+        lines += ["", f"**Incomplete**: shards to finish on the next run: {summary['incomplete_shards']}"]
     if summary.get("consistency", {}).get("flagged_records"):
         lines += ["", f"Consistency flags: {summary['consistency']}"]
     create_markdown_artifact(key="fundusgen-summary", markdown="\n".join(lines), description="FundusGen build summary")
@@ -337,6 +339,9 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     _prune(out, {str(out / "stages" / o.stage / Path(f).name.split(".")[0])
                  for stage in STAGES for o in outputs[stage] for f in o.files.values()})
 
+    unfinished = {stage: shards for stage, rows in stage_rows.items()
+                  if (shards := [r["shard"] for r in rows if r["status"] not in ("cached", "computed")
+                                 or not r.get("complete", True)])}
     seconds = time.monotonic() - started
     manifest = {
         **about,
@@ -345,6 +350,10 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         "stages": {stage: {"shards": len(rows), "computed": sum(r["status"] == "computed" for r in rows),
                            "cached": sum(r["status"] == "cached" for r in rows)} for stage, rows in stage_rows.items()},
         "wall_seconds": round(seconds, 2),
+        # False when a shard-stage failed or left model requests unanswered: the dataset holds
+        # what finished, and the next run completes it from the stage files and response cache.
+        "complete": not unfinished,
+        "incomplete_shards": unfinished,
         **result,
     }
     write_stage.write_manifest(out, manifest)

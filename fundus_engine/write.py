@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -84,18 +85,25 @@ def split_images(images: list[ImageRecord], config: WriteConfig) -> dict[str, st
 
 
 def write_dataset(records: list[InstructionRecord], out: Path, config: WriteConfig) -> dict[str, list[str]]:
-    """Write `dataset/{split}-NNNNN.parquet`; files from an earlier build are replaced."""
-    dataset = Path(out) / "dataset"
-    dataset.mkdir(parents=True, exist_ok=True)
-    for old in dataset.glob("*.parquet"):
-        old.unlink()
+    """Write `dataset/{split}-NNNNN.parquet`, replacing an earlier build's files in one swap:
+    the files are written beside it first, so a reader (or a crash mid-write) never meets a mix
+    of two builds."""
+    out = Path(out)
+    dataset, staging, previous = out / "dataset", out / ".dataset.staging", out / ".dataset.previous"
+    for leftover in (staging, previous):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
     files: dict[str, list[str]] = {}
     for split in SPLITS:
         rows = sorted((r for r in records if r.split == split), key=lambda r: (r.sha256, r.task, r.record_id))
         for n, start in enumerate(range(0, len(rows), config.rows_per_file)):
-            path = write_rows(dataset / f"{split}-{n:05d}.parquet", rows[start:start + config.rows_per_file],
-                              InstructionRecord)
-            files.setdefault(split, []).append(str(path.relative_to(out)))
+            name = f"{split}-{n:05d}.parquet"
+            write_rows(staging / name, rows[start:start + config.rows_per_file], InstructionRecord)
+            files.setdefault(split, []).append(f"dataset/{name}")
+    if dataset.exists():
+        dataset.rename(previous)
+    staging.rename(dataset)
+    shutil.rmtree(previous, ignore_errors=True)
     return files
 
 

@@ -94,6 +94,7 @@ def test_a_tripped_circuit_breaker_fails_clearly_and_keeps_what_was_answered(sou
         build_fundusgen(str(source), str(out), config)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rejects_per_stage"].get("expand", 0) >= 1
+    assert manifest["complete"] is False and manifest["incomplete_shards"]["expand"]
     answered = len(list((out / ".cache" / "llm").rglob("*.json")))
     assert answered >= 1  # image descriptions that came back before the breaker tripped
 
@@ -103,6 +104,7 @@ def test_a_tripped_circuit_breaker_fails_clearly_and_keeps_what_was_answered(sou
     assert healed["model_usage"]["cache_hits"] == answered  # nothing answered was paid for twice
     assert server.count("ok") == total - answered
     assert healed["rejects"] == 0 and healed["records"] > 0
+    assert healed["complete"] is True and healed["incomplete_shards"] == {}
 
 
 def test_budget_stop_completes_the_run_and_the_next_run_finishes_the_work(source, server, tmp_path):
@@ -115,9 +117,10 @@ def test_budget_stop_completes_the_run_and_the_next_run_finishes_the_work(source
     assert usage["budget_stopped"] and 0 < usage["cost_usd"] <= cost / 2
     assert usage["not_sent_budget"] + usage["requests"] == requests
     assert stopped["rejects_per_stage"]["expand"] == usage["not_sent_budget"]
+    assert stopped["complete"] is False and list(stopped["incomplete_shards"]) == ["expand"]
     resumed = build_fundusgen(str(source), str(out), config_for(server))
     assert resumed["model_usage"]["requests"] == usage["not_sent_budget"]
-    assert resumed["rejects"] == 0 and resumed["records"] == probe["records"]
+    assert resumed["rejects"] == 0 and resumed["records"] == probe["records"] and resumed["complete"]
 
 
 def test_flagged_records_are_counted_and_can_be_dropped(source, server, tmp_path):

@@ -125,6 +125,19 @@ def test_rows_are_sharded_and_stale_files_are_removed(tmp_path):
     assert write_dataset([], tmp_path, CONFIG) == {} and not list((tmp_path / "dataset").iterdir())
 
 
+def test_a_write_that_fails_midway_leaves_the_previous_dataset_whole(tmp_path):
+    before = [_record(f"{i:064d}", "disease_diagnosis", "train") for i in range(30)]
+    write_dataset(before, tmp_path, CONFIG)
+    broken = _record("e" * 64, "report_generation", "test").model_copy(update={"record_id": 12345})  # not a string
+    with pytest.raises(pa.ArrowTypeError), pytest.warns(UserWarning, match="serializer"):
+        write_dataset(before[:3] + [broken], tmp_path, CONFIG)  # train is written, then test fails
+    assert sorted(p.name for p in (tmp_path / "dataset").iterdir()) == ["train-00000.parquet"]
+    assert pq.read_metadata(tmp_path / "dataset" / "train-00000.parquet").num_rows == 30
+    write_dataset(before[:3], tmp_path, CONFIG)  # the next write clears what the failed one left
+    assert pq.read_metadata(tmp_path / "dataset" / "train-00000.parquet").num_rows == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
 def test_rejects_table_is_written_with_its_schema(tmp_path):
     rejects = [Reject(stage="ingest", item="/in/notes.jpg", reason="cannot decode: not an image or a corrupt file"),
                Reject(stage="expand", item="ab" * 32, reason="bad JSON", raw_output="{oops")]
