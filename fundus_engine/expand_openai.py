@@ -241,9 +241,10 @@ class OpenAIExpander:
         self.ledger = ledger_for(run_id, config)
 
     def provenance(self) -> Provenance:
-        p = self.image_prompt
+        p, r = self.image_prompt, self.region_prompt
         return Provenance(backend=self.name, model=self.config.model, prompt_id=p.id, prompt_version=p.version,
-                          prompt_sha256=p.sha256, engine_version=__version__)
+                          prompt_sha256=p.sha256, engine_version=__version__, region_prompt_id=r.id,
+                          region_prompt_version=r.version, region_prompt_sha256=r.sha256)
 
     # requests ---------------------------------------------------------------------------
 

@@ -125,12 +125,17 @@ class Region(Row):
 
 
 class Provenance(Row):
+    """Which backend, model and prompts wrote the descriptions a record is built from."""
+
     backend: str
     model: str
-    prompt_id: str
+    prompt_id: str  # the image prompt (or the one prompt, for the offline backend)
     prompt_version: str
     prompt_sha256: str
     engine_version: str
+    region_prompt_id: str | None = None  # where regions are described by a prompt of their own
+    region_prompt_version: str | None = None
+    region_prompt_sha256: str | None = None
 
 
 class RegionDescription(Row):

@@ -14,7 +14,7 @@ from fundus_engine.config import OpenAIConfig, Prices
 from fundus_engine.expand import expand
 from fundus_engine.expand_openai import CircuitOpen, OpenAIExpander, consistency_flags, mentioned, parse_output
 from fundus_engine.models import ImageFindings, RegionFindings
-from fundus_engine.prompts import PROMPTS_DIR
+from fundus_engine.prompts import PROMPTS_DIR, load
 from fundus_engine.testing.openai_server import FakeOpenAIServer
 from fundus_engine.testing.shards import prepared_shard
 
@@ -59,6 +59,8 @@ def test_structured_answers_for_every_image_and_region(shard, server, tmp_path):
     e = result.expansions[0]
     assert e.provenance.backend == "openai" and e.provenance.model == "fake-fundus-vl"
     assert e.provenance.prompt_id == "expand.openai_image" and len(e.provenance.prompt_sha256) == 64
+    assert e.provenance.region_prompt_id == "expand.openai_region"
+    assert e.provenance.region_prompt_sha256 == load("expand/openai_region").sha256
     record = next(r for r in records if r.sha256 == e.sha256)
     assert e.image.diagnosis == record.diagnosis and e.image.diagnosis_source == "label"
     assert result.usage["prompt_tokens"] > 0 and result.usage["http_status"] == {"200": n_requests(shard)}
