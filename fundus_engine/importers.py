@@ -378,8 +378,21 @@ def unmatched_masks(images_dir: Path, masks: dict[str, Path],
     return [m for folder in masks.values() for m in _match_masks(index, folder, mask_suffixes)[1]]
 
 
+def _foreground(mask: np.ndarray, values: Iterable[int] | None, path: Path) -> np.ndarray:
+    """Binary foreground: any non-zero pixel, or, with `values`, pixels at exactly those levels
+    (multi-level masks such as REFUGE's 0 = cup, 128 = disc rim, 255 = background)."""
+    if values is None:
+        return (mask > 0).any(axis=2) if mask.ndim == 3 else mask > 0
+    if mask.ndim == 3:
+        if not (mask == mask[..., :1]).all():
+            raise ValueError(f"{path}: mask levels need a grey mask, this one has colour")
+        mask = mask[..., 0]
+    return np.isin(mask, list(values))
+
+
 def from_masks(images_dir: Path, masks: dict[str, Path], min_area: int = 4, merge_distance: float | None = None,
-               mask_suffixes: Iterable[str] = DEFAULT_MASK_SUFFIXES) -> list[LabelledImage]:
+               mask_suffixes: Iterable[str] = DEFAULT_MASK_SUFFIXES,
+               levels: Mapping[str, Iterable[int]] | None = None) -> list[LabelledImage]:
     """Boxes from per-class binary masks (IDRiD, DDR, e-ophtha, DiaretDB1 layout).
 
     `masks` maps a class name or alias ("EX", "HE", "MA", "SE", "OD", ...) to a folder of masks.
@@ -388,16 +401,22 @@ def from_masks(images_dir: Path, masks: dict[str, Path], min_area: int = 4, merg
     Every image in `images_dir` is returned: datasets ship no mask for an absent lesion, so an
     image without a mask in a class folder has no boxes of that class. Mask files matching no
     image are skipped with a logged warning; `unmatched_masks()` lists them.
+    `levels` maps a key of `masks` to the pixel values that mark its class, for masks that
+    hold several classes in one file; REFUGE: masks {"optic_disc": d, "optic_cup": d} with
+    levels {"optic_disc": [0, 128], "optic_cup": [0]}.
     """
     images_dir = Path(images_dir)
+    levels = dict(levels or {})
+    if unknown := sorted(set(levels) - set(masks)):
+        raise ValueError(f"mask levels given for {unknown}, which are not among the mask classes {sorted(masks)}")
     index = _image_index(images_dir)
     if not index:
         raise ValueError(f"{images_dir}: no images found")
-    classes = [(canonical_class(name), Path(folder)) for name, folder in masks.items()]
+    classes = [(canonical_class(name), Path(folder), levels.get(name)) for name, folder in masks.items()]
     boxes: dict[Path, list[LabelBox]] = {image: [] for image in index.values()}
     sources: dict[Path, list[str]] = {image: [] for image in index.values()}
     sizes = {image: _image_size(image) for image in index.values()}
-    for label, folder in classes:
+    for label, folder, values in classes:
         matched, unmatched = _match_masks(index, folder, mask_suffixes)
         for mask_path in unmatched:
             log.warning("mask %s matches no image in %s; skipped", mask_path, images_dir)
@@ -409,7 +428,7 @@ def from_masks(images_dir: Path, masks: dict[str, Path], min_area: int = 4, merg
                 if mask.shape[:2] != (height, width):
                     raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image} is "
                                      f"{width}x{height}; a mask must match its image pixel for pixel")
-                binary = (mask > 0).any(axis=2) if mask.ndim == 3 else mask > 0
+                binary = _foreground(mask, values, mask_path)
                 combined = binary if combined is None else combined | binary
                 sources[image].append(str(mask_path))
             boxes[image] += [LabelBox(label=label, xyxy=b) for b in mask_to_boxes(combined, min_area, merge_distance)]

@@ -208,6 +208,26 @@ def test_mask_size_mismatch_names_both_files(tmp_path):
         from_masks(images, {"EX": tmp_path / "EX"})
 
 
+def test_refuge_multi_level_mask_gives_disc_and_cup(tmp_path):
+    """REFUGE: one bmp per image, 255 background, 128 disc rim, 0 cup (inside the disc)."""
+    images = tmp_path / "images"
+    write_image(images / "g0001.jpg")
+    mask = np.full((H, W), 255, np.uint8)
+    mask[8:24, 10:30] = 128
+    mask[12:18, 15:22] = 0
+    (tmp_path / "Disc_Cup_Masks").mkdir()
+    cv2.imwrite(str(tmp_path / "Disc_Cup_Masks" / "g0001.bmp"), mask)
+    folder = tmp_path / "Disc_Cup_Masks"
+    items = from_masks(images, {"optic_disc": folder, "optic_cup": folder},
+                       levels={"optic_disc": [0, 128], "optic_cup": [0]})
+    assert boxes_of(items[0]) == [("optic_disc", [10.0, 8.0, 30.0, 24.0]), ("optic_cup", [15.0, 12.0, 22.0, 18.0])]
+    # Without levels every non-zero pixel is foreground: the background would become the "cup".
+    plain = from_masks(images, {"optic_cup": folder})
+    assert boxes_of(plain[0]) == [("optic_cup", [0.0, 0.0, float(W), float(H)])]
+    with pytest.raises(ValueError, match=r"levels given for \['cup'\]"):
+        from_masks(images, {"optic_disc": folder}, levels={"cup": [0]})
+
+
 def test_unknown_mask_class_is_an_error(idrid):
     images, ex, _ = idrid
     with pytest.raises(ValueError, match="unknown class name 'banana'"):
