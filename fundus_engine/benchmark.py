@@ -482,6 +482,20 @@ def read_benchmark(path: Path) -> list[BenchmarkQuestion]:
     return read_rows(Path(path), BenchmarkQuestion)
 
 
+def _json_lines(path: Path, required: tuple[str, ...]) -> Iterable[tuple[str, dict]]:
+    """(path:line, object) for each non-blank line, each object holding the `required` keys."""
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
+        if not isinstance(row, dict) or not all(k in row for k in required):
+            raise ValueError(f"{path}:{n}: needs " + " and ".join(repr(k) for k in required))
+        yield f"{path}:{n}", row
+
+
 def read_answers(path: Path) -> dict[int, str]:
     """Model replies by question index, from JSONL lines {"index": n, "prediction": "..."} or a
     TSV/CSV with index and prediction columns (VLMEvalKit's output shape)."""
@@ -498,16 +512,8 @@ def read_answers(path: Path) -> dict[int, str]:
         answers[i] = "" if prediction is None else str(prediction)
 
     if path.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
-            if not isinstance(row, dict) or "index" not in row or "prediction" not in row:
-                raise ValueError(f"{path}:{n}: needs 'index' and 'prediction'")
-            put(row["index"], row["prediction"], f"{path}:{n}")
+        for where, row in _json_lines(path, ("index", "prediction")):
+            put(row["index"], row["prediction"], where)
         return answers
     if path.suffix.lower() not in (".tsv", ".csv"):
         raise ValueError(f"{path}: answers must be .jsonl, .tsv or .csv")
@@ -519,3 +525,30 @@ def read_answers(path: Path) -> dict[int, str]:
         for row in reader:
             put(row["index"], row["prediction"], f"{path}:{reader.line_num}")
     return answers
+
+
+def score_build_reports(out: Path, reports: Path, terms: Iterable[str] = REPORT_FINDINGS) -> dict:
+    """Clinical consistency of generated reports against a build's labels.
+
+    `reports`: JSONL lines {"sha256": <the record's sha256>, "report": "..."}. Only images whose
+    lesions are labelled (label boxes or ground-truth regions) can be judged; the others are
+    counted as `no_truth` and left out, since an unlabelled image would make every stated
+    finding look false.
+    """
+    out = Path(out)
+    images = {r.sha256: r for r in read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)}
+    if not images:
+        raise FileNotFoundError(f"{out}: no ingest stage files; is this the output folder of a build?")
+    regions: dict[str, list[Region]] = defaultdict(list)
+    for r in read_rows(sorted((out / "stages" / "crop").glob("*.regions.parquet")), Region):
+        regions[r.sha256].append(r)
+    pairs, no_truth = [], 0
+    for where, row in _json_lines(reports, ("sha256", "report")):
+        record = images.get(row["sha256"])
+        if record is None:
+            raise ValueError(f"{where}: sha256 {str(row['sha256'])[:16]}... is not an image of the build in {out}")
+        if not truth_counts(record, regions[record.sha256]):
+            no_truth += 1
+            continue
+        pairs.append((str(row["report"]), truth_findings(record, regions[record.sha256])))
+    return {**score_reports(pairs, terms), "no_truth": no_truth}

@@ -130,6 +130,28 @@ def score(questions: Path = typer.Argument(..., help="OUT/benchmark/test.parquet
         console.print(table)
 
 
+@app.command("score-reports")
+def score_reports(out: Path = typer.Argument(..., help="output folder of a build"),
+                  reports: Path = typer.Argument(..., help='generated reports: JSONL {"sha256", "report"}')):
+    """Clinical consistency of generated reports against the build's labels (FundusExpert's rule)."""
+    from fundus_engine.benchmark import score_build_reports
+
+    try:
+        result = score_build_reports(out, reports)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    ratio = "n/a" if result["ratio"] is None else f"{result['ratio']:.3f}"
+    console.print(f"consistency {ratio} ({result['score']}/{result['total']}) over {result['reports']} reports; "
+                  f"{result['no_truth']} without lesion labels left out")
+    outcomes = ("correct_present", "correct_absent", "missed", "negated_positive", "false_present", "contradicted")
+    table = Table("finding", *outcomes)
+    for finding, counts in result["per_finding"].items():
+        if counts:
+            table.add_row(finding, *(str(counts.get(o, 0)) for o in outcomes))
+    console.print(table)
+
+
 @app.command()
 def inspect(out: Path = typer.Argument(..., help="output folder of a build"),
             stage: Optional[str] = typer.Option(None, help="ingest, detect, crop, expand, chain or dataset"),

@@ -37,6 +37,25 @@ def test_synth_build_inspect(tmp_path):
     # Ground-truth boxes were preferred over the detector, and inspect shows that source.
     assert '"source": "ground_truth"' in result.output
 
+    # Reports stating an image's labelled findings, then negating them all: consistency 1/2.
+    from fundus_engine.benchmark import truth_findings
+    from fundus_engine.models import ImageRecord
+    from fundus_engine.tables import read_rows
+
+    images = read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)
+    sha, truth = max(((i.sha256, truth_findings(i)) for i in images), key=lambda pair: len(pair[1]))
+    assert len(truth) >= 2
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text("\n".join(json.dumps({"sha256": sha, "report": text}) for text in (
+        " ".join(f"{t.capitalize()} is seen." for t in sorted(truth)),
+        " ".join(f"No {t}." for t in sorted(truth)))) + "\n")
+    result = runner.invoke(app, ["score-reports", str(out), str(reports)])
+    assert result.exit_code == 0, result.output
+    assert f"consistency 0.500 ({len(truth)}/{2 * len(truth)}) over 2 reports" in result.output
+    reports.write_text(json.dumps({"sha256": "0" * 64, "report": "Normal."}) + "\n")
+    result = runner.invoke(app, ["score-reports", str(out), str(reports)])
+    assert result.exit_code == 2 and "reports.jsonl:1" in result.output and "not an image of the build" in result.output
+
 
 def test_build_reports_a_bad_config_file_by_name(tmp_path):
     config = tmp_path / "bad.yaml"
