@@ -132,7 +132,8 @@ def crop_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput,
 @task(task_run_name="expand-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
 def expand_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput, cropped: ShardOutput,
                 config: BuildConfig) -> ShardOutput:
-    expander = expand_stage.make_expander(config.expand, config.prompts_dir, Path(out), run_id=flow_run.get_id())
+    expander = expand_stage.make_expander(config.expand, config.prompts_dir, Path(out), run_id=flow_run.get_id(),
+                                          reliable=reliable_classes(config))
     result = expand_stage.expand(expander, _load(ingested, "images"), _load(cropped, "anatomy"),
                                  _load(cropped, "regions"))
     return _save(Path(out), stage, shard, key, {"expansions": result.expansions}, result.rejects, result.usage,
@@ -148,6 +149,11 @@ def chain_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput
     return _save(Path(out), stage, shard, key, {"records": records}, rejects)
 
 
+def reliable_classes(config: BuildConfig) -> list[str]:
+    """Detector classes trusted to be absent when not found (their held-out mAP50)."""
+    return detect_stage.reliable_classes(detect_stage.weights_path(config.detect), config.expand.negative_min_map50)
+
+
 def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict, config: BuildConfig,
                expand_prompts: str, chain_prompts: str, weights_sha: str, inp: Path, out: Path) -> dict[str, str]:
     """Every stage's cache key for one shard, each chained on the key before it. The input and
@@ -159,7 +165,7 @@ def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict,
                             weights_sha)
     keys["crop"] = digest(keys["detect"], code_version("crop"), config.crop.model_dump())
     keys["expand"] = digest(keys["crop"], code_version("expand"), code_version("expand_openai"),
-                            config.expand.result_relevant(), expand_prompts)
+                            config.expand.result_relevant(), expand_prompts, reliable_classes(config))
     keys["chain"] = digest(keys["expand"], code_version("chain"), config.chain.model_dump(),
                            config.write.model_dump(include={"val_fraction", "test_fraction"}), chain_prompts)
     return keys
@@ -329,7 +335,8 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         "input_dir": str(inp),
         "output_dir": str(out),
         "config": _public(config),
-        "detector": {"weights": str(weights), "sha256": weights_sha},
+        "detector": {"weights": str(weights), "sha256": weights_sha,
+                     "negatives_stated_for": reliable_classes(config)},
         "expand_backend": expander.name,
         "prompts": [{"id": p.id, "version": p.version, "sha256": p.sha256}
                     for p in [*expander.prompts, *chain_prompts]],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from fundus_engine.config import ChainConfig, WriteConfig
 from fundus_engine.models import (Anatomy, Expansion, GroundedBox, ImageRecord, InstructionRecord, Region,
@@ -54,6 +54,19 @@ def plural(display: str) -> str:
     return lower if lower.endswith(("s", "drusen", "neovascularisation")) else lower + "s"
 
 
+def group_facts(items: list[Region]) -> dict:
+    """Measured facts of one lesion class on one image, for step 3 of the chain: count, size
+    range, the most frequent quadrant, and the nearest distances to the fovea and the disc (DD)."""
+    def known(attr):
+        return [getattr(r, attr) for r in items if getattr(r, attr) is not None]
+
+    sizes, quadrants = known("size_dd"), Counter(known("quadrant"))
+    return {"count": len(items), "size_min": min(sizes) if sizes else None, "size_max": max(sizes) if sizes else None,
+            "quadrant": quadrants.most_common(1)[0][0] if quadrants else None,
+            "nearest_fovea_dd": min(known("fovea_distance_dd"), default=None),
+            "nearest_disc_dd": min(known("disc_distance_dd"), default=None)}
+
+
 def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], expansion: Expansion,
                 config: ChainConfig, split: str, by_task: dict[str, Prompt], language: str = "en"
                 ) -> list[InstructionRecord]:
@@ -64,7 +77,10 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
     region_text = {d.region_id: d.description for d in expansion.regions}
     lesion_groups = [(label, groups[label]) for label in LESIONS if label in groups]
     context = dict(image=image, groups=groups, lesion_groups=lesion_groups, region_text=region_text,
-                   landmarks=[label for label in ANATOMY if label in groups], ref=grounded)
+                   landmarks=[label for label in ANATOMY if label in groups], ref=grounded,
+                   facts={label: group_facts(items) for label, items in lesion_groups},
+                   # "no lesion is seen" only where every lesion class was assessed absent
+                   all_assessed=set(expansion.assessed_lesions) >= set(LESIONS))
     out: list[InstructionRecord] = []
 
     def pick(task: str, *key: str, kind: str | None = None) -> str:
@@ -113,9 +129,10 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
                                                    display=items[0].display, regions=items))],
             key=label, boxes=items)
 
-    # Presence: as many absent lesions as present ones, so "no" is learnt from evidence, not habit.
+    # Presence: as many absent lesions as present ones, so "no" is learnt from evidence, not habit;
+    # absent only where labels or a reliable detector vouch for it (expansion.assessed_lesions).
     present = [label for label in LESIONS if label in groups]
-    absent = [label for label in LESIONS if label not in groups]
+    absent = [label for label in expansion.assessed_lesions if label not in groups]
     half = config.max_finding_questions // 2
     asked = rng.sample(present, min(half, len(present)))
     asked += rng.sample(absent, min(config.max_finding_questions - len(asked), len(absent)))

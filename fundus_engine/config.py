@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -24,6 +24,16 @@ class IngestConfig(Section):
     min_side: int = Field(256, ge=32, description="images with a shorter side are rejected")
     min_fov_coverage: float = Field(0.2, ge=0, le=1, description="frames with less retina than this are rejected")
     min_sharpness: float = Field(2.0, ge=0, description="below this the photograph is graded poor")
+    annotated_classes: list[str] | None = Field(
+        None, description="classes the manifest's boxes annotate exhaustively (an image's missing box means "
+                          "absent); default: every class that has a box anywhere in the manifest")
+
+    @field_validator("annotated_classes")
+    @classmethod
+    def _known_classes(cls, names: list[str] | None) -> list[str] | None:
+        from fundus_engine.vocabulary import canonical_class
+
+        return None if names is None else sorted({canonical_class(n) for n in names})
 
 
 class DetectConfig(Section):
@@ -77,6 +87,9 @@ class ExpandConfig(Section):
     backend: Literal["offline", "openai"] = "offline"
     openai: OpenAIConfig = OpenAIConfig()
     drop_flagged: bool = Field(False, description="leave out records whose description contradicts the detections")
+    negative_min_map50: float = Field(
+        0.5, ge=0, le=1, description="a lesion class is stated absent from an unlabelled image only when the "
+                                     "detector's held-out mAP50 for it (weights metadata) reaches this")
 
     def result_relevant(self) -> dict:
         """The part of this section that can change what the stage writes (its cache key)."""

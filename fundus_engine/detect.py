@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import threading
 from pathlib import Path
 
@@ -16,9 +17,6 @@ from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 from fundus_engine.yolo import ultralytics
 
 STAGE = "detect"
-# An image labelled with these classes is taken as fully labelled: its lesion boxes are complete
-# (absent means absent) and the detector is not run on it.
-COMPLETE_LABELS = {"optic_disc", "fovea"}
 DEMO_WEIGHTS = Path(__file__).parent / "weights" / "demo_detector.pt"
 _predict_lock = threading.Lock()  # a YOLO predictor is not safe to call from two threads at once
 
@@ -33,6 +31,24 @@ def weights_path(config: DetectConfig) -> Path:
 @functools.cache
 def weights_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def reliable_classes(weights: Path, min_map50: float) -> list[str]:
+    """Classes whose held-out mAP50 (from the metadata JSON beside the weights) reaches
+    `min_map50`: only their silence is evidence of absence. Weights without metrics vouch
+    for nothing."""
+    meta_path = Path(weights).with_suffix(".json")
+    if not meta_path.is_file():
+        return []
+    meta = json.loads(meta_path.read_text())
+    metrics = meta.get("validation") or meta.get("synthetic_validation") or {}
+    return sorted(canonical_class(name) for name, ap in metrics.get("per_class_mAP50", {}).items()
+                  if ap is not None and ap >= min_map50)
+
+
+def covered_by_labels(record: ImageRecord) -> set[str]:
+    """Classes an image's labels settle: those annotated exhaustively, and any it has a box of."""
+    return set(record.labelled_classes) | {b.label for b in record.label_boxes}
 
 
 @functools.cache
@@ -96,13 +112,15 @@ def from_labels(record: ImageRecord) -> list[Detection]:
 def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detection], list[Reject]]:
     """Predicted boxes; with `ground_truth: prefer`, an image's labelled boxes replace the
     predictions of the classes its labels cover, and predictions fill the others (lesion-only
-    datasets such as IDRiD still get a disc and fovea to measure from)."""
+    datasets such as IDRiD still get a disc and fovea to measure from; anatomy-only ones such
+    as REFUGE still get their lesions). The model is skipped only for images whose labels
+    cover every class."""
     detections: list[Detection] = []
     rejects: list[Reject] = []
     to_predict = []
     for record in records:
-        labelled = {b.label for b in record.label_boxes} if config.ground_truth == "prefer" else set()
-        if labelled >= COMPLETE_LABELS:  # nothing left for the model to add
+        covered = covered_by_labels(record) if config.ground_truth == "prefer" else set()
+        if covered >= set(CLASS_NAMES):  # nothing left for the model to add
             detections.extend(from_labels(record))
         else:
             to_predict.append(record)
@@ -130,9 +148,9 @@ def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detec
             if result is None:
                 continue
             predicted = _from_result(record.sha256, result)
-            if config.ground_truth == "prefer" and record.label_boxes:
-                labelled = {b.label for b in record.label_boxes}
+            if config.ground_truth == "prefer":
+                covered = covered_by_labels(record)
                 predicted = _numbered(record.sha256, from_labels(record)
-                                      + [d for d in predicted if d.label not in labelled])
+                                      + [d for d in predicted if d.label not in covered])
             detections.extend(predicted)
     return detections, rejects

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from fundus_engine import __version__
 from fundus_engine.config import ExpandConfig
@@ -39,6 +39,39 @@ class Expander(Protocol):
     def expand_shard(self, items: list[tuple[ImageRecord, Anatomy, list[Region]]]) -> ExpandResult: ...
 
 
+def implied_lesions(record: ImageRecord) -> set[str]:
+    """Lesions an image's labelled diagnosis or grade implies, which must never be stated absent
+    (a proliferative DR label with "no neovascularisation" teaches a contradiction)."""
+    grade = record.dr_grade
+    if grade is None and record.grade in DR_GRADES:
+        grade = DR_GRADES.index(record.grade)
+    implied = set()
+    if grade is not None and grade >= 1:
+        implied.add("microaneurysm")  # the international scale's mildest sign
+    if grade is not None and grade >= 3:
+        implied.add("haemorrhage")
+    if grade == 4:
+        implied.add("neovascularisation")
+    if record.diagnosis and AMD.casefold() in record.diagnosis.casefold():
+        implied.add("drusen")
+    return implied
+
+
+def assessed_lesions(record: ImageRecord, reliable: Iterable[str] = ()) -> list[str]:
+    """Lesion classes whose absence may be stated for this image: annotated exhaustively by its
+    labels, or found reliably by the detector; minus what its labelled diagnosis implies. A
+    weak detector's silence is no evidence of absence."""
+    vouched = set(record.labelled_classes) | set(reliable)
+    implied = implied_lesions(record)
+    return [label for label in LESIONS if label in vouched and label not in implied]
+
+
+def absence_phrase(labels: list[str]) -> str:
+    names = [BY_NAME[label].report_finding for label in labels]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"the absence of {listed}"
+
+
 def infer_diagnosis(counts: Counter, cup_to_disc: float | None) -> tuple[str, str | None, list[str]]:
     """Diagnosis, grade and the findings that justify them, from lesion counts alone.
 
@@ -63,7 +96,7 @@ def infer_diagnosis(counts: Counter, cup_to_disc: float | None) -> tuple[str, st
         return AMD, None, [plural("drusen") + " around the macula"]
     if cup_to_disc is not None and cup_to_disc >= GLAUCOMA_CUP_TO_DISC:
         return GLAUCOMA, None, [f"an enlarged cup-to-disc ratio of {cup_to_disc:.2f}"]
-    return NORMAL, None, ["no lesion was found"]
+    return NORMAL, None, []  # the caller states which lesions were assessed absent
 
 
 def _supporting(diagnosis: str, counts: Counter, cup_to_disc: float | None) -> list[str]:
@@ -74,8 +107,6 @@ def _supporting(diagnosis: str, counts: Counter, cup_to_disc: float | None) -> l
                                             for d in BY_NAME[label].diseases)]
     if diagnosis == GLAUCOMA and cup_to_disc is not None:
         evidence.append(f"a cup-to-disc ratio of {cup_to_disc:.2f}")
-    if diagnosis == NORMAL and not any(counts[label] for label in LESIONS):
-        evidence.append("no lesion was found")
     return evidence
 
 
@@ -84,10 +115,11 @@ class OfflineExpander:
 
     name = "offline"
 
-    def __init__(self, config: ExpandConfig, prompts_dir: str | None = None):
+    def __init__(self, config: ExpandConfig, prompts_dir: str | None = None, reliable: Iterable[str] = ()):
         self.config = config
         self.prompt = load("expand/offline", prompts_dir)
         self.prompts = [self.prompt]
+        self.reliable = tuple(reliable)  # detector classes whose silence means absent
 
     def provenance(self) -> Provenance:
         return Provenance(backend=self.name, model="knowledge-table", prompt_id=self.prompt.id,
@@ -98,19 +130,22 @@ class OfflineExpander:
         text = self.prompt.module(knowledge=BY_NAME)
         lesions = [r for r in regions if r.label in LESIONS]
         counts = Counter(r.label for r in lesions)
+        assessed = assessed_lesions(record, self.reliable)
         if record.diagnosis:
             diagnosis, grade, source = record.diagnosis, record.grade, "label"
-            evidence = _supporting(diagnosis, counts, anatomy.cup_to_disc) or [
-                "no supporting lesion was detected; the diagnosis comes from the source label"]
+            evidence = _supporting(diagnosis, counts, anatomy.cup_to_disc)
         elif record.grade and record.dr_grade == 0:
             diagnosis, grade, source = NORMAL, record.grade, "label"
             evidence = _supporting(NORMAL, counts, anatomy.cup_to_disc)
         else:
             diagnosis, grade, evidence = infer_diagnosis(counts, anatomy.cup_to_disc)
             source = "inferred"
+        absent = [label for label in assessed if label not in counts]
+        if diagnosis == NORMAL and not counts and absent:
+            evidence = [absence_phrase(absent)]
         positives = [str(text.finding(label=label, count=c, regions=[r for r in lesions if r.label == label]))
                      for label, c in sorted(counts.items(), key=lambda kv: LESIONS.index(kv[0]))]
-        negatives = [BY_NAME[label].report_finding for label in LESIONS if label not in counts]
+        negatives = [BY_NAME[label].report_finding for label in absent]
         description = ImageDescription(
             overview=str(text.overview(record=record, anatomy=anatomy)).strip(),
             anatomy=str(text.anatomy(anatomy=anatomy, regions=regions)).strip(),
@@ -119,7 +154,8 @@ class OfflineExpander:
         region_texts = [RegionDescription(region_id=r.region_id, label=r.label,
                                           description=str(text.region(r=r)).strip(),
                                           significance=BY_NAME[r.label].significance) for r in regions]
-        return Expansion(sha256=record.sha256, image=description, regions=region_texts, provenance=self.provenance())
+        return Expansion(sha256=record.sha256, image=description, regions=region_texts, provenance=self.provenance(),
+                         assessed_lesions=assessed)
 
 
     def expand_shard(self, items: list[tuple[ImageRecord, Anatomy, list[Region]]]) -> ExpandResult:
@@ -133,14 +169,15 @@ class OfflineExpander:
 
 
 def make_expander(config: ExpandConfig, prompts_dir: str | None = None, out: Path | None = None,
-                  run_id: str | None = None) -> Expander:
+                  run_id: str | None = None, reliable: Iterable[str] = ()) -> Expander:
+    """`reliable`: the detector classes whose silence may be stated as an absent finding."""
     if config.backend == "offline":
-        return OfflineExpander(config, prompts_dir)
+        return OfflineExpander(config, prompts_dir, reliable)
     if config.backend == "openai":
         from fundus_engine.expand_openai import OpenAIExpander
 
         cache_dir = Path(out) / ".cache" / "llm" if out else None
-        return OpenAIExpander(config.openai, prompts_dir, cache_dir=cache_dir, run_id=run_id)
+        return OpenAIExpander(config.openai, prompts_dir, cache_dir=cache_dir, run_id=run_id, reliable=reliable)
     raise ValueError(f"unknown expand backend {config.backend!r}")
 
 

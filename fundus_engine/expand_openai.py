@@ -19,10 +19,11 @@ import logging
 import os
 import re
 import threading
-from urllib.parse import urlsplit, urlunsplit
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
+from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import openai
@@ -232,8 +233,9 @@ class OpenAIExpander:
     name = "openai"
 
     def __init__(self, config: OpenAIConfig, prompts_dir: str | None = None, cache_dir: Path | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, reliable: Iterable[str] = ()):
         self.config = config
+        self.reliable = tuple(reliable)
         self.image_prompt = load("expand/openai_image", prompts_dir)
         self.region_prompt = load("expand/openai_region", prompts_dir)
         self.prompts = [self.image_prompt, self.region_prompt]
@@ -441,8 +443,11 @@ class OpenAIExpander:
                                  positive_findings=findings.positive_findings,
                                  negative_findings=findings.negative_findings, diagnosis=diagnosis, grade=grade,
                                  diagnosis_source=source, evidence=findings.evidence or [findings.diagnosis])
+        from fundus_engine.expand import assessed_lesions
+
         return Expansion(sha256=record.sha256, image=image, regions=described, provenance=self.provenance(),
-                         flags=consistency_flags(findings, record, anatomy, regions))
+                         flags=consistency_flags(findings, record, anatomy, regions),
+                         assessed_lesions=assessed_lesions(record, self.reliable))
 
 
 def with_schema_instruction(messages: list[dict], output: type[BaseModel]) -> list[dict]:

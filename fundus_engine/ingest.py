@@ -102,9 +102,12 @@ def _label_entry(raw: dict) -> dict:
             value = json.loads(value)
         if value:
             entry[point] = Point(x=float(value[0]), y=float(value[1]))
-    boxes = raw.get("boxes") or []
+    boxes = raw.get("boxes")
     if isinstance(boxes, str):
-        boxes = json.loads(boxes) if boxes.strip() else []
+        boxes = json.loads(boxes) if boxes.strip() else None
+    if boxes is not None:  # a boxes field, even [], says the image was annotated with boxes
+        entry["labelled_classes"] = []  # filled in once the whole manifest is read
+    boxes = boxes or []
     entry["label_boxes"] = [LabelBox(label=canonical_class(b["label"]), xyxy=[float(v) for v in b["xyxy"]])
                             for b in boxes]
     return entry
@@ -150,6 +153,12 @@ def load_labels(input_dir: Path, config: IngestConfig) -> tuple[dict[str, dict],
             labels[key] = _label_entry(raw)
         except (ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
             rejects.append(Reject(stage=STAGE, item=where, reason=f"invalid label: {exc}"))
+    annotated = config.annotated_classes
+    if annotated is None:
+        annotated = sorted({b.label for entry in labels.values() for b in entry["label_boxes"]})
+    for entry in labels.values():
+        if "labelled_classes" in entry:
+            entry["labelled_classes"] = list(annotated)
     return labels, rejects
 
 

@@ -67,6 +67,9 @@ class ImageRecord(Row):
     disc: Point | None = None
     fovea: Point | None = None
     label_boxes: list[LabelBox] = []
+    # Classes the labels annotate exhaustively for this image (absent box = absent finding);
+    # empty when its labels give no boxes. The detector predicts only the other classes.
+    labelled_classes: list[str] = []
     quality: Quality
     phash: str | None = None  # 256-bit dHash, hex: near-duplicates are kept in one split
 
@@ -184,6 +187,9 @@ class Expansion(Row):
     regions: list[RegionDescription]
     provenance: Provenance
     flags: list[str] = []  # contradictions between the description and the detections/labels
+    # Lesion classes whose absence may be stated for this image: labelled exhaustively, or found
+    # reliably by the detector (held-out mAP50), and not implied by the image's labelled diagnosis.
+    assessed_lesions: list[str] = []
 
 
 class Turn(Row):

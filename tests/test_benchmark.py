@@ -16,7 +16,7 @@ from fundus_engine.benchmark import (BOX_MIN_CONFIDENCE, COUNTING_QUESTION, GRAD
 from fundus_engine.config import ChainConfig, ExpandConfig, WriteConfig
 from fundus_engine.crop import box_999, region_facts
 from fundus_engine.models import Anatomy, BenchmarkQuestion, ImageRecord, LabelBox, Point, Quality, Region
-from fundus_engine.vocabulary import AMD, BY_NAME, CLASSES, DIAGNOSES, DR, DR_GRADES, GLAUCOMA
+from fundus_engine.vocabulary import AMD, BY_NAME, CLASSES, DIAGNOSES, DR, DR_GRADES, GLAUCOMA, LESIONS
 from fundus_engine.write import assign_split
 
 QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
@@ -388,10 +388,11 @@ def test_engine_reports_are_fully_consistent(images):
     from fundus_engine.chain import chain
     from fundus_engine.expand import OfflineExpander, expand
 
-    dr = _image("f1" * 32, diagnosis=DR, grade=DR_GRADES[2], dr_grade=2, lesions=[
+    every = list(LESIONS)  # the labels annotate every lesion class: absent boxes are absent lesions
+    dr = _image("f1" * 32, diagnosis=DR, grade=DR_GRADES[2], dr_grade=2, labelled_classes=every, lesions=[
         ("microaneurysm", [130, 170, 150, 190], 0.7), ("haemorrhage", [20, 260, 80, 300], 0.6),
         ("hard_exudate", [150, 300, 170, 312], 0.5)])
-    normal = _image("f2" * 32, diagnosis="Normal fundus")
+    normal = _image("f2" * 32, diagnosis="Normal fundus", labelled_classes=every)
     records, anatomies, regions = _rows([dr, normal])
     expansions = expand(OfflineExpander(ExpandConfig()), records, anatomies, regions).expansions
     out, _ = chain(records, anatomies, regions, expansions, ChainConfig(), WriteConfig())
@@ -399,6 +400,14 @@ def test_engine_reports_are_fully_consistent(images):
         (report,) = [r.conversations[1].value for r in out if r.sha256 == sha and r.task == "report_generation"]
         result = report_consistency(report, truth)
         assert (result["score"], result["total"]) == (6, 6), (report, result)
+
+    # Unlabelled and an untrusted detector: the report states only what was found, no absences.
+    blind = [r.model_copy(update={"labelled_classes": []}) for r in records]
+    expansions = expand(OfflineExpander(ExpandConfig()), blind, anatomies, regions).expansions
+    out, _ = chain(blind, anatomies, regions, expansions, ChainConfig(), WriteConfig())
+    (report,) = [r.conversations[1].value for r in out if r.sha256 == "f1" * 32 and r.task == "report_generation"]
+    result = report_consistency(report, {"microaneurysm", "intraretinal haemorrhage", "hard exudate"})
+    assert (result["score"], result["total"], result["correct_absent"]) == (3, 3, []), report
 
 
 # ------------------------------------------------------------------ files

@@ -17,7 +17,7 @@ from fundus_engine.ingest import ingest, load_labels, scan
 from fundus_engine.models import Anatomy, ImageRecord, InstructionRecord, Point, Quality, Region
 from fundus_engine.prompts import PROMPTS_DIR
 from fundus_engine.synth import generate
-from fundus_engine.vocabulary import AMD, BY_NAME, DR, DR_GRADES
+from fundus_engine.vocabulary import AMD, BY_NAME, DR, DR_GRADES, LESIONS
 from fundus_engine.write import assign_split
 
 TASKS = {"disease_diagnosis", "severity_grading", "region_identification", "region_detection", "report_generation",
@@ -68,7 +68,8 @@ def _run(images, config=ChainConfig(), prompts_dir=None):
     records = [r for r, _, _ in images]
     anatomies = [a for _, a, _ in images]
     regions = [x for _, _, rs in images for x in rs]
-    expansions = expand(OfflineExpander(ExpandConfig()), records, anatomies, regions).expansions
+    # A detector trusted for every lesion class (its silence is stated as absence).
+    expansions = expand(OfflineExpander(ExpandConfig(), reliable=LESIONS), records, anatomies, regions).expansions
     return chain(records, anatomies, regions, expansions, config, WriteConfig(), prompts_dir)
 
 
@@ -103,7 +104,7 @@ def test_records_validate_against_the_instruction_record_model(built):
         dumped = r.model_dump(mode="json", by_alias=True)
         turns = len(dumped["conversations"]) // 2
         assert [t["from"] for t in dumped["conversations"]] == ["human", "gpt"] * turns
-        assert turns == (4 if r.task == "multi_turn" else 1)
+        assert turns == (5 if r.task == "multi_turn" else 1)
         assert sum(t["value"].count("<image>") for t in dumped["conversations"]) == 1
         assert InstructionRecord.model_validate(dumped) == r
         assert InstructionRecord.model_validate_json(r.model_dump_json(by_alias=True)) == r
@@ -325,9 +326,16 @@ def test_cognitive_chain_and_multi_turn_walk_the_same_steps(built, images):
     assert steps == ["Step 1", "Step 2", "Step 3", "Step 4", "Step 5"]
     assert f"Step 5, diagnosis: {DR} ({DR_GRADES[2]})" in chain_answer
     assert "2 <ref>Microaneurysm</ref><box>" in chain_answer  # lesions cite their boxes with counts
+    # Step 3 measures each lesion kind: size range, quadrant, nearest distances to fovea and disc.
+    ma = sorted((r for r in regions if r.label == "microaneurysm"), key=lambda r: r.size_dd)
+    nearest = min(ma, key=lambda r: r.fovea_distance_dd)
+    assert (f"{ma[0].size_dd:.2f} to {ma[-1].size_dd:.2f} disc diameters across, mostly in the "
+            f"{ma[0].quadrant} quadrant, the nearest {nearest.fovea_distance_dd:.1f} disc diameters from the fovea "
+            f"and {min(r.disc_distance_dd for r in ma):.1f} from the disc") in chain_answer
     talk = _of(built, record.sha256, "multi_turn")[0].conversations
-    assert len(talk) == 8 and talk[0].value.startswith("<image>\n") and "<image>" not in talk[2].value
-    assert talk[3].value.startswith("<ref>Optic disc</ref><box>") and talk[7].value.startswith(DR)
+    assert len(talk) == 10 and talk[0].value.startswith("<image>\n") and "<image>" not in talk[2].value
+    assert talk[3].value.startswith("<ref>Optic disc</ref><box>") and talk[9].value.startswith(DR)
+    assert talk[7].value.startswith("Present: 2 microaneurysms") and "Absent: cotton-wool spot" in talk[7].value
 
 
 def test_chinese_records_beside_english(images):

@@ -71,3 +71,34 @@ def test_lesion_only_labels_keep_their_boxes_and_the_model_adds_the_anatomy(tmp_
         [("hard_exudate", lesion.xyxy, "ground_truth")]
     assert {d.source for d in first if d.label == "optic_disc"} == {"model"}
     assert [d.region_id for d in first] == [f"{records[0].sha256[:12]}-{i:03d}" for i in range(len(first))]
+
+
+def test_anatomy_only_labels_still_get_lesions_from_the_model(tmp_path):
+    """REFUGE/ADAM-style labels box the disc and fovea only: the model must still find lesions,
+    and an image labelled for every class is not sent to the model at all."""
+    from fundus_engine.models import LabelBox
+
+    truths = generate(tmp_path, 6, seed=11)
+    truth = max(truths, key=lambda t: sum(b.label in ("haemorrhage", "soft_exudate") for b in t.boxes))
+    records, _ = ingest(tmp_path, [SourceFile(truth.image, sha256_file(tmp_path / truth.image))], {}, IngestConfig())
+    anatomy = [LabelBox(label=b.label, xyxy=b.xyxy) for b in truth.boxes if b.label in ("optic_disc", "fovea")]
+    anatomy_only = records[0].model_copy(update={"label_boxes": anatomy, "labelled_classes": ["fovea", "optic_disc"]})
+    detections, _ = detect([anatomy_only], DetectConfig())
+    assert {(d.label, d.source) for d in detections if d.label in ("optic_disc", "fovea")} == \
+        {("optic_disc", "ground_truth"), ("fovea", "ground_truth")}
+    assert any(d.source == "model" and d.label in ("haemorrhage", "soft_exudate") for d in detections)
+
+    everything = [LabelBox(label=b.label, xyxy=b.xyxy) for b in truth.boxes]
+    complete = records[0].model_copy(update={"label_boxes": everything, "labelled_classes": list(CLASS_NAMES)})
+    detections, _ = detect([complete], DetectConfig(weights=str(tmp_path / "never-loaded.pt")))
+    assert len(detections) == len(everything) and {d.source for d in detections} == {"ground_truth"}
+
+
+def test_reliable_classes_come_from_the_weights_metadata(tmp_path):
+    from fundus_engine.detect import reliable_classes
+
+    assert reliable_classes(DEMO_WEIGHTS, 0.5) == ["drusen", "fovea", "haemorrhage", "optic_disc", "soft_exudate"]
+    assert reliable_classes(DEMO_WEIGHTS, 0.995) == ["optic_disc"]
+    bare = tmp_path / "bare.pt"
+    bare.write_bytes(b"")
+    assert reliable_classes(bare, 0.5) == []  # no metrics, no vouching

@@ -51,14 +51,15 @@ def _lesions() -> list[Region]:
 
 @pytest.fixture(scope="module")
 def expander() -> OfflineExpander:
-    return OfflineExpander(ExpandConfig())
+    """As with a detector whose held-out mAP50 vouches for every lesion class."""
+    return OfflineExpander(ExpandConfig(), reliable=LESIONS)
 
 
 # ------------------------------------------------------------------ infer_diagnosis
 
 @pytest.mark.parametrize("counts,cdr,expected", [
-    ({}, None, (NORMAL, None, ["no lesion was found"])),
-    ({}, 0.59, (NORMAL, None, ["no lesion was found"])),
+    ({}, None, (NORMAL, None, [])),  # the expander adds the lesions assessed absent
+    ({}, 0.59, (NORMAL, None, [])),
     ({"microaneurysm": 3}, None, (DR, DR_GRADES[1], ["3 microaneurysms"])),
     ({"microaneurysm": 1}, None, (DR, DR_GRADES[1], ["1 microaneurysm"])),
     ({"haemorrhage": 2, "microaneurysm": 1}, None, (DR, DR_GRADES[2], ["2 haemorrhages", "1 microaneurysm"])),
@@ -139,7 +140,9 @@ def test_no_lesions_gives_normal_with_every_finding_negative(expander):
     assert (exp.image.diagnosis, exp.image.grade, exp.image.diagnosis_source) == (NORMAL, None, "inferred")
     assert exp.image.positive_findings == []
     assert exp.image.negative_findings == [BY_NAME[label].report_finding for label in LESIONS]
-    assert exp.image.evidence == ["no lesion was found"]
+    assert exp.image.evidence == ["the absence of microaneurysm, intraretinal haemorrhage, hard exudate, "
+                                  "cotton-wool spot, drusen and neovascularisation of the disc"]
+    assert exp.assessed_lesions == list(LESIONS)
 
 
 def test_disc_position_laterality_is_stated(expander):
@@ -158,8 +161,7 @@ def test_labelled_diagnosis_wins_and_is_supported_by_relevant_findings(expander)
 
     amd_without_drusen = expander.expand(_record(diagnosis=AMD), ANATOMY, _anatomy_regions() + _lesions())
     assert amd_without_drusen.image.diagnosis == AMD
-    assert amd_without_drusen.image.evidence == [
-        "no supporting lesion was detected; the diagnosis comes from the source label"]
+    assert amd_without_drusen.image.evidence == []  # the label stands alone: no invented support
     # The detections are still reported even though they do not support the label.
     assert len(amd_without_drusen.image.positive_findings) == 2
 
@@ -167,7 +169,27 @@ def test_labelled_diagnosis_wins_and_is_supported_by_relevant_findings(expander)
     aptos0 = expander.expand(_record(grade=DR_GRADES[0], dr_grade=0), ANATOMY, _anatomy_regions())
     assert (aptos0.image.diagnosis, aptos0.image.grade, aptos0.image.diagnosis_source) == (
         NORMAL, DR_GRADES[0], "label")
-    assert aptos0.image.evidence == ["no lesion was found"]
+    assert aptos0.image.evidence[0].startswith("the absence of microaneurysm, ")
+
+
+def test_a_weak_detector_states_no_absence_and_labels_do(expander):
+    """Only classes the detector finds reliably (or the labels annotate) are stated absent, and a
+    lesion the labelled diagnosis implies is never stated absent."""
+    weak = OfflineExpander(ExpandConfig(), reliable=["haemorrhage", "drusen"])
+    exp = weak.expand(_record(), ANATOMY, _anatomy_regions())
+    assert exp.assessed_lesions == ["haemorrhage", "drusen"]
+    assert exp.image.negative_findings == ["intraretinal haemorrhage", "drusen"]
+    assert exp.image.evidence == ["the absence of intraretinal haemorrhage and drusen"]
+    blind = OfflineExpander(ExpandConfig()).expand(_record(), ANATOMY, _anatomy_regions())
+    assert blind.image.negative_findings == [] and blind.image.evidence == [] and blind.assessed_lesions == []
+
+    labelled = _record(labelled_classes=["hard_exudate", "microaneurysm", "optic_disc"])
+    assert OfflineExpander(ExpandConfig()).expand(labelled, ANATOMY, []).assessed_lesions == \
+        ["microaneurysm", "hard_exudate"]
+    pdr = _record(diagnosis=DR, grade=DR_GRADES[4], dr_grade=4)
+    assert expander.expand(pdr, ANATOMY, []).assessed_lesions == ["hard_exudate", "soft_exudate", "drusen"]
+    amd = _record(diagnosis=AMD)
+    assert "drusen" not in expander.expand(amd, ANATOMY, []).image.negative_findings
 
 
 def test_provenance_names_the_offline_backend_and_its_prompt(expander):

@@ -185,8 +185,28 @@ def test_load_labels_csv_with_laterality_points_and_alias_boxes(tmp_path):
     assert rejects == []
     assert labels["a.jpg"] == {"patient_id": "P1", "laterality": "OD", "dr_grade": 1, "diagnosis": DR,
                                "grade": "Mild non-proliferative diabetic retinopathy", "disc": Point(x=10, y=20),
-                               "label_boxes": [LabelBox(label="hard_exudate", xyxy=[1, 2, 3, 4])]}
-    assert labels["b.jpg"] == {"patient_id": "P1", "laterality": "OS", "label_boxes": []}
+                               "label_boxes": [LabelBox(label="hard_exudate", xyxy=[1, 2, 3, 4])],
+                               "labelled_classes": ["hard_exudate"]}
+    assert labels["b.jpg"] == {"patient_id": "P1", "laterality": "OS", "label_boxes": []}  # no boxes given
+
+
+def test_boxes_field_marks_images_annotated_for_every_class_boxed_in_the_manifest(tmp_path):
+    """IDRiD-like: the manifest boxes exudates and haemorrhages; an image with "boxes": [] is
+    annotated and clean of both, an image with no boxes field says nothing about lesions."""
+    (tmp_path / "labels.json").write_text(json.dumps([
+        {"image": "a.jpg", "boxes": [{"label": "EX", "xyxy": [1, 2, 3, 4]}]},
+        {"image": "b.jpg", "boxes": [{"label": "HE", "xyxy": [1, 2, 3, 4]}]},
+        {"image": "clean.jpg", "boxes": []},
+        {"image": "graded.jpg", "dr_grade": 2},
+    ]))
+    labels, rejects = load_labels(tmp_path, CONFIG)
+    assert rejects == []
+    assert labels["a.jpg"]["labelled_classes"] == ["haemorrhage", "hard_exudate"]
+    assert labels["clean.jpg"]["labelled_classes"] == ["haemorrhage", "hard_exudate"]
+    assert "labelled_classes" not in labels["graded.jpg"]
+    declared, _ = load_labels(tmp_path, IngestConfig(annotated_classes=["EX", "HE", "MA", "SE", "OD"]))
+    assert declared["clean.jpg"]["labelled_classes"] == ["haemorrhage", "hard_exudate", "microaneurysm",
+                                                         "optic_disc", "soft_exudate"]
 
 
 def test_bad_label_entries_are_rejected_alone_naming_file_and_entry(tmp_path):
