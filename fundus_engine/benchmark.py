@@ -24,7 +24,7 @@ from fundus_engine.config import WriteConfig
 from fundus_engine.models import Anatomy, BenchmarkQuestion, ImageRecord, Region
 from fundus_engine.tables import read_rows, write_rows
 from fundus_engine.vocabulary import (AMD, ANATOMY, BY_NAME, CLASSES, DIAGNOSES, DR, DR_GRADES, GLAUCOMA, LESIONS,
-                                      NORMAL)
+                                      NORMAL, canonical_diagnosis)
 from fundus_engine.write import split_images
 
 LETTERS = ("A", "B", "C", "D", "E")
@@ -49,9 +49,6 @@ COUNT_NOUNS: dict[str, str] = {
 MAX_COUNT = 10  # above this an exact count is not a fair question (mask-derived boxes merge clusters)
 BOX_MIN_CONFIDENCE = 0.5  # a detector box weaker than this is not trusted as a benchmark truth
 QUADRANTS = ("superotemporal", "inferotemporal", "superonasal", "inferonasal")
-
-_DIAGNOSIS_ALIASES = {"dr": DR, "amd": AMD, "normal": NORMAL, "normal fundus": NORMAL, "glaucoma": GLAUCOMA,
-                      "age related macular degeneration": AMD}
 
 
 # ------------------------------------------------------------------ building questions
@@ -87,27 +84,6 @@ def _options(rng: random.Random, truth: str, *tiers: Iterable[str], n: int = 5) 
         return None
     rng.shuffle(options)
     return options, LETTERS[options.index(truth)]
-
-
-def canonical_diagnosis(label: str | None) -> str | None:
-    """A labelled diagnosis in the vocabulary's spelling; a DR grade name counts as DR itself.
-
-    "No diabetic retinopathy" is not a diagnosis (the eye may still have glaucoma), so it gives None.
-    """
-    if not label or not label.strip():
-        return None
-    text = label.strip()
-    key = re.sub(r"[\s_-]+", " ", text.casefold())
-    for d in DIAGNOSES:
-        if key == d.casefold():
-            return d
-    if key in _DIAGNOSIS_ALIASES:
-        return _DIAGNOSIS_ALIASES[key]
-    if key == DR_GRADES[0].casefold():
-        return None
-    if key in {g.casefold() for g in DR_GRADES[1:]}:
-        return DR
-    return text
 
 
 def _content_words(text: str) -> set[str]:

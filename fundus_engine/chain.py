@@ -16,7 +16,7 @@ from fundus_engine.config import ChainConfig, WriteConfig
 from fundus_engine.models import (Anatomy, Expansion, GroundedBox, ImageRecord, InstructionRecord, Region,
                                   Reject, Turn)
 from fundus_engine.prompts import Prompt, load_dir
-from fundus_engine.vocabulary import ANATOMY, BY_NAME, CLASS_NAMES, LESIONS, chinese
+from fundus_engine.vocabulary import ANATOMY, BY_NAME, CLASS_NAMES, DR_GRADES, LESIONS, chinese
 from fundus_engine.write import assign_split
 
 STAGE = "chain"
@@ -52,6 +52,18 @@ def _rng(seed: int, *parts: str) -> random.Random:
 def plural(display: str) -> str:
     lower = display.lower()
     return lower if lower.endswith(("s", "drusen", "neovascularisation")) else lower + "s"
+
+
+def grading_family(record: ImageRecord, grade: str) -> str:
+    """Which disease a grade belongs to, so the grading question names the right one."""
+    text = f"{grade} {record.diagnosis or ''}".casefold()
+    if grade in DR_GRADES or record.dr_grade is not None or "diabetic" in text:
+        return "dr"
+    if "macular degeneration" in text or "amd" in text.split():
+        return "amd"
+    if "hypertensive" in text:
+        return "hypertensive"
+    return "other"
 
 
 def group_facts(items: list[Region]) -> dict:
@@ -113,7 +125,8 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
     if "disease_diagnosis" in by_task:
         add("disease_diagnosis", [(pick("disease_diagnosis"), answer("disease_diagnosis"))])
     if image.grade and "severity_grading" in by_task:
-        add("severity_grading", [(pick("severity_grading"), answer("severity_grading"))])
+        add("severity_grading", [(pick("severity_grading", kind=grading_family(record, image.grade)),
+                                  answer("severity_grading"))])
 
     rng = _rng(config.seed, record.sha256, "regions")
     marked = [r for r in regions if r.marked_path]

@@ -16,7 +16,7 @@ import numpy as np
 
 from fundus_engine.config import IMAGE_EXTENSIONS, IngestConfig
 from fundus_engine.models import ImageRecord, LabelBox, Point, Quality, Reject
-from fundus_engine.vocabulary import DR, DR_GRADES, canonical_class
+from fundus_engine.vocabulary import DR, DR_GRADES, canonical_class, canonical_diagnosis
 
 STAGE = "ingest"
 
@@ -82,6 +82,15 @@ def _label_entry(raw: dict) -> dict:
     # APTOS-style CSVs put the DR grade (0-4) in a column called diagnosis.
     if dr in (None, "") and str(entry.get("diagnosis", "")).isdigit():
         dr = entry.pop("diagnosis")
+    if "diagnosis" in entry:  # one spelling per diagnosis across datasets ("dr", "DR" -> Diabetic retinopathy)
+        given = entry.pop("diagnosis")
+        if given.casefold() in [g.casefold() for g in DR_GRADES]:  # a DR grade name given as the diagnosis
+            grade_of = [g.casefold() for g in DR_GRADES].index(given.casefold())
+            entry.setdefault("grade", DR_GRADES[grade_of])
+            if dr in (None, ""):
+                dr = grade_of
+        if canonical := canonical_diagnosis(given):
+            entry["diagnosis"] = canonical
     if dr not in (None, ""):
         dr = int(dr)
         if not 0 <= dr <= 4:

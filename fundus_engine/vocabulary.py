@@ -6,6 +6,8 @@ display names are what the instruction records say.
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 
@@ -81,6 +83,43 @@ DR_GRADES: tuple[str, ...] = (
     "Severe non-proliferative diabetic retinopathy",
     "Proliferative diabetic retinopathy",
 )
+
+# Diagnosis names as datasets spell them (APTOS, EyePACS, ODIR-5K, RFMiD, ...), mapped onto one
+# spelling; diagnoses outside this table are kept as the label gives them.
+DIAGNOSIS_ALIASES: dict[str, str] = {
+    "normal": NORMAL, "normal fundus": NORMAL, "healthy": NORMAL, "n": NORMAL,
+    "dr": DR, "diabetic retinopathy": DR, "diabetic retinopathy dr": DR, "npdr": DR, "pdr": DR, "d": DR,
+    "amd": AMD, "armd": AMD, "age related macular degeneration": AMD, "macular degeneration": AMD, "a": AMD,
+    "glaucoma": GLAUCOMA, "g": GLAUCOMA,
+    "cataract": "Cataract", "c": "Cataract",
+    "myopia": "Myopia", "m": "Myopia", "pathological myopia": "Pathological myopia",
+    "hypertensive retinopathy": "Hypertensive retinopathy", "hypertension": "Hypertensive retinopathy",
+    "h": "Hypertensive retinopathy",
+    "macular oedema": "Macular oedema", "macular edema": "Macular oedema", "dme": "Macular oedema",
+    "dmo": "Macular oedema", "diabetic macular edema": "Macular oedema", "diabetic macular oedema": "Macular oedema",
+}
+
+
+def canonical_diagnosis(label: str | None) -> str | None:
+    """A labelled diagnosis in the vocabulary's spelling; a DR grade name counts as DR itself.
+
+    "No diabetic retinopathy" is not a diagnosis (the eye may still have glaucoma), so it gives None.
+    """
+    if not label or not label.strip():
+        return None
+    text = label.strip()
+    key = re.sub(r"[\s_()-]+", " ", text.casefold()).strip()
+    for d in DIAGNOSES:
+        if key == d.casefold().replace("-", " "):
+            return d
+    if key in DIAGNOSIS_ALIASES:
+        return DIAGNOSIS_ALIASES[key]
+    if key == DR_GRADES[0].casefold():
+        return None
+    if key in {g.casefold() for g in DR_GRADES[1:]}:
+        return DR
+    return text
+
 
 # Aliases used by public datasets and manifests, mapped onto the vocabulary above.
 ALIASES: dict[str, str] = {

@@ -114,6 +114,19 @@ def test_records_validate_against_the_instruction_record_model(built):
     assert len({r.record_id for r in built}) == len(built)
 
 
+def test_grading_questions_name_the_disease_the_grade_belongs_to(images):
+    record, anat, regions = images[2]
+    staged = (record.model_copy(update={"grade": "Intermediate AMD"}), anat, regions)
+    out, _ = _run([images[0], staged], ChainConfig(languages=["en", "zh"]))
+    questions = {(r.sha256[:2], r.language): r.conversations[0].value for r in out if r.task == "severity_grading"}
+    assert "diabetic retinopathy" in questions[("11", "en")]
+    assert "age-related macular degeneration" in questions[("33", "en")]
+    assert "diabetic" not in questions[("33", "en")]
+    assert "黄斑变性" in questions[("33", "zh")] and "糖尿病" in questions[("11", "zh")]
+    assert [r.conversations[1].value for r in out if r.task == "severity_grading" and r.sha256[:2] == "33"
+            and r.language == "en"] == ["Intermediate AMD"]
+
+
 def test_answers_match_the_expansion(built, images):
     dr_od_sha = images[0][0].sha256
     assert _of(built, dr_od_sha, "disease_diagnosis")[0].conversations[1].value == DR
@@ -135,6 +148,8 @@ def test_questions_come_from_the_templates(built):
             continue
         question = r.conversations[0].value.removeprefix("<image>\n")
         options = by_task[r.task].meta["tasks"][r.task]["questions"]
+        if r.task == "severity_grading":
+            options = options["dr"]  # every graded image here is graded for DR
         if r.task == "lesion_attribute":
             options = [q for kind in options.values() for q in kind]
             options = [q.format(target=BY_NAME[r.boxes[0].label].display.lower(),

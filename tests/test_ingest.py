@@ -209,6 +209,19 @@ def test_boxes_field_marks_images_annotated_for_every_class_boxed_in_the_manifes
                                                          "optic_disc", "soft_exudate"]
 
 
+def test_diagnosis_names_are_mapped_onto_one_vocabulary(tmp_path):
+    (tmp_path / "labels.csv").write_text(
+        "image,diagnosis\na.jpg,dr\nb.jpg,ARMD\nc.jpg,macular edema\nd.jpg,Proliferative diabetic retinopathy\n"
+        "e.jpg,No diabetic retinopathy\nf.jpg,Retinitis pigmentosa\n")
+    labels, rejects = load_labels(tmp_path, CONFIG)
+    assert rejects == []
+    assert {k: v.get("diagnosis") for k, v in labels.items()} == {
+        "a.jpg": DR, "b.jpg": "Age-related macular degeneration", "c.jpg": "Macular oedema", "d.jpg": DR,
+        "e.jpg": None, "f.jpg": "Retinitis pigmentosa"}  # unknown names are kept as given
+    assert (labels["d.jpg"]["dr_grade"], labels["d.jpg"]["grade"]) == (4, "Proliferative diabetic retinopathy")
+    assert (labels["e.jpg"]["dr_grade"], labels["e.jpg"]["grade"]) == (0, "No diabetic retinopathy")
+
+
 def test_bad_label_entries_are_rejected_alone_naming_file_and_entry(tmp_path):
     path = tmp_path / "labels.json"
     path.write_text(json.dumps({"images": [
