@@ -145,6 +145,8 @@ class OfflineExpander:
             evidence = [absence_phrase(absent)]
         positives = [str(text.finding(label=label, count=c, regions=[r for r in lesions if r.label == label]))
                      for label, c in sorted(counts.items(), key=lambda kv: LESIONS.index(kv[0]))]
+        if anatomy.cup_to_disc is not None and anatomy.cup_to_disc >= GLAUCOMA_CUP_TO_DISC:
+            positives.append(f"an enlarged cup-to-disc ratio of {anatomy.cup_to_disc:.2f}")
         negatives = [BY_NAME[label].report_finding for label in absent]
         description = ImageDescription(
             overview=str(text.overview(record=record, anatomy=anatomy)).strip(),

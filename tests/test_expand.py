@@ -158,6 +158,7 @@ def test_labelled_diagnosis_wins_and_is_supported_by_relevant_findings(expander)
     assert (glaucoma.image.diagnosis, glaucoma.image.grade, glaucoma.image.diagnosis_source) == (
         GLAUCOMA, None, "label")
     assert glaucoma.image.evidence == ["a cup-to-disc ratio of 0.75"]
+    assert glaucoma.image.positive_findings == ["an enlarged cup-to-disc ratio of 0.75"]  # step 4 lists it too
 
     amd_without_drusen = expander.expand(_record(diagnosis=AMD), ANATOMY, _anatomy_regions() + _lesions())
     assert amd_without_drusen.image.diagnosis == AMD
