@@ -190,7 +190,7 @@ def write_task(out: str, ingested: list[ShardOutput], cropped: list[ShardOutput]
     questions = benchmark.build_benchmark(images, [a for o in cropped for a in _load(o, "anatomy")], regions,
                                           held_out, seed=config.chain.seed)
     benchmark.write_benchmark(questions, Path(out) / "benchmark" / "test.parquet")
-    to_vlmevalkit_tsv(questions, Path(out) / "benchmark" / "test.tsv")
+    to_vlmevalkit_tsv(questions, Path(out) / "benchmark" / "test.tsv", embed_images=True)  # self-contained
     consistency = {"flagged_records": len(flagged), "dropped_records": len(flagged) if config.expand.drop_flagged else 0,
                    "flags": dict(sorted(Counter(f.split(":")[0] for r in flagged for f in r.flags).items()))}
     return {"files": files, **write_stage.summarise(records, rejects), "consistency": consistency,

@@ -132,9 +132,11 @@ def _clear_quadrant(region: Region, anatomy: Anatomy | None) -> str | None:
 
 
 def _question(question: str, options: list[str], answer: str, clinical_task: str, granularity: str,
-              image_path: str, sha256: str) -> BenchmarkQuestion:
+              image_path: str, sha256: str, category: str | None = None) -> BenchmarkQuestion:
+    """`category` is the label the question is about; by default the correct option (a diagnosis,
+    grade or structure), for counts and positions the lesion counted or placed."""
     return BenchmarkQuestion(index=-1, question=question, **dict(zip(LETTERS, options)), answer=answer,
-                             category=options[LETTERS.index(answer)], clinical_task=clinical_task,
+                             category=category or options[LETTERS.index(answer)], clinical_task=clinical_task,
                              granularity=granularity, image_path=image_path, sha256=sha256)
 
 
@@ -143,10 +145,10 @@ def image_questions(record: ImageRecord, regions: list[Region], seed: int = 0) -
     out: list[BenchmarkQuestion] = []
     sha = record.sha256
 
-    def add(question, made, task):
+    def add(question, made, task, category=None):
         if made:
             options, letter = made
-            out.append(_question(question, options, letter, task, "Image level", record.path, sha))
+            out.append(_question(question, options, letter, task, "Image level", record.path, sha, category))
 
     diagnosis = canonical_diagnosis(record.diagnosis)
     if diagnosis:
@@ -165,13 +167,16 @@ def image_questions(record: ImageRecord, regions: list[Region], seed: int = 0) -
         rng = _rng(seed, sha, "counting", label)
         below = min(rng.randint(0, 4), n)  # where the truth sits in the run of numbers is random too
         numbers = [str(v) for v in range(n - below, n - below + 5)]
-        add(COUNTING_QUESTION.format(noun=COUNT_NOUNS[label]), _options(rng, str(n), numbers), "Counting")
+        add(COUNTING_QUESTION.format(noun=COUNT_NOUNS[label]), _options(rng, str(n), numbers), "Counting",
+            BY_NAME[label].display)
     return out
 
 
 def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0, max_box_questions: int = 2
                   ) -> list[BenchmarkQuestion]:
-    """Organ/Lesion Recognition and quadrant Attribute Recognition about one marked box each.
+    """Organ Recognition, lesion Disease Diagnosis and quadrant Attribute Recognition about one
+    marked box each (GMAI-MMBench has no lesion-recognition task: naming a marked lesion is
+    diagnosis at box granularity).
 
     The quadrant question is box-level rather than image-level: with several lesions of a class
     in the eye, only the drawn box says which one is meant.
@@ -189,14 +194,15 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
         tiers = (lesion_names, anatomy_names) if lesion else (anatomy_names, lesion_names)
         made = _options(_rng(seed, sha, "recognition", r.region_id), BY_NAME[r.label].display, *tiers)
         if made:
-            out.append(_question(RECOGNITION_QUESTION, *made, "Lesion Recognition" if lesion else "Organ Recognition",
+            out.append(_question(RECOGNITION_QUESTION, *made, "Disease Diagnosis" if lesion else "Organ Recognition",
                                  "Box level", r.marked_path, sha))
     placed = [r for r in trusted if r.label in LESIONS and _clear_quadrant(r, anatomy)]
     for r in rng.sample(placed, min(max_box_questions, len(placed))):
         names = [q.capitalize() for q in QUADRANTS]
         made = _options(_rng(seed, sha, "quadrant", r.region_id), r.quadrant.capitalize(), names)
         if made:
-            out.append(_question(QUADRANT_QUESTION, *made, "Attribute Recognition", "Box level", r.marked_path, sha))
+            out.append(_question(QUADRANT_QUESTION, *made, "Attribute Recognition", "Box level", r.marked_path, sha,
+                                 BY_NAME[r.label].display))
     return out
 
 

@@ -37,7 +37,10 @@ _LEADING_IMAGE = re.compile(r"^\s*<image>\s*")
 # a text would silently vanish from the question, so refuse to write it.
 _PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
               "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
-TSV_COLUMNS = ("index", "question", "A", "B", "C", "D", "E", "answer", "category", "l2-category", "granularity")
+# GMAI-MMBench's columns (VLMEvalKit groups its accuracy by `clinical vqa task`, `department` and
+# `perceptual granularity`); `l2-category` repeats the task for VLMEvalKit's generic MCQ report.
+TSV_COLUMNS = ("index", "question", "A", "B", "C", "D", "E", "answer", "category", "l2-category",
+               "clinical vqa task", "department", "perceptual granularity", "modality")
 
 
 class ExportError(ValueError):
@@ -292,7 +295,8 @@ def to_vlmevalkit_tsv(questions: Iterable[BenchmarkQuestion | dict], path: Path,
     """The benchmark as a VLMEvalKit custom MCQ TSV, read back with `pandas.read_csv(sep="\\t")`.
 
     Columns: index, question, A-E (empty when absent, which pandas reads as NaN and VLMEvalKit
-    treats as no option), answer, category, l2-category (the clinical task), granularity, then
+    treats as no option), answer, category, l2-category and clinical vqa task (both the clinical
+    task), department, perceptual granularity, modality, then
     `image_path` (absolute) or, with `embed_images`, `image` (base64 JPEG) for a self-contained
     file. Tabs and newlines in text are kept by CSV quoting, which pandas undoes.
     """
@@ -330,4 +334,5 @@ def _tsv_row(q: BenchmarkQuestion, embed_images: bool) -> list:
     if not image.is_file():
         raise FileNotFoundError(f"question {q.index}: image {image} does not exist")
     return [q.index, q.question, q.A, q.B, q.C or "", q.D or "", q.E or "", q.answer, q.category,
-            q.clinical_task, q.granularity, _jpeg_base64(image) if embed_images else str(image)]
+            q.clinical_task, q.clinical_task, q.department, q.granularity, q.modality,
+            _jpeg_base64(image) if embed_images else str(image)]

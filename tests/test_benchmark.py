@@ -103,11 +103,17 @@ def test_held_out_images_is_the_chain_test_split(images):
     assert 0 < len(held) < 40
 
 
+def _recognition(questions):
+    """"What is the marked part": Organ Recognition for anatomy, box-level Disease Diagnosis for lesions."""
+    return [q for q in questions if q.question == RECOGNITION_QUESTION]
+
+
 def test_question_counts_per_task(bench):
-    tasks = Counter(q.clinical_task for q in bench)
-    recognition = tasks.pop("Organ Recognition", 0) + tasks.pop("Lesion Recognition", 0)
+    recognition = _recognition(bench)
+    tasks = Counter(q.clinical_task for q in bench if q not in recognition)
     assert tasks == {"Disease Diagnosis": 2, "Severity Grading": 1, "Counting": 2, "Attribute Recognition": 3}
-    assert recognition == 6  # 2 each: A of 5 marked boxes, B of 5 trusted (not the weak one), C of 4
+    assert len(recognition) == 6  # 2 each: A of 5 marked boxes, B of 5 trusted (not the weak one), C of 4
+    assert {q.clinical_task for q in recognition} <= {"Organ Recognition", "Disease Diagnosis"}
     assert Counter(q.sha256 for q in bench) == {A: 1 + 1 + 2 + 2 + 2, B: 1 + 2 + 1, C: 2}
     assert [q.index for q in bench] == list(range(len(bench)))
     assert [q.sha256 for q in bench] == sorted(q.sha256 for q in bench)
@@ -118,7 +124,7 @@ def test_max_box_questions_bounds_box_questions(images):
     none = build_benchmark(*rows, held_out={A, B, C}, max_box_questions=0)
     assert [q for q in none if q.granularity == "Box level"] == []
     many = build_benchmark(*rows, held_out={A}, max_box_questions=10)
-    assert len(_of(many, "Organ Recognition") + _of(many, "Lesion Recognition")) == 5  # every marked box once
+    assert len(_recognition(many)) == 5  # every marked box once
     assert len(_of(many, "Attribute Recognition")) == 2
 
 
@@ -159,7 +165,8 @@ def test_counting_from_labelled_boxes_only(images, bench):
                              COUNTING_QUESTION.format(noun="microaneurysms")}
     he = counting[COUNTING_QUESTION.format(noun="hard exudates")]
     ma = counting[COUNTING_QUESTION.format(noun="microaneurysms")]
-    assert (he.category, ma.category) == ("3", "2")
+    assert (getattr(he, he.answer), getattr(ma, ma.answer)) == ("3", "2")
+    assert (he.category, ma.category) == ("Hard exudate", "Microaneurysm")  # the label counted
     for q in (he, ma):
         values = sorted(int(v) for v in options_of(q).values())
         assert len(values) == 5 and values == list(range(values[0], values[0] + 5)) and values[0] >= 0
@@ -177,10 +184,10 @@ def test_box_level_questions_use_the_marked_image(images, bench):
     marked = {r.marked_path: r for _, _, rs in images.values() for r in rs if r.marked_path}
     boxes = [q for q in bench if q.granularity == "Box level"]
     assert boxes and all(q.image_path in marked for q in boxes)
-    for q in _of(bench, "Organ Recognition") + _of(bench, "Lesion Recognition"):
+    for q in _recognition(bench):
         region = marked[q.image_path]
-        assert q.question == RECOGNITION_QUESTION and q.category == region.display
-        assert q.clinical_task == ("Lesion Recognition" if region.label not in ("optic_disc", "optic_cup", "fovea")
+        assert q.category == region.display and q.granularity == "Box level"
+        assert q.clinical_task == ("Disease Diagnosis" if region.label not in ("optic_disc", "optic_cup", "fovea")
                                    else "Organ Recognition")
         assert set(options_of(q).values()) <= DISPLAYS and len(options_of(q)) == 5
         if q.clinical_task == "Organ Recognition":  # the other anatomy names come first as distractors
@@ -194,9 +201,10 @@ def test_quadrant_questions_only_where_the_quadrant_is_clear(images, bench):
     for q in _of(bench, "Attribute Recognition"):
         attrs[q.sha256].append(q)
         assert set(options_of(q).values()) == {x.capitalize() for x in QUADRANTS}
-    assert sorted(q.category for q in attrs[A]) == ["Inferonasal", "Superonasal"]
+    assert sorted(getattr(q, q.answer) for q in attrs[A]) == ["Inferonasal", "Superonasal"]
     (drusen_q,) = attrs[B]  # the straddling microaneurysm and the weak haemorrhage are left out
-    assert drusen_q.category == "Superotemporal"  # up and toward the viewer's left in a right eye
+    assert getattr(drusen_q, drusen_q.answer) == "Superotemporal"  # up and toward the viewer's left in a right eye
+    assert drusen_q.category == "Drusen"  # the label placed
     assert drusen_q.image_path == next(r.marked_path for r in images["B"][2] if r.label == "drusen")
     assert attrs[C] == []  # unknown eye: no quadrant
 
@@ -207,7 +215,8 @@ def test_options_unique_answer_is_category_and_letters_valid(bench):
         assert 4 <= len(options) <= 5
         assert len({o.casefold() for o in options}) == len(options)
         assert list(options_of(q)) == list(LETTERS[:len(options)])  # no gaps: C..E only after A, B
-        assert getattr(q, q.answer) == q.category
+        if q.clinical_task not in ("Counting", "Attribute Recognition"):  # those are about a lesion label
+            assert getattr(q, q.answer) == q.category
 
 
 def test_seeded_reproducibility(images):

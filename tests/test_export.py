@@ -269,14 +269,17 @@ def test_vlmevalkit_tsv_reads_back_with_pandas(tmp_path):
     path = to_vlmevalkit_tsv(questions, tmp_path / "eval" / "FundusBench.tsv")
     frame = pd.read_csv(path, sep="\t")  # exactly how VLMEvalKit loads a TSV
     assert list(frame.columns) == ["index", "question", "A", "B", "C", "D", "E", "answer", "category",
-                                   "l2-category", "granularity", "image_path"]
+                                   "l2-category", "clinical vqa task", "department", "perceptual granularity",
+                                   "modality", "image_path"]
     assert frame["index"].tolist() == [1, 2]
     by_index = {q.index: q for q in questions}
     for _, row in frame.iterrows():
         q = by_index[int(row["index"])]
         assert row["question"] == q.question  # the tab and the newline survive
         assert row["answer"] == q.answer and row["category"] == q.category
-        assert row["l2-category"] == q.clinical_task and row["granularity"] == q.granularity
+        assert row["l2-category"] == row["clinical vqa task"] == q.clinical_task
+        assert row["perceptual granularity"] == q.granularity and row["department"] == "ophthalmology"
+        assert row["modality"] == "fundus photography"
         for letter in "ABCDE":
             expected = getattr(q, letter)
             assert (pd.isna(row[letter]) if expected is None else row[letter] == expected)
