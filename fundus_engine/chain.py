@@ -96,8 +96,11 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
     out: list[InstructionRecord] = []
 
     def pick(task: str, *key: str, kind: str | None = None) -> str:
+        """A seeded question; templates that group their questions by kind are asked for `kind`."""
         questions = by_task[task].meta["tasks"][task]["questions"]
-        return _rng(config.seed, record.sha256, language, task, *key).choice(questions[kind] if kind else questions)
+        if isinstance(questions, dict):
+            questions = questions[kind]
+        return _rng(config.seed, record.sha256, language, task, *key).choice(questions)
 
     def add(task: str, turns: list[tuple[str, str]], key: str = "", image_path: str | None = None,
             boxes: list[Region] = ()):
@@ -136,8 +139,10 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
             key=r.region_id, image_path=r.marked_path, boxes=[r])
     for label in rng.sample(list(groups), min(config.max_region_questions, len(groups))):
         items = groups[label]
-        target = items[0].display if language == "zh" else items[0].display.lower()
-        question = pick("region_detection", label).format(target=target if language == "en" else chinese(items[0].display))
+        display = items[0].display
+        kind = "lesion" if label in LESIONS else "anatomy"
+        question = pick("region_detection", label, kind=kind).format(
+            target=chinese(display) if language == "zh" else display.lower(), targets=plural(display))
         add("region_detection", [(question, answer("region_detection", None, items[0].display, items,
                                                    display=items[0].display, regions=items))],
             key=label, boxes=items)

@@ -25,10 +25,17 @@ def centre(xyxy: list[float]) -> Point:
 
 
 def box_999(xyxy: list[float], width: int, height: int) -> list[int]:
-    """InternVL box convention: integers 0-999 normalised by image width and height."""
-    x1, y1, x2, y2 = xyxy
+    """InternVL box convention: integers 0-999 normalised by image width and height.
+
+    A box narrower than one unit (a microaneurysm on a 4288-px photograph is about four pixels)
+    keeps a width and height of one unit rather than collapsing to x1 == x2."""
     scale = [width, height, width, height]
-    return [int(min(999, max(0, round(v / s * 999)))) for v, s in zip((x1, y1, x2, y2), scale)]
+    x1, y1, x2, y2 = [int(min(999, max(0, round(v / s * 999)))) for v, s in zip(xyxy, scale)]
+    if x2 <= x1:
+        x1, x2 = (x1, x1 + 1) if x1 < 999 else (998, 999)
+    if y2 <= y1:
+        y1, y2 = (y1, y1 + 1) if y1 < 999 else (998, 999)
+    return [x1, y1, x2, y2]
 
 
 def anatomy(record: ImageRecord, detections: list[Detection]) -> Anatomy:

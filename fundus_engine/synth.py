@@ -217,7 +217,7 @@ def render(seed: int, index: int, size: int = 512) -> tuple[np.ndarray, Syntheti
 
     boxes = [Box(b.label, [round(float(np.clip(v, 0, size)), 1) for v in b.xyxy]) for b in boxes if b.xyxy]
     truth = SyntheticImage(
-        image="", patient_id=f"P{patient:05d}", laterality=laterality, diagnosis=diagnosis,
+        image="", patient_id=f"S{seed}-P{patient:05d}", laterality=laterality, diagnosis=diagnosis,
         dr_grade=dr_grade, grade=DR_GRADES[dr_grade] if dr_grade is not None else None,
         disc=[round(float(v), 1) for v in disc], fovea=[round(float(v), 1) for v in fovea],
         disc_diameter=round(float(dd), 2), cup_to_disc=round(float(cdr), 3), boxes=boxes,

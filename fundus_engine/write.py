@@ -18,8 +18,13 @@ from fundus_engine.tables import write_rows
 SPLITS = ("train", "val", "test")
 
 
+def split_position(group_key: str) -> float:
+    """Where a patient (or image) falls on [0, 1]: test below test_fraction, then val, then train."""
+    return int(hashlib.sha256(group_key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def assign_split(group_key: str, config: WriteConfig) -> str:
-    position = int(hashlib.sha256(group_key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    position = split_position(group_key)
     if position < config.test_fraction:
         return "test"
     if position < config.test_fraction + config.val_fraction:

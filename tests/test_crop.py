@@ -78,11 +78,14 @@ def test_quadrant_mirrors_between_right_and_left_eyes(dx, dy, od, os_):
     ([-12.5, -3, 410, 260], 400, 200, [0, 0, 999, 999]),  # clamped
     ([1, 1, 2, 2], 1000, 1000, [1, 1, 2, 2]),
     ([256, 0, 512, 256], 512, 256, [500, 0, 999, 999]),  # 499.5 rounds half to even
+    ([2000, 1000, 2003, 1002], 4288, 2848, [466, 351, 467, 352]),  # a 3-px microaneurysm keeps one unit
+    ([4287, 2847, 4288, 2848], 4288, 2848, [998, 998, 999, 999]),  # at the far edge too
 ])
 def test_box_999_normalises_by_width_and_height(xyxy, width, height, expected):
     got = box_999(xyxy, width, height)
     assert got == expected
     assert all(type(v) is int and 0 <= v <= 999 for v in got)
+    assert got[0] < got[2] and got[1] < got[3]
 
 
 # ------------------------------------------------------------------ region facts

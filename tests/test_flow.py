@@ -17,6 +17,7 @@ from fundus_engine.models import BenchmarkQuestion, InstructionRecord, Region, R
 from fundus_engine.prompts import PROMPTS_DIR
 from fundus_engine.synth import generate
 from fundus_engine.tables import read_rows
+from fundus_engine.write import split_position
 
 STAGES = ("ingest", "detect", "crop", "expand", "chain")
 
@@ -130,8 +131,11 @@ def test_bad_config_and_missing_input_fail_with_the_path(tmp_path):
 
 def test_benchmark_comes_from_held_out_images_only_and_the_card_describes_the_build(source, tmp_path):
     out = tmp_path / "out"
-    # patient keys hash to 0.649 (P00000), 0.651 and 0.840: one patient held out, two for training
-    config = BuildConfig.model_validate({"write": {"test_fraction": 0.65, "val_fraction": 0.0}})
+    # hold out exactly the patient whose key hashes lowest; the other two train
+    patients = sorted({e["patient_id"] for e in json.loads((source / "labels.json").read_text())["images"]},
+                      key=split_position)
+    cut = (split_position(patients[0]) + split_position(patients[1])) / 2
+    config = BuildConfig.model_validate({"write": {"test_fraction": cut, "val_fraction": 0.0}})
     manifest = build_fundusgen(str(source), str(out), config)
     records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
     test_images = {r.sha256 for r in records if r.split == "test"}

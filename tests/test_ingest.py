@@ -121,7 +121,7 @@ def test_bad_files_are_rejected_with_name_and_reason_and_good_ones_go_on(workdir
     assert first.path == str((workdir / first.relpath).resolve())
     assert first.sha256 == sha256_file(workdir / first.relpath)
     # Labels from the manifest are attached.
-    assert (first.patient_id, first.laterality) == ("P00000", "OD")
+    assert (first.patient_id, first.laterality) == ("S1-P00000", "OD")
     assert first.diagnosis == "Normal fundus" and first.dr_grade == 0 and first.grade == "No diabetic retinopathy"
     assert first.disc is not None and first.fovea is not None and first.disc.x > first.fovea.x
     assert [b.label for b in first.label_boxes] == ["optic_disc", "optic_cup", "fovea"]

@@ -163,7 +163,7 @@ def test_default_labels_json_carries_image_level_labels_only(tmp_path):
     records = generate(tmp_path, 2, seed=1, size=128)
     entries = json.loads((tmp_path / "labels.json").read_text())["images"]
     assert [set(e) for e in entries] == [{"image", "patient_id", "laterality", "diagnosis", "dr_grade", "grade"}] * 2
-    assert entries[0] == {"image": "images/synth_s1_00000_OD.jpg", "patient_id": "P00000", "laterality": "OD",
+    assert entries[0] == {"image": "images/synth_s1_00000_OD.jpg", "patient_id": "S1-P00000", "laterality": "OD",
                           "diagnosis": records[0].diagnosis, "dr_grade": records[0].dr_grade,
                           "grade": records[0].grade}
     # The returned truth still has everything, and the YOLO labels are written regardless.
