@@ -223,7 +223,11 @@ def to_llava(out: Path, splits: Sequence[str] = ("train",)) -> Path:
     readme = ["# Fundus-Engine export for LLaVA", "",
               "Image paths are relative to the image folder; pass it to LLaVA's training script:", "",
               f"--image_folder {root}", ""]
-    readme += [f"--data_path {f.resolve()}" for f in files]
+    by_split = dict(zip(splits, files))
+    if "train" in by_split:  # LLaVA takes one --data_path: the training split, never val or test
+        readme += [f"--data_path {by_split['train'].resolve()}", ""]
+    readme += [f"The {split} split, for evaluation only (not a second --data_path): {f.resolve()}"
+               for split, f in by_split.items() if split != "train"]
     _write_text(directory / "README.md", "\n".join(readme) + "\n")
     return directory
 
