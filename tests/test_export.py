@@ -187,7 +187,7 @@ def test_llava_json(build):
     assert folder.is_absolute() and folder == image_root(Path(r.image_path) for r in load_records(build))
     readme = (directory / "README.md").read_text()
     assert f"--data_path {(directory / 'fundusgen_train.json').resolve()}" in readme
-    assert readme.count("--data_path") == 1  # pasting the README never trains on val
+    assert readme.count("--data_path /") == 1  # pasting the README never trains on val
     assert f"evaluation only (not a second --data_path): {(directory / 'fundusgen_val.json').resolve()}" in readme
     ids = []
     for split in ("train", "val"):
