@@ -220,7 +220,8 @@ def build_benchmark(records: list[ImageRecord], anatomies: list[Anatomy], region
     questions: list[BenchmarkQuestion] = []
     for record in sorted((r for r in records if r.sha256 in held_out), key=lambda r: r.sha256):
         own = regions_of.get(record.sha256, [])
-        questions += image_questions(record, own, seed)
+        upright = anatomy_of[record.sha256].upright_path if record.sha256 in anatomy_of else None
+        questions += image_questions(record.model_copy(update={"path": upright}) if upright else record, own, seed)
         questions += box_questions(own, anatomy_of.get(record.sha256), seed, max_box_questions)
     return [q.model_copy(update={"index": i}) for i, q in enumerate(questions)]
 

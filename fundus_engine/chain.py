@@ -111,7 +111,8 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
                               Turn(**{"from": "gpt", "value": answer.strip()})]
         out.append(InstructionRecord(
             record_id=hashlib.sha256(f"{record.sha256}:{language}:{task}:{key}".encode()).hexdigest()[:20],
-            sha256=record.sha256, image_path=image_path or record.path, source_image_path=record.path, task=task,
+            sha256=record.sha256, image_path=image_path or anatomy.upright_path or record.path,
+            source_image_path=record.path, task=task,
             language=language, conversations=conversations,
             boxes=[GroundedBox(label=r.label, box_999=r.box_999) for r in boxes], split=split,
             template_id=prompt.id, template_version=prompt.version, diagnosis=image.diagnosis, grade=image.grade,

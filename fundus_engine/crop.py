@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from fundus_engine.config import CropConfig
 from fundus_engine.ingest import decode
@@ -150,6 +151,15 @@ def mark(rgb: np.ndarray, xyxy: list[float]) -> np.ndarray:
     return marked
 
 
+def exif_rotated(path: Path) -> bool:
+    """True when the file's pixels must be turned by its EXIF orientation to stand upright."""
+    try:
+        with Image.open(path) as im:
+            return im.getexif().get(0x0112, 1) not in (0, 1)
+    except OSError:
+        return False
+
+
 def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, config: CropConfig
                ) -> tuple[Anatomy, list[Region]]:
     rgb = decode(Path(record.path))
@@ -157,6 +167,8 @@ def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, 
     regions = []
     marked_labels = set()
     image_dir = Path(out_dir) / record.sha256[:16]
+    if exif_rotated(Path(record.path)):
+        anat.upright_path = _write_jpeg(image_dir / "upright.jpg", rgb, max(config.jpeg_quality, 95))
     for d in sorted(detections, key=lambda d: -d.confidence):
         left, top, right, bottom = context_window(d.xyxy, record.width, record.height, config)
         crop_path = _write_jpeg(image_dir / f"{d.region_id}.crop.jpg", rgb[top:bottom, left:right], config.jpeg_quality)

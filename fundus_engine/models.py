@@ -102,6 +102,9 @@ class Anatomy(Row):
     disc_diameter_px: float | None = None
     fovea_centre: Point | None = None
     cup_to_disc: float | None = None
+    # An upright copy of a photograph that relies on EXIF orientation: trainers open images with
+    # PIL, which ignores it, and the boxes are measured in the upright frame.
+    upright_path: str | None = None
 
 
 class Region(Row):

@@ -298,3 +298,39 @@ def test_crop_rejects_an_unreadable_image_and_goes_on(synthetic, tmp_path):
     anatomies, regions, rejects = crop([good], [], tmp_path / "crops2", CropConfig())
     assert regions == [] and rejects == [] and anatomies[0].fovea_centre == good.fovea
     assert not Path(tmp_path / "crops2").exists() or not any(Path(tmp_path / "crops2").rglob("*.jpg"))
+
+
+def test_an_exif_rotated_photograph_gets_an_upright_copy_that_trainers_read_in_the_box_frame(tmp_path):
+    """PIL (InternVL, LLaVA, LLaMA-Factory) ignores EXIF orientation; cv2 and ultralytics apply it.
+    The records must point at pixels in the frame their boxes were measured in."""
+    from PIL import Image
+
+    from fundus_engine.ingest import SourceFile, ingest_image, sha256_file
+
+    stored = np.zeros((300, 500, 3), np.uint8)
+    stored[..., 0] = 180
+    stored[40:80, 400:460] = (250, 240, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    Image.fromarray(stored).save(tmp_path / "plain.jpg", quality=95)
+    config = IngestConfig(min_side=64, min_fov_coverage=0)
+    records = [ingest_image(tmp_path, SourceFile(name, sha256_file(tmp_path / name)), None, config)
+               for name in ("rotated.jpg", "plain.jpg")]
+    rotated, plain = records
+    assert (rotated.width, rotated.height) == (300, 500)  # the upright frame
+    # In the upright frame the yellow patch sits near the bottom right: find it and box it.
+    upright_rgb = cv2.cvtColor(cv2.imread(rotated.path), cv2.COLOR_BGR2RGB)
+    ys, xs = np.nonzero(upright_rgb[..., 1] > 200)
+    box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    detection = Detection(sha256=rotated.sha256, region_id="r-000", label="hard_exudate", xyxy=box,
+                          confidence=0.9, source="model")
+    anat, _ = crop_image(rotated, [detection], tmp_path / "crops", CropConfig())
+    assert anat.upright_path and Path(anat.upright_path).is_file()
+    with Image.open(anat.upright_path) as im:  # as a trainer opens it: no EXIF handling
+        assert im.size == (rotated.width, rotated.height)
+        x1, y1, x2, y2 = (int(v) for v in box)
+        patch = np.asarray(im.convert("RGB"))[y1:y2, x1:x2]
+        assert patch[..., 1].mean() > 200  # the box holds the yellow patch in the copy's pixels
+    plain_anat, _ = crop_image(plain, [], tmp_path / "crops", CropConfig())
+    assert plain_anat.upright_path is None  # no copy where the file is upright already
