@@ -34,11 +34,10 @@ from fundus_engine.config import OpenAIConfig
 from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageFindings, ImageRecord, Provenance,
                                   Region, RegionDescription, RegionFindings, Reject)
 from fundus_engine.prompts import Prompt, load
-from fundus_engine.vocabulary import BY_NAME, LESIONS, MENTIONS, NORMAL
+from fundus_engine.vocabulary import BY_NAME, LESIONS, NORMAL
 
 STAGE = "expand"
 OUTPUT_MODELS: dict[str, type[BaseModel]] = {"ImageFindings": ImageFindings, "RegionFindings": RegionFindings}
-_NEGATION = re.compile(r"\b(no|not|without|absent|absence of|free of|nor)\b[^.;,]*$", re.I)
 log = logging.getLogger(__name__)
 
 
@@ -58,8 +57,8 @@ class RequestFailed(Exception):
 
 # --- the run's ledger: budget, circuit breaker, usage ------------------------------------
 
-USAGE_KEYS = ("requests", "cache_hits", "repairs", "failed", "invalid", "not_sent_budget", "prompt_tokens",
-              "completion_tokens")
+USAGE_KEYS = ("requests", "cache_hits", "repairs", "failed", "invalid", "not_sent_budget", "usage_missing",
+              "prompt_tokens", "completion_tokens")
 
 
 @dataclass
@@ -73,6 +72,10 @@ class Ledger:
     consecutive_failures: int = 0
     last_error: str = ""
     response_format: str | None = None  # negotiated with the server on first use
+    # Prompt tokens per image, the largest seen: servers bill an image from ~85 to ~25k tokens, so
+    # under a budget the first answer calibrates reservations before others are sent.
+    image_tokens: float = 800.0
+    calibrated: bool = False
     http_status: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
     shard_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,23 +84,39 @@ class Ledger:
         p = self.config.prices
         return (prompt_tokens * p.input_per_million + completion_tokens * p.output_per_million) / 1e6
 
-    def reserve(self, estimate_usd: float) -> None:
+    def reserve(self, text_tokens: int, images: int, completion_tokens: int) -> float:
+        """Hold the most a request may cost (its text, its images at the largest per-image count
+        seen so far, its completion at max_tokens) against max_cost; returns the amount held."""
         with self.lock:
+            estimate_usd = self.price(text_tokens + images * self.image_tokens, completion_tokens)
             limit = self.config.max_cost
             if limit is not None and self.cost_usd + self.reserved_usd + estimate_usd > limit:
                 self.usage["not_sent_budget"] += 1
                 raise BudgetExhausted(f"not sent: it could take the run past max_cost ${limit:.4f} "
                                       f"(spent ${self.cost_usd:.4f})")
             self.reserved_usd += estimate_usd
+            return estimate_usd
 
-    def settle(self, estimate_usd: float, usage) -> None:
+    def release(self, estimate_usd: float) -> None:
         with self.lock:
             self.reserved_usd -= estimate_usd
-            if usage is not None:
-                self.usage["requests"] += 1
-                self.usage["prompt_tokens"] += usage.prompt_tokens
-                self.usage["completion_tokens"] += usage.completion_tokens
-                self.cost_usd += self.price(usage.prompt_tokens, usage.completion_tokens)
+
+    def settle(self, estimate_usd: float, text_tokens: int, images: int, usage) -> None:
+        """An answered request: its billed usage, or, from a server that reports none, the amount
+        held (so the budget still binds)."""
+        with self.lock:
+            self.reserved_usd -= estimate_usd
+            self.usage["requests"] += 1
+            self.calibrated = True
+            if usage is None:
+                self.usage["usage_missing"] += 1
+                self.cost_usd += estimate_usd
+                return
+            if images:
+                self.image_tokens = max(self.image_tokens, (usage.prompt_tokens - text_tokens) / images)
+            self.usage["prompt_tokens"] += usage.prompt_tokens
+            self.usage["completion_tokens"] += usage.completion_tokens
+            self.cost_usd += self.price(usage.prompt_tokens, usage.completion_tokens)
 
     def failure(self, reason: str) -> None:
         with self.lock:
@@ -209,8 +228,9 @@ class Request:
     sampling: dict
     key: str = ""
 
-    def estimate_tokens(self) -> tuple[int, int]:
-        return (len(self.system) + len(self.text)) // 4 + 800 * len(self.images), self.sampling["max_tokens"]
+    def estimate_tokens(self) -> tuple[int, int, int]:
+        """(text tokens, with a margin over the usual 4 characters a token; images; completion)."""
+        return int((len(self.system) + len(self.text)) / 3), len(self.images), self.sampling["max_tokens"]
 
 
 def facts_of(region: Region) -> dict:
@@ -325,17 +345,23 @@ class OpenAIExpander:
                 log.warning("server refused response_format %s; using %s", mode, self.ledger.response_format)
 
     async def _send(self, client, request: Request, messages: list[dict]) -> tuple[str, object]:
-        prompt_tokens, completion_tokens = request.estimate_tokens()
-        estimate = self.ledger.price(prompt_tokens, completion_tokens)
-        self.ledger.reserve(estimate)
+        if self.config.max_cost is not None and not self.ledger.calibrated:
+            async with self._calibrating:  # under a budget, one request first: it shows how the server bills
+                if not self.ledger.calibrated:
+                    return await self._send_now(client, request, messages)
+        return await self._send_now(client, request, messages)
+
+    async def _send_now(self, client, request: Request, messages: list[dict]) -> tuple[str, object]:
+        text_tokens, images, completion_tokens = request.estimate_tokens()
+        estimate = self.ledger.reserve(text_tokens, images, completion_tokens)
         try:
             response = await self._complete(client, request, messages)
         except openai.APIError as exc:
-            self.ledger.settle(estimate, None)
+            self.ledger.release(estimate)
             reason = f"request failed after {self.config.max_retries} retries: {type(exc).__name__}: {exc}"
             self.ledger.failure(reason)
             raise RequestFailed(reason) from exc
-        self.ledger.settle(estimate, response.usage)
+        self.ledger.settle(estimate, text_tokens, images, response.usage)
         self.ledger.success()
         return response.choices[0].message.content or "", response.usage
 
@@ -401,6 +427,7 @@ class OpenAIExpander:
             jobs.append((record, anatomy, regions, self.image_request(record, anatomy, regions),
                          [(r, self.region_request(record, anatomy, r)) for r in regions if regions_wanted(r)]))
         semaphore = asyncio.Semaphore(self.config.concurrency)
+        self._calibrating = asyncio.Lock()  # bound to this event loop
         async with self._client() as client:
             async def run(request):
                 try:
@@ -483,12 +510,11 @@ def parse_output(raw: str, output: type[BaseModel]) -> BaseModel:
 
 
 def mentioned(text: str, label: str) -> bool:
-    """Whether text claims the lesion, ignoring negated mentions ("no haemorrhage")."""
-    for match in re.finditer(MENTIONS[label], text, re.I):
-        clause = re.split(r"[.;]", text[:match.start()])[-1]
-        if not _NEGATION.search(clause):
-            return True
-    return False
+    """Whether text claims the lesion present. Negations are read as the report scorer reads them
+    ("no microaneurysms, haemorrhages or exudates", "haemorrhages are not seen" claim none)."""
+    from fundus_engine.benchmark import statements
+
+    return True in statements(text).get(BY_NAME[label].report_finding, set())
 
 
 def consistency_flags(findings: ImageFindings, record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> list[str]:

@@ -146,6 +146,12 @@ def test_consistency_rules():
     assert not mentioned("There is no haemorrhage; drusen are absent", "haemorrhage")
     assert not mentioned("No new vessels or haemorrhages", "neovascularisation")
     assert mentioned("No drusen. Cotton-wool spots near the disc", "soft_exudate")
+    # How a model words a normal eye's evidence: lists after one negation, and negations after the noun.
+    normal = "No microaneurysms, haemorrhages or hard exudates are visible. Drusen are not seen."
+    assert not any(mentioned(normal, label) for label in ("microaneurysm", "haemorrhage", "hard_exudate", "drusen"))
+    assert not mentioned("absence of drusen, exudates and haemorrhages", "haemorrhage")
+    assert mentioned("Scattered haemorrhages, but no exudates", "haemorrhage")
+    assert not mentioned("Scattered haemorrhages, but no exudates", "hard_exudate")
     answer = parse_output('Sure!\n```json\n{"description": "a dot", "significance": "early DR"}\n```', RegionFindings)
     assert answer.description == "a dot"
     with pytest.raises(ValueError, match="significance"):
@@ -178,6 +184,40 @@ def test_budget_stops_before_max_cost_is_exceeded(shard, server, tmp_path):
     assert result.usage["not_sent_budget"] == n_requests(shard) - result.usage["requests"] > 0
     assert all("max_cost" in r.reason for r in result.rejects)
     assert server.count() == result.usage["requests"]
+
+
+def test_budget_holds_under_concurrency_when_the_server_bills_images_heavily(shard, server, tmp_path):
+    """OpenAI bills a 1024-px image at ~25k tokens; the estimate cannot know that until the first
+    answer, so under a budget one request goes first and calibrates the rest."""
+    records, anatomies, regions = shard
+    server.tokens_per_image = 25_000
+    prices = Prices(input_per_million=0.15, output_per_million=0.6)
+    probe = expand(expander_for(server, tmp_path / "probe", prices=prices), records[:1], anatomies, regions)
+    per_request = probe.usage["cost_usd"] / probe.usage["requests"]
+    server.reset()
+    server.tokens_per_image = 25_000
+    max_cost = per_request * 5
+    result = expand(expander_for(server, tmp_path, prices=prices, max_cost=max_cost, concurrency=8),
+                    records, anatomies, regions)
+    assert 0 < result.usage["cost_usd"] <= max_cost
+    assert result.usage["requests"] >= 2 and result.usage["not_sent_budget"] > 0
+    assert server.count() == result.usage["requests"]
+
+
+def test_a_server_that_reports_no_usage_is_charged_its_estimate(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    server.report_usage = False
+    prices = Prices(input_per_million=100.0, output_per_million=400.0)
+    free = expand(expander_for(server, tmp_path / "free", prices=prices), records[:1], anatomies, regions)
+    assert free.usage["requests"] == free.usage["usage_missing"] == server.count() > 0
+    assert free.usage["cost_usd"] > 0  # estimated, not zero: otherwise max_cost would never bind
+    per_request = free.usage["cost_usd"] / free.usage["requests"]
+    server.reset()
+    server.report_usage = False
+    limited = expand(expander_for(server, tmp_path, prices=prices, max_cost=per_request * 3, concurrency=4),
+                     records, anatomies, regions)
+    assert 0 < limited.usage["cost_usd"] <= per_request * 3 + 1e-12
+    assert limited.usage["not_sent_budget"] > 0 and server.count() == limited.usage["requests"]
 
 
 def test_cache_makes_a_rerun_free_and_a_prompt_edit_recalls_only_its_requests(shard, server, tmp_path):

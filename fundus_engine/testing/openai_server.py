@@ -297,14 +297,19 @@ def render_content(req: ChatRequest, fault: Fault | None) -> str:
     return text
 
 
-def completion(req: ChatRequest, content: str) -> dict:
-    prompt = req.chars // 4 + 85 * len(req.image_sizes)
+def completion(req: ChatRequest, content: str, tokens_per_image: int = 85, report_usage: bool = True) -> dict:
+    """A chat.completion body. Servers bill images very differently (OpenAI's high detail about
+    25k tokens for a 1024-px image, Qwen2.5-VL about 1.3k), hence `tokens_per_image`; some
+    servers send no usage at all."""
+    prompt = req.chars // 4 + tokens_per_image * len(req.image_sizes)
     done = len(content) // 4 + 1
-    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+    body = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": req.body["model"], "system_fingerprint": "fp_fake",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "logprobs": None, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}}
+                         "logprobs": None, "finish_reason": "stop"}]}
+    if report_usage:
+        body["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+    return body
 
 
 def error_body(message: str, type_: str, param: str | None = None) -> dict:
@@ -391,7 +396,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             if kind == "timeout":
                 fake._sleep(fault.params.get("seconds", 5))
-            self.send_json(200, completion(req, render_content(req, fault)))
+            self.send_json(200, completion(req, render_content(req, fault), fake.tokens_per_image, fake.report_usage))
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -431,6 +436,7 @@ class FakeOpenAIServer:
 
     def __init__(self, latency: float = 0.0, supports_json_schema: bool = True, port: int = 0):
         self.latency, self.supports_json_schema, self.port = latency, supports_json_schema, port
+        self.tokens_per_image, self.report_usage = 85, True  # billing knobs, set by tests
         self.requests: list[RequestRecord] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
@@ -485,6 +491,7 @@ class FakeOpenAIServer:
         with self._lock:
             self._faults.clear()
             self.requests.clear()
+            self.tokens_per_image, self.report_usage = 85, True
 
     def count(self, outcome: str | None = None) -> int:
         with self._lock:
