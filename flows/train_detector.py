@@ -85,20 +85,26 @@ def import_labelled(params: TrainDetectorParams, work: str) -> list[importers.La
     return items
 
 
+def self_training_pool(folder: Path, labelled: list[importers.LabelledImage], held_out: Path) -> list[Path]:
+    """The unlabelled images, minus any that are labelled or in the held-out set (by content): a
+    pool image that is also labelled would be pseudo-labelled over its truth, one that is held out
+    trained on and then scored on; both inflate the metrics."""
+    held_out_images, _ = importers.dataset_images(held_out)
+    known = {hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in [i.image for i in labelled] + held_out_images}
+    pool = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [p for p in pool if hashlib.sha256(p.read_bytes()).hexdigest() not in known]
+
+
 @task(task_run_name="self-train-{params.self_training_rounds}-rounds")
 def train_rounds(items: list[importers.LabelledImage], params: TrainDetectorParams, work: str) -> list[training.Round]:
     work_dir = Path(work)
-    known = {hashlib.sha256(Path(i.image).read_bytes()).hexdigest() for i in items}
+    everything = list(items)
     if params.held_out:
         held_out = Path(params.held_out)
     else:  # a fixed split of the labelled data, kept out of every round's training
         items, kept_out = importers.split(items, params.val_fraction, params.seed)
         held_out = importers.write_yolo_dataset(kept_out, work_dir / "held_out", val_fraction=1.0)
-    unlabelled = sorted(p for p in Path(params.unlabelled).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) \
-        if params.unlabelled else []
-    # A pool image that is also labelled or held out would be pseudo-labelled over its truth, or
-    # trained on and then scored on: both inflate the metrics.
-    unlabelled = [p for p in unlabelled if hashlib.sha256(p.read_bytes()).hexdigest() not in known]
+    unlabelled = self_training_pool(Path(params.unlabelled), everything, held_out) if params.unlabelled else []
     if params.self_training_rounds and not unlabelled:
         raise ValueError(f"self-training needs unlabelled images; none found in {params.unlabelled!r}")
     return training.self_train(items, unlabelled, held_out, work_dir / "rounds", params.self_training_rounds,

@@ -115,7 +115,8 @@ def _find_yaml(folder: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def _yaml_images(yaml_path: Path) -> tuple[list[Path], object]:
+def dataset_images(yaml_path: Path) -> tuple[list[Path], object]:
+    """Every image a YOLO dataset yaml names (train, val and test), and its class names."""
     data = yaml.safe_load(yaml_path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{yaml_path}: not a YOLO dataset yaml (expected a mapping)")
@@ -151,7 +152,7 @@ def from_yolo(folder: Path, names: list[str] | dict[int, str] | None = None) -> 
     folder = Path(folder)
     yaml_path = _find_yaml(folder) if folder.exists() else None
     if yaml_path is not None:
-        images, yaml_names = _yaml_images(yaml_path)
+        images, yaml_names = dataset_images(yaml_path)
         names = names if names is not None else yaml_names
         where = str(yaml_path)
     elif (folder / "images").is_dir():

@@ -67,6 +67,31 @@ def test_train_detector_flow_imports_masks_trains_and_self_trains(tmp_path):
     assert "mAP50" in meta["validation"] and len(meta["training_data_sha256"]) == 64
 
 
+def test_self_training_pool_leaves_out_labelled_and_held_out_images(tmp_path):
+    from flows.train_detector import self_training_pool
+    from fundus_engine.importers import from_yolo, split, write_yolo_dataset
+
+    generate(tmp_path / "labelled", 3, seed=31, size=128)
+    generate(tmp_path / "held", 2, seed=32, size=128)
+    generate(tmp_path / "fresh", 2, seed=33, size=128)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    copies = [*sorted((tmp_path / "labelled" / "images").glob("*.jpg"))[:1],
+              *sorted((tmp_path / "held" / "images").glob("*.jpg")), *sorted((tmp_path / "fresh" / "images").glob("*.jpg"))]
+    for n, image in enumerate(copies):
+        shutil.copy(image, pool / f"pool_{n}.jpg")  # renamed: only the content can tell
+    labelled = from_yolo(tmp_path / "labelled")
+    assert [p.name for p in self_training_pool(pool, labelled, tmp_path / "held" / "dataset.yaml")] == \
+        ["pool_3.jpg", "pool_4.jpg"]
+    # The automatic split's held-out part (written out as a dataset) is excluded the same way.
+    kept, kept_out = split(labelled, 0.34, seed=0)
+    assert kept and kept_out
+    for training_part, held_part in ((kept, kept_out), (kept_out, kept)):
+        written = write_yolo_dataset(held_part, tmp_path / f"auto_{len(held_part)}", val_fraction=1.0)
+        names = [p.name for p in self_training_pool(pool, training_part, written)]
+        assert names == ["pool_1.jpg", "pool_2.jpg", "pool_3.jpg", "pool_4.jpg"]  # pool_0 is in one part or the other
+
+
 def test_train_detector_cli_rejects_unknown_options_with_the_file(tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"output": "w.pt", "epoch": 3}))
