@@ -6,12 +6,12 @@ that the labels manifest already gives are preferred over predictions (and say s
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import threading
 from pathlib import Path
 
 from fundus_engine.config import DetectConfig
+from fundus_engine.ingest import cached_sha256, file_version
 from fundus_engine.models import Detection, ImageRecord, Reject
 from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 from fundus_engine.yolo import ultralytics
@@ -28,9 +28,8 @@ def weights_path(config: DetectConfig) -> Path:
     return path.resolve()
 
 
-@functools.cache
 def weights_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return cached_sha256(path)
 
 
 def reliable_classes(weights: Path, min_map50: float) -> list[str]:
@@ -51,8 +50,13 @@ def covered_by_labels(record: ImageRecord) -> set[str]:
     return set(record.labelled_classes) | {b.label for b in record.label_boxes}
 
 
-@functools.cache
 def load_model(path: Path):
+    """Loaded once per process and per version of the weights file (retrained in place, reloaded)."""
+    return _load_model(Path(path), file_version(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model(path: Path, version: tuple[int, int]):
     model = ultralytics().YOLO(str(path))
     unknown = [n for n in model.names.values() if _canonical_or_none(n) is None]
     if unknown:

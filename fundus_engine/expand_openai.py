@@ -31,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from fundus_engine import __version__
 from fundus_engine.config import OpenAIConfig
+from fundus_engine.ingest import cached_sha256, file_version
 from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageFindings, ImageRecord, Provenance,
                                   Region, RegionDescription, RegionFindings, Reject)
 from fundus_engine.prompts import Prompt, load
@@ -196,10 +197,14 @@ def json_schema(output: type[BaseModel]) -> dict:
     return output.model_json_schema()
 
 
-@functools.lru_cache(maxsize=512)
 def image_data_url(path: str, max_side: int) -> str:
-    """The image as a JPEG data URL, no larger than max_side; cached because an image's
-    full view goes out with every one of its region requests."""
+    """The image as a JPEG data URL, no larger than max_side; cached (per version of the file)
+    because an image's full view goes out with every one of its region requests."""
+    return _image_data_url(path, max_side, file_version(path))
+
+
+@functools.lru_cache(maxsize=512)
+def _image_data_url(path: str, max_side: int, version: tuple[int, int]) -> str:
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         raise RequestFailed(f"{path}: image could not be read for sending")
@@ -208,11 +213,6 @@ def image_data_url(path: str, max_side: int) -> str:
         image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode()
-
-
-@functools.lru_cache(maxsize=4096)
-def _file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass
@@ -296,7 +296,7 @@ class OpenAIExpander:
         wanted = self.region_prompt.meta.get("images", ["crop"])
         paths = [{"full": record.path, "crop": region.crop_path, "marked": region.marked_path}[w] for w in wanted]
         paths = [p for p in paths if p]
-        return self._request(self.region_prompt, region.region_id, paths, [_file_sha256(p) for p in paths],
+        return self._request(self.region_prompt, region.region_id, paths, [cached_sha256(p) for p in paths],
                              record=record, anatomy=anatomy, region=region, facts=facts_of(region),
                              with_marked=bool(region.marked_path and "marked" in wanted))
 
@@ -369,10 +369,14 @@ class OpenAIExpander:
         """The validated answer to one request: from the cache, or from the server with at most
         one repair request; raises RequestFailed with the raw output when it stays invalid."""
         cached = self.cache.get(request.key)
-        if cached is not None:
+        try:  # a cached answer that no longer fits the output model is a miss, not an error
+            answer = request.output.model_validate(cached["parsed"]) if isinstance(cached, dict) else None
+        except (KeyError, ValidationError):
+            answer = None
+        if answer is not None:
             with self.ledger.lock:
                 self.ledger.usage["cache_hits"] += 1
-            return request.output.model_validate(cached["parsed"])
+            return answer
         urls = await asyncio.gather(*(asyncio.to_thread(image_data_url, p, self.config.image_max_side)
                                       for p in request.images))
         messages = [{"role": "system", "content": request.system},

@@ -5,6 +5,7 @@ Bad files never stop a run: each becomes a Reject naming the file and the reason
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 from collections import Counter
@@ -33,6 +34,23 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_version(path: Path | str) -> tuple[int, int]:
+    """(modification time, size): part of every in-process cache keyed by a path, because crops
+    and weights are rewritten in place and a cache keyed by the path alone would serve the old file."""
+    stat = Path(path).stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of_version(path: str, version: tuple[int, int]) -> str:
+    return sha256_file(Path(path))
+
+
+def cached_sha256(path: Path | str) -> str:
+    """sha256 of a file, computed once per version of it."""
+    return _sha256_of_version(str(path), file_version(path))
 
 
 def scan(input_dir: Path, exclude: Path | None = None, labelled=lambda relpath: False

@@ -256,3 +256,36 @@ def test_a_request_that_keeps_failing_is_rejected_and_the_rest_go_on(shard, serv
     assert "request failed after 2 retries" in result.rejects[0].reason and "503" in result.rejects[0].reason
     assert len(result.expansions) == 4 and result.usage["http_status"]["503"] == 3
     assert sum(len(e.regions) for e in result.expansions) == len(regions) - 1
+
+
+def test_a_file_rewritten_in_place_is_not_served_from_the_in_process_caches(tmp_path):
+    """Crops are rewritten at the same path when crop.context changes; the data URL and hash sent
+    (and so the response-cache key) must follow the new pixels."""
+    import os
+
+    import cv2
+    import numpy as np
+
+    from fundus_engine.expand_openai import image_data_url
+    from fundus_engine.ingest import cached_sha256
+
+    path = tmp_path / "r-000.crop.jpg"
+    cv2.imwrite(str(path), np.full((32, 32, 3), 40, np.uint8))
+    first = (image_data_url(str(path), 64), cached_sha256(path))
+    cv2.imwrite(str(path), np.full((32, 32, 3), 200, np.uint8))
+    os.utime(path, ns=(1, 1))  # a distinct version even on a coarse-grained clock
+    second = (image_data_url(str(path), 64), cached_sha256(path))
+    assert first[0] != second[0] and first[1] != second[1]
+
+
+def test_a_foreign_cache_file_is_a_miss_not_a_crash(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    first = expand(expander_for(server, tmp_path), records[:1], anatomies, regions)
+    files = sorted((tmp_path / "llm").rglob("*.json"))
+    assert len(files) == first.usage["requests"] > 1
+    files[0].write_text('{"foo": 1}')  # valid JSON, not an answer
+    files[1].write_text('{"parsed": {"unexpected": true}}')  # an answer that no longer fits the model
+    server.reset()
+    again = expand(expander_for(server, tmp_path), records[:1], anatomies, regions)
+    assert again.rejects == [] and again.usage["requests"] == 2 == server.count()
+    assert again.usage["cache_hits"] == first.usage["requests"] - 2
