@@ -161,7 +161,8 @@ def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict,
     keys = {"ingest": digest("ingest", code_version("ingest"), str(inp), str(out),
                              [(s.relpath, s.sha256) for s in shard_sources],
                              shard_labels, config.ingest.model_dump())}
-    keys["detect"] = digest(keys["ingest"], code_version("detect"), config.detect.model_dump(exclude={"weights"}),
+    keys["detect"] = digest(keys["ingest"], code_version("detect"),
+                            config.detect.model_dump(exclude={"weights", "batch"}),  # batch changes speed only
                             weights_sha)
     keys["crop"] = digest(keys["detect"], code_version("crop"), config.crop.model_dump())
     keys["expand"] = digest(keys["crop"], code_version("expand"), code_version("expand_openai"),

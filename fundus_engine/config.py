@@ -63,6 +63,8 @@ class Prices(Section):
 class OpenAIConfig(Section):
     """An OpenAI-compatible chat-completions server: OpenAI, vLLM, SGLang, Ollama, LM Studio, ..."""
 
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a refused URL may hold a key
+
     base_url: str = Field("https://api.openai.com/v1", description="the server's /v1 URL")
     model: str = "gpt-4o-mini"
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key; "
@@ -81,6 +83,20 @@ class OpenAIConfig(Section):
     cache: bool = Field(True, description="reuse earlier responses to identical requests")
     cache_dir: str | None = Field(None, description="response cache; default OUT/.cache/llm (share it across runs)")
     regions: Literal["all", "lesions"] = Field("all", description="which regions get their own request")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        """The config is a flow parameter, which Prefect stores and shows: a key in the URL would leak."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        parts = urlsplit(url)
+        secret_params = [k for k, _ in parse_qsl(parts.query)
+                         if k.lower().replace("-", "_") in ("key", "api_key", "apikey", "token", "access_token")]
+        if parts.username or parts.password or secret_params:
+            raise ValueError("base_url must not carry credentials (user:key@ or a key parameter); "
+                             "put the key in the environment variable named by api_key_env")
+        return url
 
 
 class ExpandConfig(Section):

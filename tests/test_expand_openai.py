@@ -289,3 +289,15 @@ def test_a_foreign_cache_file_is_a_miss_not_a_crash(shard, server, tmp_path):
     again = expand(expander_for(server, tmp_path), records[:1], anatomies, regions)
     assert again.rejects == [] and again.usage["requests"] == 2 == server.count()
     assert again.usage["cache_hits"] == first.usage["requests"] - 2
+
+
+def test_a_base_url_with_credentials_is_refused_without_echoing_them():
+    """The config is a Prefect flow parameter, stored and shown by the server: no key may ride in it."""
+    from pydantic import ValidationError
+
+    for url in ("https://user:sk-secret-1@llm.example.org/v1", "https://llm.example.org/v1?api-key=sk-secret-1"):
+        with pytest.raises(ValidationError, match="api_key_env") as refused:
+            OpenAIConfig(base_url=url)
+        assert "sk-secret-1" not in str(refused.value)
+    azure = "https://x.openai.azure.com/openai/deployments/gpt?api-version=2024-06-01"
+    assert OpenAIConfig(base_url=azure).base_url == azure  # a version parameter is no secret
