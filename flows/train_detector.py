@@ -37,6 +37,7 @@ class MaskSource(Strict):
     masks: dict[str, str] = Field(description="class name or alias (EX, HE, MA, SE, OD ...) -> folder of binary masks")
     min_area: int = Field(4, ge=1, description="components smaller than this many pixels are dropped")
     merge_distance: float | None = Field(None, ge=0, description="fragments closer than this (pixels) become one box")
+    max_boxes: int | None = Field(None, ge=1, description="per image and class, keep only the largest boxes")
     levels: dict[str, list[int]] = Field({}, description="mask key -> pixel values of that class, for multi-level "
                                          "masks; REFUGE: {'optic_disc': [0, 128], 'optic_cup': [0]}")
 
@@ -65,7 +66,7 @@ def import_labelled(params: TrainDetectorParams, work: str) -> list[importers.La
     sources: list[list[importers.LabelledImage]] = [importers.from_yolo(Path(f)) for f in params.yolo]
     sources += [importers.from_coco(Path(c.annotations), Path(c.images) if c.images else None) for c in params.coco]
     sources += [importers.from_masks(Path(m.images), {k: Path(v) for k, v in m.masks.items()}, m.min_area,
-                                     m.merge_distance, levels=m.levels) for m in params.masks]
+                                     m.merge_distance, levels=m.levels, max_boxes=m.max_boxes) for m in params.masks]
     if params.synthetic:
         synth = Path(work) / "synthetic"
         generate(synth, params.synthetic, seed=params.synthetic_seed, size=params.imgsz)

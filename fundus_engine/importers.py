@@ -266,12 +266,14 @@ def from_coco(json_path: Path, images_dir: Path | None = None) -> list[LabelledI
 # masks
 
 
-def mask_to_boxes(mask: np.ndarray, min_area: int = 4, merge_distance: float | None = None) -> list[list[float]]:
+def mask_to_boxes(mask: np.ndarray, min_area: int = 4, merge_distance: float | None = None,
+                  max_boxes: int | None = None) -> list[list[float]]:
     """Boxes of the lesions in a binary mask: 8-connected components of pixels > 0 (in any
     channel), components smaller than `min_area` pixels dropped as specks, then, with
     `merge_distance`, fragments whose boxes are at most that many pixels apart (edge to edge,
     0 when overlapping) clustered by single linkage and each cluster replaced by its
-    enclosing box. Boxes are [x1, y1, x2, y2] with exclusive x2/y2, in scan order."""
+    enclosing box; with `max_boxes`, only the largest boxes are kept (FundusExpert keeps the
+    largest N). Boxes are [x1, y1, x2, y2] with exclusive x2/y2, in scan order."""
     mask = np.asarray(mask)
     binary = (mask > 0).any(axis=2) if mask.ndim == 3 else mask > 0
     if binary.ndim != 2:
@@ -286,6 +288,10 @@ def mask_to_boxes(mask: np.ndarray, min_area: int = 4, merge_distance: float | N
                       stats[:, cv2.CC_STAT_TOP] + stats[:, cv2.CC_STAT_HEIGHT]], 1).astype(np.float64)
     if merge_distance is not None and len(boxes) > 1:
         boxes = _merge_close_boxes(boxes, float(merge_distance))
+    if max_boxes is not None and len(boxes) > max_boxes:
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        keep = np.sort(np.argsort(-areas, kind="stable")[:max_boxes])  # the largest, still in scan order
+        boxes = boxes[keep]
     return [[float(v) for v in b] for b in boxes]
 
 
@@ -393,7 +399,8 @@ def _foreground(mask: np.ndarray, values: Iterable[int] | None, path: Path) -> n
 
 def from_masks(images_dir: Path, masks: dict[str, Path], min_area: int = 4, merge_distance: float | None = None,
                mask_suffixes: Iterable[str] = DEFAULT_MASK_SUFFIXES,
-               levels: Mapping[str, Iterable[int]] | None = None) -> list[LabelledImage]:
+               levels: Mapping[str, Iterable[int]] | None = None, max_boxes: int | None = None
+               ) -> list[LabelledImage]:
     """Boxes from per-class binary masks (IDRiD, DDR, e-ophtha, DiaretDB1 layout).
 
     `masks` maps a class name or alias ("EX", "HE", "MA", "SE", "OD", ...) to a folder of masks.
@@ -432,7 +439,8 @@ def from_masks(images_dir: Path, masks: dict[str, Path], min_area: int = 4, merg
                 binary = _foreground(mask, values, mask_path)
                 combined = binary if combined is None else combined | binary
                 sources[image].append(str(mask_path))
-            boxes[image] += [LabelBox(label=label, xyxy=b) for b in mask_to_boxes(combined, min_area, merge_distance)]
+            boxes[image] += [LabelBox(label=label, xyxy=b)
+                             for b in mask_to_boxes(combined, min_area, merge_distance, max_boxes)]
     return [LabelledImage(image, *sizes[image], boxes[image],
                           "masks:" + (", ".join(sources[image]) if sources[image] else str(image)))
             for image in index.values()]

@@ -96,6 +96,14 @@ def test_merge_is_single_linkage_with_euclidean_edge_gap():
     assert mask_to_boxes(mask, merge_distance=5) == [[0.0, 0.0, 12.0, 14.0]]  # A-B-C chained
 
 
+def test_max_boxes_keeps_the_largest_in_scan_order():
+    mask = np.zeros((40, 60), np.uint8)
+    for x1, y1, x2, y2 in [(0, 0, 3, 3), (10, 0, 20, 8), (30, 0, 32, 2), (0, 20, 12, 30)]:
+        mask[y1:y2, x1:x2] = 255
+    assert mask_to_boxes(mask, min_area=1, max_boxes=2) == [[10.0, 0.0, 20.0, 8.0], [0.0, 20.0, 12.0, 30.0]]
+    assert len(mask_to_boxes(mask, min_area=1, max_boxes=10)) == 4
+
+
 def test_min_area_applies_before_merging():
     mask = np.zeros((H, W), np.uint8)
     mask[0:3, 0:3] = 1
