@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fundus_engine.config import IMAGE_EXTENSIONS
+from fundus_engine.detect import resolve_device
 from fundus_engine.importers import LabelledImage, write_yolo_dataset
 from fundus_engine.models import LabelBox
 from fundus_engine.synth import generate
@@ -24,7 +26,7 @@ def dataset_sha256(root: Path) -> str:
     """Hash of the training images and labels, recorded with the weights."""
     digest = hashlib.sha256()
     for path in sorted(Path(root).rglob("*")):
-        if path.is_file() and path.suffix in (".jpg", ".png", ".txt"):
+        if path.is_file() and path.suffix.lower() in (*IMAGE_EXTENSIONS, ".txt"):
             digest.update(path.relative_to(root).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -60,8 +62,8 @@ def validate(weights: Path, data_yaml: Path, imgsz: int = 512, split: str = "val
     ul = ultralytics()
     with tempfile.TemporaryDirectory(prefix="fundus-val-") as tmp:
         model = ul.YOLO(str(weights))
-        metrics = model.val(data=str(data_yaml), imgsz=imgsz, batch=8, device="cpu", plots=False, workers=0,
-                            verbose=False, project=tmp, name="val", split=split)
+        metrics = model.val(data=str(data_yaml), imgsz=imgsz, batch=8, device=resolve_device("auto"), plots=False,
+                            workers=0, verbose=False, project=tmp, name="val", split=split)
     per_class = {model.names[int(c)]: round(float(metrics.box.ap50[i]), 4)
                  for i, c in enumerate(metrics.box.ap_class_index)}
     return {"mAP50": round(float(metrics.box.map50), 4), "mAP50_95": round(float(metrics.box.map), 4),
@@ -115,7 +117,7 @@ def pseudo_labels(weights: Path, images: list[Path], confidence: float, imgsz: i
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
         for path, result in zip(chunk, model.predict([str(p) for p in chunk], imgsz=imgsz, conf=confidence,
-                                                     device="cpu", verbose=False)):
+                                                     device=resolve_device("auto"), verbose=False)):
             height, width = result.orig_shape
             found = sorted(zip(result.boxes.conf.tolist(), result.boxes.cls.tolist(), result.boxes.xyxy.tolist()),
                            reverse=True)
