@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+# The temporary server that `build` starts (Prefect's ephemeral mode) would try to send telemetry,
+# which fails loudly on an offline machine; a user's own setting still wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(soft_wrap=True)  # paths in messages stay whole, greppable
