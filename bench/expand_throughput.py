@@ -11,6 +11,7 @@ Targets: >= 0.9 x (concurrency / latency) requests per second, >= 10x the sequen
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -23,9 +24,12 @@ from fundus_engine.testing.openai_server import serve_in_subprocess
 from fundus_engine.testing.shards import prepared_shard
 
 
+os.environ.setdefault("FUNDUS_BENCH_API_KEY", "not-a-secret")  # the loopback server takes any key
+
+
 def timed_run(base_url: str, shard, cache_dir: Path, concurrency: int, cache: bool) -> tuple[float, dict]:
     config = OpenAIConfig(base_url=base_url, model="fake-fundus-vl", concurrency=concurrency, cache=cache,
-                          max_retries=0, timeout=30)
+                          max_retries=0, timeout=30, api_key_env="FUNDUS_BENCH_API_KEY")
     expander = OpenAIExpander(config, cache_dir=cache_dir)
     started = time.perf_counter()
     result = expand(expander, *shard)
