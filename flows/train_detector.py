@@ -122,13 +122,15 @@ def train_detector(params: TrainDetectorParams) -> dict:
         items = import_labelled(params, work)
         logger.info("%d labelled images, %d boxes", len(items), sum(len(i.boxes) for i in items))
         history = train_rounds(items, params, work)
-        final = history[-1]
+        # Pseudo-labels from a teacher that misses a lesion class teach that class as background
+        # (measured in bench/self_training.py), so a round is kept only if it validates better.
+        final = max(history, key=lambda r: (r.metrics["mAP50"], -r.round))
         output = Path(params.output)
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(final.weights, output)
         training.strip_for_shipping(output)
         meta = json.loads(final.weights.with_suffix(".json").read_text())
-        meta.update({"labelled_images": len(items), "validation": final.metrics,
+        meta.update({"labelled_images": len(items), "validation": final.metrics, "kept_round": final.round,
                      "self_training": [{"round": r.round, "pseudo_images": r.pseudo_images,
                                         "pseudo_boxes": r.pseudo_boxes, **r.metrics} for r in history],
                      "params": params.model_dump(mode="json")})
@@ -144,5 +146,5 @@ def train_detector(params: TrainDetectorParams) -> dict:
     lines += [f"| {r.round} | {r.pseudo_images} | {r.pseudo_boxes} | {r.metrics['mAP50']} |" for r in history]
     create_markdown_artifact(key="train-detector-rounds", markdown="\n".join(lines),
                              description="held-out mAP50 after each self-training round")
-    logger.info("wrote %s (mAP50 %.3f)", output, final.metrics["mAP50"])
+    logger.info("wrote %s (round %d of %d, mAP50 %.3f)", output, final.round, len(history) - 1, final.metrics["mAP50"])
     return meta

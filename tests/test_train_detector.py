@@ -64,6 +64,8 @@ def test_train_detector_flow_imports_masks_trains_and_self_trains(tmp_path):
     assert meta["labelled_images"] == 8
     rounds = meta["self_training"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[0]["pseudo_images"] == 0
+    best = max(rounds, key=lambda r: (r["mAP50"], -r["round"]))  # a round that validates worse is not kept
+    assert meta["kept_round"] == best["round"] and meta["validation"]["mAP50"] == best["mAP50"]
     assert "mAP50" in meta["validation"] and len(meta["training_data_sha256"]) == 64
 
 
