@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--confidence", type=float, default=0.25)
     ap.add_argument("--imgsz", type=int, default=384)
+    ap.add_argument("--base-model", default="yolo11n.yaml",
+                    help="round 0 starts from this: a .yaml (from scratch) or local .pt weights (a pretrained teacher)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fundus-selftrain-") as tmp:
@@ -45,7 +47,7 @@ def main() -> int:
         held_out = tmp / "held_out" / "dataset.yaml"
 
         history = self_train(labelled, pool, held_out, tmp / "rounds", args.rounds, args.confidence, args.epochs,
-                             args.imgsz, first_epochs=args.teacher_epochs)
+                             args.imgsz, base_model=args.base_model, first_epochs=args.teacher_epochs)
         control_data = write_yolo_dataset(labelled, tmp / "control" / "data", val_fraction=0)
         control = train_detector(control_data, tmp / "control" / "weights.pt", args.epochs * args.rounds, args.imgsz,
                                  model=str(history[0].weights))
@@ -60,6 +62,7 @@ def main() -> int:
         print(f"{name:<34}{pseudo:>12}{boxes:>7}{metrics['mAP50']:>8.3f}  "
               + "  ".join(f"{per.get(c, float('nan')):>10.3f}" for c in classes))
 
+    print(f"round 0 starts from {args.base_model}")
     row(f"round 0 ({args.labelled} labelled, {args.teacher_epochs} ep)", 0, 0, history[0].metrics)
     row(f"control (+{args.epochs * args.rounds} epochs, labelled)", 0, 0, control_metrics)
     for r in history[1:]:
