@@ -344,14 +344,14 @@ class OpenAIExpander:
                 self.ledger.response_format = modes[modes.index(mode) + 1]
                 log.warning("server refused response_format %s; using %s", mode, self.ledger.response_format)
 
-    async def _send(self, client, request: Request, messages: list[dict]) -> tuple[str, object]:
+    async def _send(self, client, request: Request, messages: list[dict]) -> tuple[str, str | None]:
         if self.config.max_cost is not None and not self.ledger.calibrated:
             async with self._calibrating:  # under a budget, one request first: it shows how the server bills
                 if not self.ledger.calibrated:
                     return await self._send_now(client, request, messages)
         return await self._send_now(client, request, messages)
 
-    async def _send_now(self, client, request: Request, messages: list[dict]) -> tuple[str, object]:
+    async def _send_now(self, client, request: Request, messages: list[dict]) -> tuple[str, str | None]:
         text_tokens, images, completion_tokens = request.estimate_tokens()
         estimate = self.ledger.reserve(text_tokens, images, completion_tokens)
         try:
@@ -363,7 +363,7 @@ class OpenAIExpander:
             raise RequestFailed(reason) from exc
         self.ledger.settle(estimate, text_tokens, images, response.usage)
         self.ledger.success()
-        return response.choices[0].message.content or "", response.usage
+        return response.choices[0].message.content or "", response.choices[0].finish_reason
 
     async def call(self, client, semaphore: asyncio.Semaphore, request: Request) -> BaseModel:
         """The validated answer to one request: from the cache, or from the server with at most
@@ -387,13 +387,17 @@ class OpenAIExpander:
                 raise CircuitOpen(self._circuit_message())
             attempt = messages
             for repairs_left in (1, 0):
-                raw, _ = await self._send(client, request, attempt)
+                raw, finish_reason = await self._send(client, request, attempt)
                 try:
                     parsed = parse_output(raw, request.output)
                     break
                 except ValueError as error:
+                    cut_off = finish_reason == "length"  # a repair would be cut off the same way
                     with self.ledger.lock:
-                        self.ledger.usage["repairs" if repairs_left else "invalid"] += 1
+                        self.ledger.usage["invalid" if cut_off or not repairs_left else "repairs"] += 1
+                    if cut_off:
+                        raise RequestFailed(f"answer cut off at max_tokens={request.sampling['max_tokens']}; "
+                                            "raise expand.openai.max_tokens", raw)
                     if not repairs_left:
                         raise RequestFailed(f"invalid {request.output.__name__} after one repair: {error}", raw)
                     attempt = messages + [{"role": "assistant", "content": raw},

@@ -113,6 +113,17 @@ def test_malformed_json_is_repaired_with_one_more_request(shard, server, tmp_pat
     assert "not valid" in repair.text
 
 
+def test_an_answer_cut_off_at_max_tokens_is_rejected_with_the_fix_not_repaired(shard, server, tmp_path):
+    records, anatomies, regions = shard
+    target = regions[0]
+    server.inject("truncated", times=1, match=f'<facts>{{"box_0_999": {json.dumps(target.box_999)}')
+    result = expand(expander_for(server, tmp_path, concurrency=1), records, anatomies, regions)
+    (reject,) = result.rejects
+    assert reject.item == target.region_id and "cut off at max_tokens" in reject.reason
+    assert "expand.openai.max_tokens" in reject.reason and reject.raw_output
+    assert result.usage["repairs"] == 0 and server.count() == n_requests(shard)  # no repair spent on it
+
+
 def test_an_answer_still_invalid_after_repair_is_rejected_with_its_raw_output(shard, server, tmp_path):
     records, anatomies, regions = shard
     target = regions[0]

@@ -32,9 +32,10 @@ from typing import Any, Iterator
 from PIL import Image
 
 MODEL_ID = "fake-fundus-vl"
-ERROR_FAULTS = {"rate_limit": (429, "rate_limit_error"), "server_error": (500, "server_error"),
+# (status, error type) as OpenAI sends them; a 429 also carries code "rate_limit_exceeded".
+ERROR_FAULTS = {"rate_limit": (429, "requests"), "server_error": (500, "server_error"),
                 "unavailable": (503, "server_error")}
-FAULT_KINDS = {*ERROR_FAULTS, "drop", "timeout", "malformed_json", "schema_violation", "contradiction"}
+FAULT_KINDS = {*ERROR_FAULTS, "drop", "timeout", "malformed_json", "schema_violation", "contradiction", "truncated"}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 DATA_URL = re.compile(r"data:image/(?:jpeg|jpg|png);base64,(.*)", re.S)
 FACTS = re.compile(r"<facts>(.*?)</facts>", re.S)
@@ -290,14 +291,15 @@ def render_content(req: ChatRequest, fault: Fault | None) -> str:
     if fault and fault.kind == "contradiction":
         answer = contradict(answer, fault.params.get("claim", DEFAULT_CLAIM))
     text = json.dumps(answer)
-    if fault and fault.kind == "malformed_json":
+    if fault and fault.kind in ("malformed_json", "truncated"):
         text = text[: len(text) // 2]
     if (req.response_format or {"type": "text"})["type"] == "text":
         return f"Here is the structured description.\n```json\n{text}\n```"
     return text
 
 
-def completion(req: ChatRequest, content: str, tokens_per_image: int = 85, report_usage: bool = True) -> dict:
+def completion(req: ChatRequest, content: str, tokens_per_image: int = 85, report_usage: bool = True,
+               finish_reason: str = "stop") -> dict:
     """A chat.completion body. Servers bill images very differently (OpenAI's high detail about
     25k tokens for a 1024-px image, Qwen2.5-VL about 1.3k), hence `tokens_per_image`; some
     servers send no usage at all."""
@@ -306,14 +308,14 @@ def completion(req: ChatRequest, content: str, tokens_per_image: int = 85, repor
     body = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": req.body["model"], "system_fingerprint": "fp_fake",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "logprobs": None, "finish_reason": "stop"}]}
+                         "logprobs": None, "finish_reason": finish_reason}]}
     if report_usage:
         body["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
     return body
 
 
-def error_body(message: str, type_: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": None}}
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 # ---------------------------------------------------------------- HTTP plumbing
@@ -392,11 +394,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind in ERROR_FAULTS:
             status, type_ = ERROR_FAULTS[kind]
             headers = {"Retry-After": str(fault.params.get("retry_after", 1))} if kind == "rate_limit" else None
-            self.send_json(status, error_body(f"injected fault: {kind}", type_), headers)
+            code = "rate_limit_exceeded" if kind == "rate_limit" else None
+            self.send_json(status, error_body(f"injected fault: {kind}", type_, code=code), headers)
         else:
             if kind == "timeout":
                 fake._sleep(fault.params.get("seconds", 5))
-            self.send_json(200, completion(req, render_content(req, fault), fake.tokens_per_image, fake.report_usage))
+            self.send_json(200, completion(req, render_content(req, fault), fake.tokens_per_image, fake.report_usage,
+                                           "length" if kind == "truncated" else "stop"))
 
 
 class _HTTPServer(ThreadingHTTPServer):
