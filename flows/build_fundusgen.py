@@ -41,6 +41,7 @@ from fundus_engine.export import to_vlmevalkit_tsv
 from fundus_engine.models import (Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject)
 from fundus_engine.prompts import fingerprint
 from fundus_engine.tables import read_rows, write_rows
+from fundus_engine.vocabulary import LESIONS
 
 STAGES = ("ingest", "detect", "crop", "expand", "chain")
 # The tables each stage writes per shard, and their row models.
@@ -337,7 +338,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         "output_dir": str(out),
         "config": _public(config),
         "detector": {"weights": str(weights), "sha256": weights_sha,
-                     "negatives_stated_for": reliable_classes(config)},
+                     "negatives_stated_for": [c for c in reliable_classes(config) if c in LESIONS]},
         "expand_backend": expander.name,
         "prompts": [{"id": p.id, "version": p.version, "sha256": p.sha256}
                     for p in [*expander.prompts, *chain_prompts]],

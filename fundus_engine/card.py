@@ -94,6 +94,9 @@ def write_card(out: Path, records: list[InstructionRecord], regions: list[Region
               "", "## How it was made", "",
               f"- Detector: `{about.get('detector', {}).get('weights')}` sha256 "
               f"`{about.get('detector', {}).get('sha256', '')[:16]}`",
+              f"- Absent findings stated where the labels annotate a class exhaustively, and from the "
+              f"detector only for: {', '.join(about.get('detector', {}).get('negatives_stated_for', [])) or 'no class'} "
+              "(held-out mAP50 at or above `expand.negative_min_map50`)",
               f"- Expand backend: {about.get('expand_backend')}"]
     lines += [f"- Prompt `{p['id']}` version {p['version']} sha256 `{p['sha256'][:16]}`" for p in about.get("prompts", [])]
     lines += ["", "Configuration:", "", "```json", json.dumps(about.get("config", {}), indent=2), "```", ""]
