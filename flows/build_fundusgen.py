@@ -132,9 +132,9 @@ def crop_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput,
 
 @task(task_run_name="expand-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
 def expand_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput, cropped: ShardOutput,
-                config: BuildConfig) -> ShardOutput:
+                config: BuildConfig, reliable: list[str]) -> ShardOutput:
     expander = expand_stage.make_expander(config.expand, config.prompts_dir, Path(out), run_id=flow_run.get_id(),
-                                          reliable=reliable_classes(config))
+                                          reliable=reliable)
     result = expand_stage.expand(expander, _load(ingested, "images"), _load(cropped, "anatomy"),
                                  _load(cropped, "regions"))
     return _save(Path(out), stage, shard, key, {"expansions": result.expansions}, result.rejects, result.usage,
@@ -150,13 +150,9 @@ def chain_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput
     return _save(Path(out), stage, shard, key, {"records": records}, rejects)
 
 
-def reliable_classes(config: BuildConfig) -> list[str]:
-    """Detector classes trusted to be absent when not found (their held-out mAP50)."""
-    return detect_stage.reliable_classes(detect_stage.weights_path(config.detect), config.expand.negative_min_map50)
-
-
 def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict, config: BuildConfig,
-               expand_prompts: str, chain_prompts: str, weights_sha: str, inp: Path, out: Path) -> dict[str, str]:
+               expand_prompts: str, chain_prompts: str, weights_sha: str, reliable: list[str], inp: Path, out: Path
+               ) -> dict[str, str]:
     """Every stage's cache key for one shard, each chained on the key before it. The input and
     output folders are part of it because rows hold absolute paths to images and crops."""
     keys = {"ingest": digest("ingest", code_version("ingest"), str(inp), str(out),
@@ -167,7 +163,7 @@ def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict,
                             weights_sha)
     keys["crop"] = digest(keys["detect"], code_version("crop"), config.crop.model_dump())
     keys["expand"] = digest(keys["crop"], code_version("expand"), code_version("expand_openai"),
-                            config.expand.result_relevant(), expand_prompts, reliable_classes(config))
+                            config.expand.result_relevant(), expand_prompts, reliable)
     keys["chain"] = digest(keys["expand"], code_version("chain"), config.chain.model_dump(),
                            config.write.model_dump(include={"val_fraction", "test_fraction"}), chain_prompts)
     return keys
@@ -267,6 +263,8 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
 
     weights = detect_stage.weights_path(config.detect)
     weights_sha = detect_stage.weights_sha256(weights)
+    # Detector classes whose silence may be stated as an absent finding (held-out mAP50).
+    reliable = detect_stage.reliable_classes(weights, config.expand.negative_min_map50)
     if no_cache:
         config = config.model_copy(deep=True)
         config.expand.openai.cache = False
@@ -282,7 +280,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     for shard, start in enumerate(range(0, len(sources), config.shard_size)):
         batch = sources[start:start + config.shard_size]
         shard_labels = {s.relpath: matched[s.relpath] for s in batch if matched[s.relpath]}
-        keys = stage_keys(batch, shard_labels, config, expand_fp, chain_fp, weights_sha, inp, out)
+        keys = stage_keys(batch, shard_labels, config, expand_fp, chain_fp, weights_sha, reliable, inp, out)
         common = dict(shard=shard, out=str(out), config=config)
         stale = no_cache
 
@@ -302,7 +300,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         i = submit("ingest", input_dir=str(inp), sources=batch, labels=shard_labels)
         d = submit("detect", ingested=i)
         c = submit("crop", ingested=i, detected=d)
-        e = submit("expand", ingested=i, cropped=c)
+        e = submit("expand", ingested=i, cropped=c, reliable=reliable)
         submit("chain", ingested=i, cropped=c, expanded=e)
 
     stage_rows: dict[str, list[dict]] = {}
@@ -338,7 +336,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         "output_dir": str(out),
         "config": _public(config),
         "detector": {"weights": str(weights), "sha256": weights_sha,
-                     "negatives_stated_for": [c for c in reliable_classes(config) if c in LESIONS]},
+                     "negatives_stated_for": [c for c in reliable if c in LESIONS]},
         "expand_backend": expander.name,
         "prompts": [{"id": p.id, "version": p.version, "sha256": p.sha256}
                     for p in [*expander.prompts, *chain_prompts]],

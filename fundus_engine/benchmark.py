@@ -140,15 +140,18 @@ def _question(question: str, options: list[str], answer: str, clinical_task: str
                              granularity=granularity, image_path=image_path, sha256=sha256)
 
 
-def image_questions(record: ImageRecord, regions: list[Region], seed: int = 0) -> list[BenchmarkQuestion]:
-    """Disease Diagnosis, Severity Grading and Counting about the whole photograph, from labels."""
+def image_questions(record: ImageRecord, regions: list[Region], seed: int = 0, image_path: str | None = None
+                    ) -> list[BenchmarkQuestion]:
+    """Disease Diagnosis, Severity Grading and Counting about the whole photograph, from labels.
+    `image_path`: the picture shown, when not the source file (an upright copy)."""
     out: list[BenchmarkQuestion] = []
     sha = record.sha256
+    shown = image_path or record.path
 
     def add(question, made, task, category=None):
         if made:
             options, letter = made
-            out.append(_question(question, options, letter, task, "Image level", record.path, sha, category))
+            out.append(_question(question, options, letter, task, "Image level", shown, sha, category))
 
     diagnosis = canonical_diagnosis(record.diagnosis)
     if diagnosis:
@@ -220,9 +223,9 @@ def build_benchmark(records: list[ImageRecord], anatomies: list[Anatomy], region
     questions: list[BenchmarkQuestion] = []
     for record in sorted((r for r in records if r.sha256 in held_out), key=lambda r: r.sha256):
         own = regions_of.get(record.sha256, [])
-        upright = anatomy_of[record.sha256].upright_path if record.sha256 in anatomy_of else None
-        questions += image_questions(record.model_copy(update={"path": upright}) if upright else record, own, seed)
-        questions += box_questions(own, anatomy_of.get(record.sha256), seed, max_box_questions)
+        anatomy = anatomy_of.get(record.sha256)
+        questions += image_questions(record, own, seed, anatomy.upright_path if anatomy else None)
+        questions += box_questions(own, anatomy, seed, max_box_questions)
     return [q.model_copy(update={"index": i}) for i, q in enumerate(questions)]
 
 

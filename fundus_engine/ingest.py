@@ -102,8 +102,9 @@ def _label_entry(raw: dict) -> dict:
         dr = entry.pop("diagnosis")
     if "diagnosis" in entry:  # one spelling per diagnosis across datasets ("dr", "DR" -> Diabetic retinopathy)
         given = entry.pop("diagnosis")
-        if given.casefold() in [g.casefold() for g in DR_GRADES]:  # a DR grade name given as the diagnosis
-            grade_of = [g.casefold() for g in DR_GRADES].index(given.casefold())
+        grades = [g.casefold() for g in DR_GRADES]
+        if given.casefold() in grades:  # a DR grade name given as the diagnosis
+            grade_of = grades.index(given.casefold())
             entry.setdefault("grade", DR_GRADES[grade_of])
             if dr in (None, ""):
                 dr = grade_of

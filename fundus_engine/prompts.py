@@ -17,7 +17,6 @@ import yaml
 from fundus_engine.vocabulary import chinese
 
 
-
 def _default_prompts_dir() -> Path:
     """The repo's prompts/ in a checkout or editable install (where users edit them); the copy
     shipped in the wheel as fundus_engine.prompt_templates otherwise."""

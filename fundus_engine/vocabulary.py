@@ -7,7 +7,6 @@ display names are what the instruction records say.
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 
 
