@@ -11,6 +11,7 @@ No `from __future__ import annotations` here: a served flow validates its parame
 the real annotation, and a string "BuildConfig" is left undefined in the runner.
 """
 
+import ast
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ from fundus_engine import ingest as ingest_stage
 from fundus_engine import write as write_stage
 from fundus_engine.card import write_card
 from fundus_engine.config import BuildConfig
+from fundus_engine.evidence import DetectorEvidence, domain_report
 from fundus_engine.expand_openai import redact_url
 from fundus_engine.export import to_vlmevalkit_tsv
 from fundus_engine.models import (Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject)
@@ -52,7 +54,6 @@ TABLES: dict[str, dict[str, type[BaseModel]]] = {
     "expand": {"expansions": Expansion},
     "chain": {"records": InstructionRecord},
 }
-_SHARED_CODE = ("models.py", "vocabulary.py", "tables.py")
 
 
 class ShardOutput(BaseModel):
@@ -73,9 +74,27 @@ def digest(*parts) -> str:
 
 
 def code_version(stage: str) -> str:
-    """The stage's own source plus the shared models: editing either re-runs the stage."""
+    """The source of the stage's module and of every package module it imports, directly or
+    not: editing any of them re-runs the stage (a hand-kept list goes stale)."""
     root = Path(fundus_engine.__file__).parent
-    return digest(*[(root / name).read_text() for name in (f"{stage}.py", *_SHARED_CODE)])
+    return digest(*[(root / f"{name}.py").read_text() for name in sorted(_import_closure(stage, root))])
+
+
+def _import_closure(module: str, root: Path) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = root / f"{name}.py"
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fundus_engine"):
+                parts = node.module.split(".")[1:]
+                todo += [parts[0]] if parts else [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("fundus_engine.")]
+    return seen
 
 
 def shard_files(out: Path, stage: str, shard: int, key: str) -> dict[str, Path]:
@@ -124,17 +143,17 @@ def detect_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutpu
 
 @task(task_run_name="crop-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
 def crop_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput, detected: ShardOutput,
-              config: BuildConfig) -> ShardOutput:
+              config: BuildConfig, evidence: DetectorEvidence) -> ShardOutput:
     anatomies, regions, rejects = crop_stage.crop(_load(ingested, "images"), _load(detected, "detections"),
-                                                  Path(out) / "crops", config.crop)
+                                                  Path(out) / "crops", config.crop, evidence)
     return _save(Path(out), stage, shard, key, {"anatomy": anatomies, "regions": regions}, rejects)
 
 
 @task(task_run_name="expand-{shard:05d}", persist_result=True, cache_key_fn=_cache_key)
 def expand_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput, cropped: ShardOutput,
-                config: BuildConfig, reliable: list[str]) -> ShardOutput:
+                config: BuildConfig, evidence: DetectorEvidence) -> ShardOutput:
     expander = expand_stage.make_expander(config.expand, config.prompts_dir, Path(out), run_id=flow_run.get_id(),
-                                          reliable=reliable)
+                                          evidence=evidence)
     result = expand_stage.expand(expander, _load(ingested, "images"), _load(cropped, "anatomy"),
                                  _load(cropped, "regions"))
     return _save(Path(out), stage, shard, key, {"expansions": result.expansions}, result.rejects, result.usage,
@@ -151,7 +170,8 @@ def chain_task(stage: str, shard: int, key: str, out: str, ingested: ShardOutput
 
 
 def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict, config: BuildConfig,
-               expand_prompts: str, chain_prompts: str, weights_sha: str, reliable: list[str], inp: Path, out: Path
+               expand_prompts: str, chain_prompts: str, weights_sha: str, evidence: DetectorEvidence, inp: Path,
+               out: Path
                ) -> dict[str, str]:
     """Every stage's cache key for one shard, each chained on the key before it. The input and
     output folders are part of it because rows hold absolute paths to images and crops."""
@@ -160,10 +180,10 @@ def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict,
                              shard_labels, config.ingest.model_dump())}
     keys["detect"] = digest(keys["ingest"], code_version("detect"),
                             config.detect.model_dump(exclude={"weights", "batch"}),  # batch changes speed only
-                            weights_sha)
-    keys["crop"] = digest(keys["detect"], code_version("crop"), config.crop.model_dump())
+                            weights_sha, evidence.model_dump())
+    keys["crop"] = digest(keys["detect"], code_version("crop"), config.crop.model_dump(), evidence.model_dump())
     keys["expand"] = digest(keys["crop"], code_version("expand"), code_version("expand_openai"),
-                            config.expand.result_relevant(), expand_prompts, reliable)
+                            config.expand.result_relevant(), expand_prompts, evidence.model_dump())
     keys["chain"] = digest(keys["expand"], code_version("chain"), config.chain.model_dump(),
                            config.write.model_dump(include={"val_fraction", "test_fraction"}), chain_prompts)
     return keys
@@ -182,16 +202,19 @@ def write_task(out: str, ingested: list[ShardOutput], cropped: list[ShardOutput]
     files = write_stage.write_dataset(records, Path(out), config.write)
     write_stage.write_rejects(rejects, Path(out))
     regions = [r for output in cropped for r in _load(output, "regions")]
-    write_card(Path(out), records, regions, about)
+    anatomies = [a for output in cropped for a in _load(output, "anatomy")]
+    # Where the detector stood on these photographs: said plainly when it was out of its domain.
+    domain = domain_report(images, anatomies, regions, DetectorEvidence(validated=about["detector"]["validated_on"]))
+    write_card(Path(out), records, regions, {**about, "detector_domain": domain})
     # The multiple-choice benchmark: held-out (test split) images only, never in train or val.
     held_out = {r.sha256 for r in records if r.split == "test"}
-    questions = benchmark.build_benchmark(images, [a for o in cropped for a in _load(o, "anatomy")], regions,
-                                          held_out, seed=config.chain.seed)
+    questions = benchmark.build_benchmark(images, anatomies, regions, held_out, seed=config.chain.seed)
     benchmark.write_benchmark(questions, Path(out) / "benchmark" / "test.parquet")
     to_vlmevalkit_tsv(questions, Path(out) / "benchmark" / "test.tsv", embed_images=True)  # self-contained
     consistency = {"flagged_records": len(flagged), "dropped_records": len(flagged) if config.expand.drop_flagged else 0,
                    "flags": dict(sorted(Counter(f.split(":")[0] for r in flagged for f in r.flags).items()))}
     return {"files": files, **write_stage.summarise(records, rejects), "consistency": consistency,
+            "detector_domain": domain,
             "benchmark": {"questions": len(questions), "images": len({q.sha256 for q in questions}),
                           "per_task": dict(sorted(Counter(q.clinical_task for q in questions).items()))}}
 
@@ -232,6 +255,11 @@ def _publish(stage_rows: dict[str, list[dict]], summary: dict, out: Path, reject
         lines += [f"| {k} | {v} |" for k, v in summary["model_usage"].items()]
     if not summary["complete"]:
         lines += ["", f"**Incomplete**: shards to finish on the next run: {summary['incomplete_shards']}"]
+    domain = summary.get("detector_domain") or {}
+    if domain.get("disc_source"):
+        lines += ["", f"Optic disc from: {domain['disc_source']}; fovea from: {domain['fovea_source']}"]
+    if domain.get("warning"):
+        lines += ["", f"**Warning:** {domain['warning']}"]
     if summary.get("consistency", {}).get("flagged_records"):
         lines += ["", f"Consistency flags: {summary['consistency']}"]
     create_markdown_artifact(key="fundusgen-summary", markdown="\n".join(lines), description="FundusGen build summary")
@@ -263,13 +291,14 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
 
     weights = detect_stage.weights_path(config.detect)
     weights_sha = detect_stage.weights_sha256(weights)
-    # Detector classes whose silence may be stated as an absent finding (held-out mAP50).
-    reliable = detect_stage.reliable_classes(weights, config.expand.negative_min_map50)
+    # Per kind of photograph (real, synthetic): the classes the detector was validated on, and
+    # those whose silence may be stated as an absent finding (mAP50 measured on that kind).
+    evidence = DetectorEvidence.of(weights, config.expand.negative_min_map50)
     if no_cache:
         config = config.model_copy(deep=True)
         config.expand.openai.cache = False
     run_id = flow_run.get_id()
-    expander = expand_stage.make_expander(config.expand, config.prompts_dir, out, run_id=run_id)
+    expander = expand_stage.make_expander(config.expand, config.prompts_dir, out, run_id=run_id, evidence=evidence)
     chain_prompts = chain_stage.all_templates(config.prompts_dir, config.chain.languages)
     expand_fp, chain_fp = fingerprint(expander.prompts), fingerprint(chain_prompts)
 
@@ -280,7 +309,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     for shard, start in enumerate(range(0, len(sources), config.shard_size)):
         batch = sources[start:start + config.shard_size]
         shard_labels = {s.relpath: matched[s.relpath] for s in batch if matched[s.relpath]}
-        keys = stage_keys(batch, shard_labels, config, expand_fp, chain_fp, weights_sha, reliable, inp, out)
+        keys = stage_keys(batch, shard_labels, config, expand_fp, chain_fp, weights_sha, evidence, inp, out)
         common = dict(shard=shard, out=str(out), config=config)
         stale = no_cache
 
@@ -299,8 +328,8 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
 
         i = submit("ingest", input_dir=str(inp), sources=batch, labels=shard_labels)
         d = submit("detect", ingested=i)
-        c = submit("crop", ingested=i, detected=d)
-        e = submit("expand", ingested=i, cropped=c, reliable=reliable)
+        c = submit("crop", ingested=i, detected=d, evidence=evidence)
+        e = submit("expand", ingested=i, cropped=c, evidence=evidence)
         submit("chain", ingested=i, cropped=c, expanded=e)
 
     stage_rows: dict[str, list[dict]] = {}
@@ -336,7 +365,9 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         "output_dir": str(out),
         "config": _public(config),
         "detector": {"weights": str(weights), "sha256": weights_sha,
-                     "negatives_stated_for": [c for c in reliable if c in LESIONS]},
+                     "validated_on": evidence.validated,
+                     "negatives_stated_for": {domain: [c for c in classes if c in LESIONS]
+                                              for domain, classes in evidence.reliable.items()}},
         "expand_backend": expander.name,
         "prompts": [{"id": p.id, "version": p.version, "sha256": p.sha256}
                     for p in [*expander.prompts, *chain_prompts]],
@@ -371,6 +402,8 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         close_run(run_id)
     logger.info("wrote %d records (%s) to %s; %d rejects", result["records"], result["records_per_task"],
                 out / "dataset", result["rejects"])
+    if result["detector_domain"].get("warning"):
+        logger.warning(result["detector_domain"]["warning"])
     if errors:  # everything that finished is written above; now say clearly why the run is not whole
         raise RuntimeError(f"{len(errors)} shard-stage(s) failed; the dataset holds the rest. First: {errors[0]}")
     return manifest

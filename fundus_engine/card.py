@@ -73,8 +73,12 @@ def write_card(out: Path, records: list[InstructionRecord], regions: list[Region
     splits = ("train", "val", "test")
     lines = [f"# FundusGen dataset card", "",
              f"{len(records)} instruction records from {len(used)} images, built by Fundus-Engine "
-             f"{about.get('engine_version')} on {about.get('created_at')}.", "",
-             "## Records per task and split", ""]
+             f"{about.get('engine_version')} on {about.get('created_at')}.", ""]
+    detector = about.get("detector", {})
+    domain = about.get("detector_domain") or {}
+    if domain.get("warning"):
+        lines += [f"**Warning:** {domain['warning']}", ""]
+    lines += ["## Records per task and split", ""]
     lines += _table(("task", *splits, "all"), [(t, *(tasks[(t, s)] for s in splits), sum(tasks[(t, s)] for s in splits))
                                                for t in sorted({t for t, _ in tasks})])
     images_per_split = Counter(s for _, s in {(r.sha256, r.split) for r in records})
@@ -85,20 +89,26 @@ def write_card(out: Path, records: list[InstructionRecord], regions: list[Region
     lines += ["", "## Boxes per class", ""]
     per_class = Counter(r.label for r in regions)
     sources = Counter((r.label, r.source) for r in regions)
-    lines += _table(("class", "boxes", "from labels", "from the detector"),
-                    [(c, per_class[c], sources[(c, "ground_truth")], sources[(c, "model")])
+    lines += _table(("class", "boxes", "from labels", "from the detector", "from the localiser"),
+                    [(c, per_class[c], sources[(c, "ground_truth")], sources[(c, "model")], sources[(c, "localiser")])
                      for c in CLASS_NAMES if per_class[c]])
     diagnoses = Counter(r.diagnosis for r in records if r.task == "disease_diagnosis" and r.language == "en")
     lines += ["", "## Diagnoses (images)", ""] + _table(("diagnosis", "images"), sorted(diagnoses.items()))
     lines += ["", "## Box sizes and positions", "", f"![box sizes]({sizes.name})", f"![box positions]({positions.name})",
               "", "## How it was made", "",
-              f"- Detector: `{about.get('detector', {}).get('weights')}` sha256 "
-              f"`{about.get('detector', {}).get('sha256', '')[:16]}`",
-              f"- Absent findings stated where the labels annotate a class exhaustively, and from the "
-              f"detector only for: {', '.join(about.get('detector', {}).get('negatives_stated_for', [])) or 'no class'} "
-              "(held-out mAP50 at or above `expand.negative_min_map50`)",
+              f"- Detector: `{detector.get('weights')}` sha256 `{detector.get('sha256', '')[:16]}`",
+              "- Detector validated on: " + ("; ".join(
+                  f"{domain} photographs ({', '.join(classes)})" for domain, classes in detector.get("validated_on", {}).items()
+                  if classes) or "nothing (no validation in its metadata)"),
+              "- Absent findings stated where the labels annotate a class exhaustively, and from the detector only "
+              "for (held-out mAP50 on that kind of photograph at or above `expand.negative_min_map50`): "
+              + "; ".join(f"{domain} photographs: {', '.join(classes) or 'no class'}"
+                          for domain, classes in detector.get("negatives_stated_for", {}).items()),
               f"- Expand backend: {about.get('expand_backend')}"]
     lines += [f"- Prompt `{p['id']}` version {p['version']} sha256 `{p['sha256'][:16]}`" for p in about.get("prompts", [])]
+    if domain:
+        lines += ["", "## Detector domain", "", f"Images: {domain['images']}; disc from: {domain['disc_source']}; "
+                  f"fovea from: {domain['fovea_source']}; mean detector confidence: {domain['detector_mean_confidence']}"]
     lines += ["", "Configuration:", "", "```json", json.dumps(about.get("config", {}), indent=2), "```", ""]
     path = card / "README.md"
     path.write_text("\n".join(lines))

@@ -126,9 +126,9 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
             return str(getattr(module, macro or task)(*args)).strip()
         return prompt.render(**{**context, **kw})
 
-    if "disease_diagnosis" in by_task:
+    if image.diagnosis and "disease_diagnosis" in by_task:  # none where the evidence does not determine one
         add("disease_diagnosis", [(pick("disease_diagnosis"), answer("disease_diagnosis"))])
-    if image.grade and "severity_grading" in by_task:
+    if image.diagnosis and image.grade and "severity_grading" in by_task:
         add("severity_grading", [(pick("severity_grading", kind=grading_family(record, image.grade)),
                                   answer("severity_grading"))])
 

@@ -67,23 +67,30 @@ def serve(limit: Optional[int] = typer.Option(None, help="flow runs at once")):
 @app.command("train-detector")
 def train_detector(config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON of TrainDetectorParams (masks go here)"),
                    out: Optional[Path] = typer.Option(None, "--out", help="weights file to write (.pt)"),
+                   dataset: list[Path] = typer.Option([], "--dataset", help="folder in a public layout: IDRiD, DDR, "
+                                                      "FGADR, e-ophtha, images/<DATASET> + masks/<DATASET> (repeatable)"),
                    yolo: list[Path] = typer.Option([], "--yolo", help="YOLO-format folder (repeatable)"),
                    coco: list[str] = typer.Option([], "--coco", help="COCO JSON, or JSON:IMAGES_DIR (repeatable)"),
                    synthetic: Optional[int] = typer.Option(None, help="synthetic photographs to add"),
+                   folds: Optional[int] = typer.Option(None, help="k-fold cross-validation on the real photographs"),
                    unlabelled: Optional[Path] = typer.Option(None, help="unlabelled images for self-training"),
                    rounds: Optional[int] = typer.Option(None, help="self-training rounds"),
                    confidence: Optional[float] = typer.Option(None, help="pseudo-label confidence threshold"),
                    epochs: Optional[int] = typer.Option(None), imgsz: Optional[int] = typer.Option(None),
+                   batch: Optional[int] = typer.Option(None),
+                   base_model: Optional[str] = typer.Option(None, help="model .yaml (from scratch) or local .pt weights"),
                    held_out: Optional[Path] = typer.Option(None, help="dataset.yaml to validate on")):
-    """Train a detector from YOLO folders, COCO JSON, lesion masks and synthetic images, offline."""
+    """Train a detector from public dataset layouts, YOLO folders, COCO JSON, lesion masks and synthetic images, offline."""
     import yaml
 
     from flows.train_detector import TrainDetectorParams, train_detector as flow
 
     data = yaml.safe_load(config.read_text()) if config else {}
-    flags = {"output": out, "synthetic": synthetic, "unlabelled": unlabelled, "self_training_rounds": rounds,
-             "pseudo_label_confidence": confidence, "epochs": epochs, "imgsz": imgsz, "held_out": held_out}
+    flags = {"output": out, "synthetic": synthetic, "folds": folds, "unlabelled": unlabelled,
+             "self_training_rounds": rounds, "pseudo_label_confidence": confidence, "epochs": epochs, "imgsz": imgsz,
+             "batch": batch, "base_model": base_model, "held_out": held_out}
     data.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+    data["datasets"] = [*data.get("datasets", []), *map(str, dataset)]
     data["yolo"] = [*data.get("yolo", []), *map(str, yolo)]
     data["coco"] = [*data.get("coco", []), *({"annotations": c.split(":", 1)[0],
                                                "images": c.split(":", 1)[1] if ":" in c else None} for c in coco)]
@@ -93,11 +100,17 @@ def train_detector(config: Optional[Path] = typer.Option(None, "--config", help=
         console.print(f"[red]error:[/red] {config or 'options'}: {exc}")
         raise typer.Exit(2)
     meta = flow(params)
-    table = Table("class", "mAP50", title=f"{params.output}: held-out mAP50 {meta['validation']['mAP50']}")
-    for name, ap in meta["validation"]["per_class_mAP50"].items():
-        table.add_row(name, str(ap))
-    console.print(table)
-    for r in meta["self_training"]:
+    for v in meta["validations"]:
+        folds_run = v.get("folds", [])
+        table = Table("class", *(f"fold {f['fold'] + 1}" for f in folds_run), "mAP50",
+                      title=f"{params.output}: {v['domain']} photographs, {v['method']}, {v['images']} images "
+                            f"({', '.join(v['datasets'])}): mAP50 {v['mAP50']}")
+        for name, ap in v["per_class_mAP50"].items():
+            table.add_row(name, *(str(f["per_class_mAP50"].get(name, "-")) for f in folds_run), str(ap))
+        console.print(table)
+    if not meta["validations"]:
+        console.print("no held-out images with annotated boxes: the weights carry no validation")
+    for r in meta["self_training"][1:]:
         console.print(f"round {r['round']}: {r['pseudo_images']} pseudo-labelled images, mAP50 {r['mAP50']}")
 
 
@@ -161,10 +174,15 @@ def score_reports(out: Path = typer.Argument(..., help="output folder of a build
 def inspect(out: Path = typer.Argument(..., help="output folder of a build"),
             stage: Optional[str] = typer.Option(None, help="ingest, detect, crop, expand, chain or dataset"),
             rows: int = typer.Option(3, help="sample rows to show"),
-            overlays: int = typer.Option(4, help="overlay PNGs to write")):
-    """Per-stage counts and sample rows; overlay PNGs of the boxes for a sample."""
+            overlays: int = typer.Option(4, help="overlay images to write"),
+            max_side: int = typer.Option(1280, help="longest side of an overlay, pixels"),
+            overlay_format: str = typer.Option("jpg", help="overlay file format: jpg or png")):
+    """Per-stage counts and sample rows; overlays of the boxes and landmarks for a sample."""
     from fundus_engine import inspect as ins
 
+    if overlay_format not in ("jpg", "png"):
+        console.print(f"[red]error:[/red] --overlay-format {overlay_format!r}: jpg or png")
+        raise typer.Exit(2)
     try:
         manifest = ins.manifest(out)
     except FileNotFoundError as exc:
@@ -184,7 +202,7 @@ def inspect(out: Path = typer.Argument(..., help="output folder of a build"),
         console.rule(f"{stage or 'dataset'} {table_name if table_name != '*' else ''}")
         for row in ins.sample_rows(out, stage or "dataset", rows, table=table_name):
             console.print_json(json.dumps(row, default=str))
-    for path in ins.write_overlays(out, overlays):
+    for path in ins.write_overlays(out, overlays, max_side=max_side, fmt=overlay_format):
         console.print(f"overlay: {path}")
 
 
@@ -202,6 +220,11 @@ def _print_summary(manifest: dict) -> None:
     if manifest.get("model_usage"):
         console.print(f"model usage: {manifest['model_usage']}")
     console.print(f"dataset: {manifest['output_dir']}/dataset  ({manifest['wall_seconds']} s)")
+    domain = manifest.get("detector_domain") or {}
+    if domain.get("disc_source"):
+        console.print(f"optic disc from: {domain['disc_source']}")
+    if domain.get("warning"):
+        console.print(f"[bold yellow]warning:[/bold yellow] {domain['warning']}")
 
 
 if __name__ == "__main__":

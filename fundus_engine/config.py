@@ -45,6 +45,11 @@ class DetectConfig(Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:0', ...")
     ground_truth: Literal["prefer", "ignore"] = Field(
         "prefer", description="use boxes from the labels manifest instead of predictions where an image has them")
+    out_of_domain: Literal["drop", "keep"] = Field(
+        "drop", description="predicted lesion and cup boxes of classes the detector was never validated on for "
+                            "the image's domain (real or synthetic photographs, from the weights metadata): drop "
+                            "them (default), or keep them as findings. Disc and fovea boxes are always kept and "
+                            "checked against the image-analysis localiser at crop")
 
 
 class CropConfig(Section):

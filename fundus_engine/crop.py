@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -16,7 +17,9 @@ from PIL import Image
 from fundus_engine.config import CropConfig
 from fundus_engine.ingest import decode
 from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Region, Reject
-from fundus_engine.vocabulary import BY_NAME
+from fundus_engine.evidence import DetectorEvidence
+from fundus_engine.landmarks import Landmarks, locate_landmarks
+from fundus_engine.vocabulary import ANATOMY, BY_NAME
 
 STAGE = "crop"
 
@@ -39,29 +42,124 @@ def box_999(xyxy: list[float], width: int, height: int) -> list[int]:
     return [x1, y1, x2, y2]
 
 
-def anatomy(record: ImageRecord, detections: list[Detection]) -> Anatomy:
-    """Disc and fovea from labels where given, otherwise from the detector."""
-    best = {d.label: d for d in sorted(detections, key=lambda d: d.confidence)}
+AGREE_DD = 0.5  # detector and localiser centres closer than this (in disc diameters) agree
+FOVEA_DD = (1.5, 3.5)  # a plausible disc-fovea distance (clinically ~2.5, range ~2.0-3.0)
+
+
+def _box_around(point: Point, side: float) -> list[float]:
+    return [round(point.x - side / 2, 1), round(point.y - side / 2, 1), round(point.x + side / 2, 1),
+            round(point.y + side / 2, 1)]
+
+
+def _localised(record: ImageRecord, label: str, point: Point, dd: float, score: float) -> Detection:
+    """The localiser's disc or fovea as a region: a one-disc-diameter box, as the detector draws them."""
+    return Detection(sha256=record.sha256, region_id=f"{record.sha256[:12]}-loc-{label}", label=label,
+                     xyxy=_box_around(point, dd), confidence=round(min(1.0, max(0.0, score)), 4), source="localiser")
+
+
+def _fovea_plausible(fovea: Point | None, disc: Point | None, dd: float | None) -> bool:
+    if fovea is None or disc is None or not dd:
+        return fovea is not None
+    return FOVEA_DD[0] <= math.hypot(fovea.x - disc.x, fovea.y - disc.y) / dd <= FOVEA_DD[1]
+
+
+def anatomy(record: ImageRecord, detections: list[Detection], found: Landmarks | None = None,
+            trusted: Iterable[str] = ANATOMY) -> tuple[Anatomy, list[Detection]]:
+    """Disc and fovea from labels where given, else the detector's box where the localiser agrees
+    with it, the localiser where the detector is silent or disagrees and is not validated on this
+    kind of photograph (`trusted`: the anatomy classes it is). Returns the anatomy and the
+    detections with the disc and fovea boxes actually used."""
+    trusted = set(trusted)
+    best = {d.label: d for d in sorted(detections, key=lambda d: d.confidence) if d.label in ANATOMY}
+    others = [d for d in detections if d.label not in ("optic_disc", "fovea")]
+    used: list[Detection] = []
+    notes: list[str] = []
+    loc_disc = Point(x=found.disc_centre[0], y=found.disc_centre[1]) if found and found.disc_centre else None
+    loc_dd = found.disc_diameter_px if found and found.disc_centre else None
+
     disc_box = best.get("optic_disc")
-    cup_box = best.get("optic_cup")
-    disc_centre = record.disc or (centre(disc_box.xyxy) if disc_box else None)
-    disc_diameter = None
-    if disc_box:
-        disc_diameter = ((disc_box.xyxy[2] - disc_box.xyxy[0]) + (disc_box.xyxy[3] - disc_box.xyxy[1])) / 2
-    fovea_centre = record.fovea or (centre(best["fovea"].xyxy) if "fovea" in best else None)
+    det_disc = centre(disc_box.xyxy) if disc_box else None
+    det_dd = ((disc_box.xyxy[2] - disc_box.xyxy[0]) + (disc_box.xyxy[3] - disc_box.xyxy[1])) / 2 if disc_box else None
+    disc_centre = disc_diameter = disc_source = None
+    if disc_box and disc_box.source == "ground_truth":
+        disc_centre, disc_diameter, disc_source = det_disc, det_dd, "label"
+    elif det_disc and loc_disc:
+        gap = math.hypot(det_disc.x - loc_disc.x, det_disc.y - loc_disc.y) / loc_dd
+        if gap <= AGREE_DD:
+            disc_centre, disc_diameter, disc_source = det_disc, det_dd, "detector+localiser"
+        elif "optic_disc" in trusted:
+            disc_centre, disc_diameter, disc_source = det_disc, det_dd, "detector"
+            notes.append(f"optic disc: the localiser's is {gap:.1f} DD from the detector's; detector used "
+                         "(validated on this kind of photograph)")
+        else:
+            disc_centre, disc_diameter, disc_source = loc_disc, loc_dd, "localiser"
+            notes.append(f"optic disc: the detector's is {gap:.1f} DD from the localiser's; localiser used "
+                         "(the detector is not validated on this kind of photograph)")
+    elif det_disc and "optic_disc" in trusted:
+        disc_centre, disc_diameter, disc_source = det_disc, det_dd, "detector"
+    elif loc_disc:
+        disc_centre, disc_diameter, disc_source = loc_disc, loc_dd, "localiser"
+    if disc_source in ("label", "detector", "detector+localiser"):
+        used.append(disc_box)
+    elif disc_source == "localiser":
+        used.append(_localised(record, "optic_disc", loc_disc, loc_dd, found.disc_score))
+        others = [d for d in others if d.label != "optic_cup"]  # a cup inside a disc that is not there
+    if record.disc:  # a labelled centre outranks both; the diameter still comes from a box
+        if disc_source == "localiser":
+            used[-1] = _localised(record, "optic_disc", record.disc, loc_dd, found.disc_score)
+        disc_centre, disc_source = record.disc, "label"
+
+    loc_fovea = Point(x=found.fovea_centre[0], y=found.fovea_centre[1]) if found and found.fovea_centre else None
+    det_fovea = centre(best["fovea"].xyxy) if "fovea" in best else None
+    fovea_centre = fovea_source = None
+    det_ok = det_fovea is not None and ("fovea" in trusted or best["fovea"].source == "ground_truth" or (
+        loc_fovea is not None and math.hypot(det_fovea.x - loc_fovea.x, det_fovea.y - loc_fovea.y)
+        <= AGREE_DD * (disc_diameter or loc_dd or 1)))
+    if det_ok and _fovea_plausible(det_fovea, disc_centre, disc_diameter):
+        agree = loc_fovea is not None and math.hypot(det_fovea.x - loc_fovea.x, det_fovea.y - loc_fovea.y) <= \
+            AGREE_DD * (disc_diameter or 1)
+        fovea_centre, fovea_source = det_fovea, "detector+localiser" if agree else "detector"
+        if best["fovea"].source == "ground_truth":
+            fovea_source = "label"
+        used.append(best["fovea"])
+    elif loc_fovea is not None and _fovea_plausible(loc_fovea, disc_centre, disc_diameter):
+        fovea_centre, fovea_source = loc_fovea, "localiser"
+        used.append(_localised(record, "fovea", loc_fovea, disc_diameter or loc_dd, found.fovea_score))
+        if det_fovea is not None:
+            notes.append("fovea: the detector's is implausible or not validated here; localiser used")
+    elif det_fovea is not None:
+        notes.append("fovea: the detector's is implausible or not validated here, and the localiser found none")
+    if record.fovea:
+        if fovea_source == "localiser":
+            used[-1] = _localised(record, "fovea", record.fovea, disc_diameter or loc_dd, found.fovea_score)
+        fovea_centre, fovea_source = record.fovea, "label"
+
+    cup_box = next((d for d in others if d.label == "optic_cup"), None)
     cup_to_disc = None
-    if disc_box and cup_box:  # vertical cup-to-disc ratio, as glaucoma screening uses
+    if disc_box and cup_box and disc_source in ("label", "detector", "detector+localiser"):
+        # vertical cup-to-disc ratio, as glaucoma screening uses
         cup_to_disc = round((cup_box.xyxy[3] - cup_box.xyxy[1]) / max(1e-6, disc_box.xyxy[3] - disc_box.xyxy[1]), 3)
     laterality, source = record.laterality, "label"
+    seen, _ = _inferred_laterality(disc_centre, fovea_centre, found)
     if laterality == "unknown":
-        # The disc is nasal to the fovea: on the viewer's right in a right eye.
-        if disc_centre and fovea_centre and abs(disc_centre.x - fovea_centre.x) > 1:
-            laterality, source = ("OD" if disc_centre.x > fovea_centre.x else "OS"), "disc_position"
-        else:
-            source = "unknown"
-    return Anatomy(sha256=record.sha256, laterality=laterality, laterality_source=source,
+        laterality, source = seen, ("unknown" if seen == "unknown" else "inferred")
+    elif seen != "unknown" and seen != laterality:  # a mirrored photograph, or a wrong label
+        notes.append(f"laterality: labelled {laterality}, but the disc's side of the fovea says {seen}")
+    anat = Anatomy(sha256=record.sha256, laterality=laterality, laterality_source=source,
                    disc_centre=disc_centre, disc_diameter_px=round(disc_diameter, 2) if disc_diameter else None,
-                   fovea_centre=fovea_centre, cup_to_disc=cup_to_disc)
+                   disc_source=disc_source, fovea_centre=fovea_centre, fovea_source=fovea_source,
+                   cup_to_disc=cup_to_disc, landmark_disagreement=notes)
+    return anat, sorted(used + others, key=lambda d: d.region_id)
+
+
+def _inferred_laterality(disc: Point | None, fovea: Point | None, found: Landmarks | None) -> tuple[str, str]:
+    """The disc is nasal to the fovea: on the viewer's right in a right eye. Without a fovea, a
+    disc well off the centre of the field of view tells the side too."""
+    if disc and fovea and abs(disc.x - fovea.x) > 1:
+        return ("OD" if disc.x > fovea.x else "OS"), "inferred"
+    if disc and found and abs(disc.x - found.fov_centre[0]) > 0.2 * found.fov_radius:
+        return ("OD" if disc.x > found.fov_centre[0] else "OS"), "inferred"
+    return "unknown", "unknown"
 
 
 def clock_hour(dx: float, dy: float) -> int:
@@ -160,10 +258,10 @@ def exif_rotated(path: Path) -> bool:
         return False
 
 
-def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, config: CropConfig
-               ) -> tuple[Anatomy, list[Region]]:
+def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, config: CropConfig,
+               trusted: Iterable[str] = ANATOMY) -> tuple[Anatomy, list[Region]]:
     rgb = decode(Path(record.path))
-    anat = anatomy(record, detections)
+    anat, detections = anatomy(record, detections, locate_landmarks(rgb), trusted)
     regions = []
     marked_labels = set()
     image_dir = Path(out_dir) / record.sha256[:16]
@@ -186,15 +284,18 @@ def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, 
     return anat, regions
 
 
-def crop(records: list[ImageRecord], detections: list[Detection], out_dir: Path, config: CropConfig
-         ) -> tuple[list[Anatomy], list[Region], list[Reject]]:
+def crop(records: list[ImageRecord], detections: list[Detection], out_dir: Path, config: CropConfig,
+         evidence: DetectorEvidence | None = None) -> tuple[list[Anatomy], list[Region], list[Reject]]:
+    """`evidence`: which anatomy classes the detector may be trusted on for each kind of photograph
+    (where it disagrees with the localiser); without it the detector is trusted."""
     by_image: dict[str, list[Detection]] = {}
     for d in detections:
         by_image.setdefault(d.sha256, []).append(d)
     anatomies, regions, rejects = [], [], []
     for record in records:
         try:
-            anat, found = crop_image(record, by_image.get(record.sha256, []), out_dir, config)
+            trusted = ANATOMY if evidence is None else evidence.reliable_for(record)
+            anat, found = crop_image(record, by_image.get(record.sha256, []), out_dir, config, trusted)
         except (ValueError, OSError) as exc:
             rejects.append(Reject(stage=STAGE, item=record.path, reason=str(exc)))
             continue

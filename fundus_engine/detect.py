@@ -9,14 +9,17 @@ import functools
 import json
 import threading
 from pathlib import Path
+from typing import Iterable
 
 from fundus_engine.config import DetectConfig
+from fundus_engine.evidence import image_domain, validated_classes
 from fundus_engine.ingest import cached_sha256, file_version
 from fundus_engine.models import Detection, ImageRecord, Reject
 from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 from fundus_engine.yolo import ultralytics
 
 STAGE = "detect"
+LANDMARKS = {"optic_disc", "fovea"}
 DEMO_WEIGHTS = Path(__file__).parent / "weights" / "demo_detector.pt"
 _predict_lock = threading.Lock()  # a YOLO predictor is not safe to call from two threads at once
 
@@ -30,19 +33,6 @@ def weights_path(config: DetectConfig) -> Path:
 
 def weights_sha256(path: Path) -> str:
     return cached_sha256(path)
-
-
-def reliable_classes(weights: Path, min_map50: float) -> list[str]:
-    """Classes whose held-out mAP50 (from the metadata JSON beside the weights) reaches
-    `min_map50`: only their silence is evidence of absence. Weights without metrics vouch
-    for nothing."""
-    meta_path = Path(weights).with_suffix(".json")
-    if not meta_path.is_file():
-        return []
-    meta = json.loads(meta_path.read_text())
-    metrics = meta.get("validation") or meta.get("synthetic_validation") or {}
-    return sorted(canonical_class(name) for name, ap in metrics.get("per_class_mAP50", {}).items()
-                  if ap is not None and ap >= min_map50)
 
 
 def covered_by_labels(record: ImageRecord) -> set[str]:
@@ -113,6 +103,15 @@ def from_labels(record: ImageRecord) -> list[Detection]:
     return _numbered(record.sha256, found)
 
 
+def in_domain(predicted: list[Detection], validated: Iterable[str], config: DetectConfig) -> list[Detection]:
+    """A detector speaks for a photograph only in classes it was validated on for that kind of
+    photograph; disc and fovea boxes stay, because crop checks them against the localiser."""
+    if config.out_of_domain == "keep":
+        return predicted
+    allowed = set(validated) | LANDMARKS
+    return [d for d in predicted if d.label in allowed]
+
+
 def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detection], list[Reject]]:
     """Predicted boxes; with `ground_truth: prefer`, an image's labelled boxes replace the
     predictions of the classes its labels cover, and predictions fill the others (lesion-only
@@ -130,7 +129,9 @@ def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detec
             to_predict.append(record)
     if not to_predict:
         return detections, rejects
-    model = load_model(weights_path(config))
+    weights = weights_path(config)
+    validated = validated_classes(weights)  # per domain: the classes the detector may speak for
+    model = load_model(weights)
     device = resolve_device(config.device)
     options = dict(imgsz=config.imgsz, conf=config.confidence, iou=config.iou, device=device,
                    half=device.startswith("cuda"), batch=config.batch, verbose=False)
@@ -151,7 +152,8 @@ def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detec
         for record, result in zip(batch, results):
             if result is None:
                 continue
-            predicted = _from_result(record.sha256, result)
+            predicted = _numbered(record.sha256, in_domain(_from_result(record.sha256, result),
+                                                           validated[image_domain(record)], config))
             if config.ground_truth == "prefer":
                 covered = covered_by_labels(record)
                 predicted = _numbered(record.sha256, from_labels(record)

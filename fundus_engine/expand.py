@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from fundus_engine import __version__
 from fundus_engine.config import ExpandConfig
+from fundus_engine.evidence import DetectorEvidence, assessed_lesions
 from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageRecord, Provenance, Region,
                                   RegionDescription, Reject)
 from fundus_engine.prompts import Prompt, load
@@ -39,37 +40,15 @@ class Expander(Protocol):
     def expand_shard(self, items: list[tuple[ImageRecord, Anatomy, list[Region]]]) -> ExpandResult: ...
 
 
-def implied_lesions(record: ImageRecord) -> set[str]:
-    """Lesions an image's labelled diagnosis or grade implies, which must never be stated absent
-    (a proliferative DR label with "no neovascularisation" teaches a contradiction)."""
-    grade = record.dr_grade
-    if grade is None and record.grade in DR_GRADES:
-        grade = DR_GRADES.index(record.grade)
-    implied = set()
-    if grade is not None and grade >= 1:
-        implied.add("microaneurysm")  # the international scale's mildest sign
-    if grade is not None and grade >= 3:
-        implied.add("haemorrhage")
-    if grade == 4:
-        implied.add("neovascularisation")
-    if record.diagnosis and AMD.casefold() in record.diagnosis.casefold():
-        implied.add("drusen")
-    return implied
-
-
-def assessed_lesions(record: ImageRecord, reliable: Iterable[str] = ()) -> list[str]:
-    """Lesion classes whose absence may be stated for this image: annotated exhaustively by its
-    labels, or found reliably by the detector; minus what its labelled diagnosis implies. A
-    weak detector's silence is no evidence of absence."""
-    vouched = set(record.labelled_classes) | set(reliable)
-    implied = implied_lesions(record)
-    return [label for label in LESIONS if label in vouched and label not in implied]
-
-
 def absence_phrase(labels: list[str]) -> str:
     names = [BY_NAME[label].report_finding for label in labels]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"the absence of {listed}"
+
+
+def _counted(label: str, count: int) -> str:
+    """"3 haemorrhages", "1 drusen": a finding stated as its count."""
+    return f"{count} {BY_NAME[label].display.lower()}{'s' if count > 1 and label != 'drusen' else ''}"
 
 
 def infer_diagnosis(counts: Counter, cup_to_disc: float | None) -> tuple[str, str | None, list[str]]:
@@ -82,7 +61,7 @@ def infer_diagnosis(counts: Counter, cup_to_disc: float | None) -> tuple[str, st
         return counts.get(label, 0)
 
     def plural(label):
-        return f"{n(label)} {BY_NAME[label].display.lower()}{'s' if n(label) > 1 and label != 'drusen' else ''}"
+        return _counted(label, n(label))
 
     if n("neovascularisation"):
         return DR, DR_GRADES[4], [f"{plural('neovascularisation')} at the disc"]
@@ -101,8 +80,7 @@ def infer_diagnosis(counts: Counter, cup_to_disc: float | None) -> tuple[str, st
 
 def _supporting(diagnosis: str, counts: Counter, cup_to_disc: float | None) -> list[str]:
     """Findings that bear on a labelled diagnosis, stated as counts."""
-    evidence = [f"{c} {BY_NAME[label].display.lower()}{'s' if c > 1 and label != 'drusen' else ''}"
-                for label, c in sorted(counts.items())
+    evidence = [_counted(label, c) for label, c in sorted(counts.items())
                 if label in LESIONS and any(diagnosis.lower() in d.lower() or d.lower() in diagnosis.lower()
                                             for d in BY_NAME[label].diseases)]
     if diagnosis == GLAUCOMA and cup_to_disc is not None:
@@ -115,11 +93,12 @@ class OfflineExpander:
 
     name = "offline"
 
-    def __init__(self, config: ExpandConfig, prompts_dir: str | None = None, reliable: Iterable[str] = ()):
+    def __init__(self, config: ExpandConfig, prompts_dir: str | None = None,
+                 evidence: DetectorEvidence = DetectorEvidence()):
         self.config = config
         self.prompt = load("expand/offline", prompts_dir)
         self.prompts = [self.prompt]
-        self.reliable = tuple(reliable)  # detector classes whose silence means absent
+        self.evidence = evidence  # what the detector may say about each kind of photograph
 
     def provenance(self) -> Provenance:
         return Provenance(backend=self.name, model="knowledge-table", prompt_id=self.prompt.id,
@@ -130,16 +109,19 @@ class OfflineExpander:
         text = self.prompt.module(knowledge=BY_NAME)
         lesions = [r for r in regions if r.label in LESIONS]
         counts = Counter(r.label for r in lesions)
-        assessed = assessed_lesions(record, self.reliable)
+        assessed = assessed_lesions(record, self.evidence)
         if record.diagnosis:
             diagnosis, grade, source = record.diagnosis, record.grade, "label"
             evidence = _supporting(diagnosis, counts, anatomy.cup_to_disc)
         elif record.grade and record.dr_grade == 0:
             diagnosis, grade, source = NORMAL, record.grade, "label"
             evidence = _supporting(NORMAL, counts, anatomy.cup_to_disc)
-        else:
+        elif self.evidence.grounds_diagnosis(record):
             diagnosis, grade, evidence = infer_diagnosis(counts, anatomy.cup_to_disc)
             source = "inferred"
+        else:  # a lesion nothing looked for may be there: say less, never guess "normal"
+            diagnosis, grade, source = None, None, "undetermined"
+            evidence = [_counted(label, c) for label, c in sorted(counts.items(), key=lambda kv: LESIONS.index(kv[0]))]
         absent = [label for label in assessed if label not in counts]
         if diagnosis == NORMAL and not counts and absent:
             evidence = [absence_phrase(absent)]
@@ -171,15 +153,15 @@ class OfflineExpander:
 
 
 def make_expander(config: ExpandConfig, prompts_dir: str | None = None, out: Path | None = None,
-                  run_id: str | None = None, reliable: Iterable[str] = ()) -> Expander:
-    """`reliable`: the detector classes whose silence may be stated as an absent finding."""
+                  run_id: str | None = None, evidence: DetectorEvidence = DetectorEvidence()) -> Expander:
+    """`evidence`: what the detector may say (present, absent) about each kind of photograph."""
     if config.backend == "offline":
-        return OfflineExpander(config, prompts_dir, reliable)
+        return OfflineExpander(config, prompts_dir, evidence)
     if config.backend == "openai":
         from fundus_engine.expand_openai import OpenAIExpander
 
         cache_dir = Path(out) / ".cache" / "llm" if out else None
-        return OpenAIExpander(config.openai, prompts_dir, cache_dir=cache_dir, run_id=run_id, reliable=reliable)
+        return OpenAIExpander(config.openai, prompts_dir, cache_dir=cache_dir, run_id=run_id, evidence=evidence)
     raise ValueError(f"unknown expand backend {config.backend!r}")
 
 

@@ -22,7 +22,6 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import cv2
@@ -31,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from fundus_engine import __version__
 from fundus_engine.config import OpenAIConfig
+from fundus_engine.evidence import DetectorEvidence, assessed_lesions
 from fundus_engine.ingest import cached_sha256, file_version
 from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageFindings, ImageRecord, Provenance,
                                   Region, RegionDescription, RegionFindings, Reject)
@@ -253,9 +253,9 @@ class OpenAIExpander:
     name = "openai"
 
     def __init__(self, config: OpenAIConfig, prompts_dir: str | None = None, cache_dir: Path | None = None,
-                 run_id: str | None = None, reliable: Iterable[str] = ()):
+                 run_id: str | None = None, evidence: DetectorEvidence = DetectorEvidence()):
         self.config = config
-        self.reliable = tuple(reliable)
+        self.evidence = evidence
         self.image_prompt = load("expand/openai_image", prompts_dir)
         self.region_prompt = load("expand/openai_region", prompts_dir)
         self.prompts = [self.image_prompt, self.region_prompt]
@@ -478,11 +478,9 @@ class OpenAIExpander:
                                  positive_findings=findings.positive_findings,
                                  negative_findings=findings.negative_findings, diagnosis=diagnosis, grade=grade,
                                  diagnosis_source=source, evidence=findings.evidence or [findings.diagnosis])
-        from fundus_engine.expand import assessed_lesions
-
         return Expansion(sha256=record.sha256, image=image, regions=described, provenance=self.provenance(),
                          flags=consistency_flags(findings, record, anatomy, regions),
-                         assessed_lesions=assessed_lesions(record, self.reliable))
+                         assessed_lesions=assessed_lesions(record, self.evidence))
 
 
 def with_schema_instruction(messages: list[dict], output: type[BaseModel]) -> list[dict]:

@@ -16,7 +16,9 @@ import cv2
 import numpy as np
 
 from fundus_engine.config import IMAGE_EXTENSIONS, IngestConfig
+from fundus_engine.fundus_check import not_a_fundus_photograph
 from fundus_engine.models import ImageRecord, LabelBox, Point, Quality, Reject
+from fundus_engine.synth import is_synthetic
 from fundus_engine.vocabulary import DR, DR_GRADES, canonical_class, canonical_diagnosis
 
 STAGE = "ingest"
@@ -280,8 +282,11 @@ def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: In
     if quality.fov_coverage < config.min_fov_coverage:
         return Reject(stage=STAGE, item=str(path),
                       reason=f"no retina visible: field of view covers {quality.fov_coverage:.0%} of the frame")
+    if (not_fundus := not_a_fundus_photograph(rgb)) is not None:
+        return Reject(stage=STAGE, item=str(path), reason=not_fundus)
     return ImageRecord(sha256=source.sha256, path=str(path.resolve()), relpath=source.relpath,
-                       width=width, height=height, quality=quality, phash=perceptual_hash(rgb), **(labels or {}))
+                       width=width, height=height, quality=quality, phash=perceptual_hash(rgb),
+                       synthetic=is_synthetic(path), **(labels or {}))
 
 
 def ingest(root: Path, sources: list[SourceFile], labels: dict[str, dict], config: IngestConfig

@@ -11,7 +11,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Laterality = Literal["OD", "OS", "unknown"]
-BoxSource = Literal["model", "ground_truth"]
+BoxSource = Literal["model", "ground_truth", "localiser"]
+# Where a landmark (disc or fovea centre) came from: the labels, the detector's box, the
+# image-analysis localiser (fundus_engine.landmarks), or the detector confirmed by the localiser.
+LandmarkSource = Literal["label", "detector", "localiser", "detector+localiser"]
 TaskType = Literal[
     "disease_diagnosis",
     "severity_grading",
@@ -72,6 +75,9 @@ class ImageRecord(Row):
     labelled_classes: list[str] = []
     quality: Quality
     phash: str | None = None  # 256-bit dHash, hex: near-duplicates are kept in one split
+    # Marked as such by `fundus_engine.synth`; everything else is a real photograph, and only
+    # evidence validated on real photographs may speak for it.
+    synthetic: bool = False
 
 
 class Reject(Row):
@@ -97,10 +103,14 @@ class Anatomy(Row):
 
     sha256: str
     laterality: Laterality
-    laterality_source: Literal["label", "disc_position", "unknown"]
+    laterality_source: Literal["label", "inferred", "unknown"]  # inferred: from the disc's side of the fovea
     disc_centre: Point | None = None
     disc_diameter_px: float | None = None
+    disc_source: LandmarkSource | None = None
     fovea_centre: Point | None = None
+    fovea_source: LandmarkSource | None = None
+    # Where the detector and the localiser disagreed, what each said and which was used.
+    landmark_disagreement: list[str] = []
     cup_to_disc: float | None = None
     # An upright copy of a photograph that relies on EXIF orientation: trainers open images with
     # PIL, which ignores it, and the boxes are measured in the upright frame.
@@ -158,9 +168,9 @@ class ImageDescription(Row):
     anatomy: str
     positive_findings: list[str]
     negative_findings: list[str]
-    diagnosis: str
+    diagnosis: str | None  # None: not determined from the evidence available (no diagnosis or grading record)
     grade: str | None = None
-    diagnosis_source: Literal["label", "inferred", "model"]
+    diagnosis_source: Literal["label", "inferred", "model", "undetermined"]
     evidence: list[str]
 
 

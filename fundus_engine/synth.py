@@ -255,6 +255,31 @@ def _lesion(label, rng, shape, site, unit, dd):
     raise ValueError(f"no renderer for {label!r}")
 
 
+SYNTHETIC_MARK = b"fundus-engine synthetic fundus photograph"
+
+
+def write_marked_jpeg(path: Path, rgb: np.ndarray, quality: int = 92) -> None:
+    """A JPEG carrying SYNTHETIC_MARK in a comment segment, so ingest can tell a generated eye
+    from a real photograph: evidence validated on synthetic images may speak only for these."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise OSError(f"{path}: could not encode image")
+    data = buf.tobytes()
+    comment = b"\xff\xfe" + (len(SYNTHETIC_MARK) + 2).to_bytes(2, "big") + SYNTHETIC_MARK
+    Path(path).write_bytes(data[:2] + comment + data[2:])  # right after the SOI marker
+
+
+def is_synthetic(path: Path) -> bool:
+    """True for a photograph written by this generator (its JPEG comment says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.info.get("comment") == SYNTHETIC_MARK
+    except OSError:
+        return False
+
+
 def generate(out: Path, n: int, seed: int = 0, size: int = 512, full_labels: bool = False) -> list[SyntheticImage]:
     """Write n images in YOLO layout (images/, labels/) plus `labels.json` and `dataset.yaml`.
 
@@ -269,7 +294,7 @@ def generate(out: Path, n: int, seed: int = 0, size: int = 512, full_labels: boo
         image, truth = render(seed, i, size)
         name = f"synth_s{seed}_{i:05d}_{truth.laterality}.jpg"
         truth.image = f"images/{name}"
-        cv2.imwrite(str(out / truth.image), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        write_marked_jpeg(out / truth.image, image)
         lines = []
         for b in truth.boxes:
             x1, y1, x2, y2 = b.xyxy

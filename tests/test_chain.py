@@ -12,12 +12,13 @@ from fundus_engine.chain import box_text, chain, grounded, plural, templates
 from fundus_engine.config import ChainConfig, CropConfig, ExpandConfig, IngestConfig, WriteConfig
 from fundus_engine.crop import box_999, crop, region_facts
 from fundus_engine.detect import from_labels
+from fundus_engine.evidence import DOMAINS, DetectorEvidence
 from fundus_engine.expand import OfflineExpander, expand
 from fundus_engine.ingest import ingest, load_labels, scan
 from fundus_engine.models import Anatomy, ImageRecord, InstructionRecord, Point, Quality, Region
 from fundus_engine.prompts import PROMPTS_DIR
 from fundus_engine.synth import generate
-from fundus_engine.vocabulary import AMD, BY_NAME, DR, DR_GRADES, LESIONS
+from fundus_engine.vocabulary import AMD, BY_NAME, CLASS_NAMES, DR, DR_GRADES, LESIONS
 from fundus_engine.write import assign_split
 
 TASKS = {"disease_diagnosis", "severity_grading", "region_identification", "region_detection", "report_generation",
@@ -27,6 +28,12 @@ QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
 # Strict InternVL grounding: <ref>Name</ref><box>[[x1, y1, x2, y2], ...]</box>
 BOX = r"\[\d{1,3}, \d{1,3}, \d{1,3}, \d{1,3}\]"
 GROUNDED = re.compile(rf"<ref>([^<>]+)</ref><box>(\[{BOX}(?:, {BOX})*\])</box>")
+
+
+def vouching(lesions) -> DetectorEvidence:
+    """A detector validated on every class for both kinds of photograph, reliable for `lesions`."""
+    return DetectorEvidence(validated={d: list(CLASS_NAMES) for d in DOMAINS},
+                            reliable={d: list(lesions) for d in DOMAINS})
 
 
 def _image(sha: str, patient: str, laterality: str, **labels):
@@ -69,7 +76,7 @@ def _run(images, config=ChainConfig(), prompts_dir=None):
     anatomies = [a for _, a, _ in images]
     regions = [x for _, _, rs in images for x in rs]
     # A detector trusted for every lesion class (its silence is stated as absence).
-    expansions = expand(OfflineExpander(ExpandConfig(), reliable=LESIONS), records, anatomies, regions).expansions
+    expansions = expand(OfflineExpander(ExpandConfig(), evidence=vouching(LESIONS)), records, anatomies, regions).expansions
     return chain(records, anatomies, regions, expansions, config, WriteConfig(), prompts_dir)
 
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from fundus_engine.config import CropConfig, IngestConfig
-from fundus_engine.crop import (anatomy, box_999, clock_hour, colour_name, context_window, crop, crop_image,
+from fundus_engine.landmarks import Landmarks
+from fundus_engine.crop import (anatomy, centre, box_999, clock_hour, colour_name, context_window, crop, crop_image,
                                 mark, mean_colour, quadrant, region_facts)
 from fundus_engine.detect import from_labels
 from fundus_engine.ingest import ingest, load_labels, scan
 from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Quality, Reject
-from fundus_engine.synth import generate
+from fundus_engine.synth import generate, render
 
 QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
 
@@ -159,29 +160,87 @@ def test_region_facts_are_unknown_without_disc_or_fovea():
 def test_anatomy_from_detections_infers_laterality_from_the_disc():
     dets = [_det("optic_disc", [0, 0, 10, 10], conf=0.3), _det("optic_disc", [300, 200, 400, 300], conf=0.9),
             _det("optic_cup", [330, 220, 370, 280]), _det("fovea", [75, 225, 125, 275])]
-    anat = anatomy(_record(), dets)
+    anat, _ = anatomy(_record(), dets)
     assert anat.disc_centre == Point(x=350, y=250)  # the more confident disc
     assert anat.disc_diameter_px == 100.0
     assert anat.fovea_centre == Point(x=100, y=250)
     assert anat.cup_to_disc == 0.6  # vertical: 60 / 100
-    assert (anat.laterality, anat.laterality_source) == ("OD", "disc_position")
+    assert (anat.laterality, anat.laterality_source) == ("OD", "inferred")
 
     mirrored = [_det(d.label, [400 - d.xyxy[2], d.xyxy[1], 400 - d.xyxy[0], d.xyxy[3]], d.confidence) for d in dets]
-    assert (anatomy(_record(), mirrored).laterality, anatomy(_record(), mirrored).laterality_source) == (
-        "OS", "disc_position")
+    mirrored_anat, _ = anatomy(_record(), mirrored)
+    assert (mirrored_anat.laterality, mirrored_anat.laterality_source) == ("OS", "inferred")
 
 
 def test_anatomy_prefers_labels_and_says_unknown_when_it_must():
     dets = [_det("optic_disc", [300, 200, 400, 300]), _det("fovea", [75, 225, 125, 275])]
     labelled = _record(laterality="OS", disc=Point(x=340, y=240), fovea=Point(x=90, y=260))
-    anat = anatomy(labelled, dets)
+    anat, _ = anatomy(labelled, dets)
     assert (anat.laterality, anat.laterality_source) == ("OS", "label")
+    # the disc is right of the fovea, which says OD: the label stands and the conflict is recorded
+    assert anat.landmark_disagreement == ["laterality: labelled OS, but the disc's side of the fovea says OD"]
     assert anat.disc_centre == Point(x=340, y=240) and anat.fovea_centre == Point(x=90, y=260)
     assert anat.disc_diameter_px == 100.0 and anat.cup_to_disc is None  # no cup detected
 
-    empty = anatomy(_record(), [])
+    empty, _ = anatomy(_record(), [])
     assert (empty.laterality, empty.laterality_source) == ("unknown", "unknown")
     assert empty.disc_centre is None and empty.fovea_centre is None and empty.disc_diameter_px is None
+
+
+# ------------------------------------------------------------------ detector + localiser
+
+def _found(disc=(350, 250), dd=100.0, fovea=(100, 260)) -> Landmarks:
+    return Landmarks(disc_centre=disc, disc_diameter_px=dd, disc_score=0.8, fovea_centre=fovea, fovea_score=0.6,
+                     fov_centre=(200, 200), fov_radius=190)
+
+
+def test_detector_box_is_used_where_the_localiser_agrees():
+    dets = [_det("optic_disc", [300, 200, 400, 300], n=0), _det("fovea", [75, 225, 125, 275], n=1)]
+    anat, used = anatomy(_record(), dets, _found(disc=(340, 245)), trusted=[])
+    assert (anat.disc_source, anat.fovea_source) == ("detector+localiser", "detector+localiser")
+    assert anat.disc_centre == Point(x=350, y=250) and anat.landmark_disagreement == []
+    assert [d.source for d in used] == ["model", "model"]
+
+
+def test_an_unvalidated_detector_that_disagrees_gives_way_to_the_localiser():
+    dets = [_det("optic_disc", [0, 0, 60, 60], n=0), _det("optic_cup", [10, 10, 40, 50], n=1),
+            _det("fovea", [330, 300, 370, 340], n=2)]  # a disc in the corner, a fovea 2.9 DD away from it
+    anat, used = anatomy(_record(), dets, _found(), trusted=[])
+    assert anat.disc_source == "localiser" and anat.disc_centre == Point(x=350, y=250)
+    assert anat.disc_diameter_px == 100.0 and anat.cup_to_disc is None  # no cup inside a disc that is not there
+    assert anat.fovea_source == "localiser" and anat.fovea_centre == Point(x=100, y=260)
+    assert anat.landmark_disagreement[0].startswith("optic disc: the detector's is 3.9 DD from the localiser's")
+    assert {(d.label, d.source) for d in used} == {("optic_disc", "localiser"), ("fovea", "localiser")}
+    disc = next(d for d in used if d.label == "optic_disc")
+    assert disc.xyxy == [300.0, 200.0, 400.0, 300.0] and disc.confidence == 0.8
+    assert (anat.laterality, anat.laterality_source) == ("OD", "inferred")
+
+
+def test_a_validated_detector_keeps_its_disc_and_the_disagreement_is_recorded():
+    dets = [_det("optic_disc", [0, 0, 60, 60], n=0)]
+    anat, used = anatomy(_record(), dets, _found(), trusted=["optic_disc", "fovea"])
+    assert anat.disc_source == "detector" and anat.disc_centre == Point(x=30, y=30)
+    assert anat.landmark_disagreement[0].endswith("detector used (validated on this kind of photograph)")
+
+
+def test_labelled_boxes_are_never_overridden_by_the_localiser():
+    truth = _det("optic_disc", [0, 0, 60, 60]).model_copy(update={"source": "ground_truth"})
+    anat, used = anatomy(_record(), [truth], _found(), trusted=[])
+    assert anat.disc_source == "label" and anat.disc_centre == Point(x=30, y=30) and used == [truth]
+
+
+def test_the_localiser_fills_in_where_the_detector_is_silent_and_says_less_when_unsure():
+    anat, used = anatomy(_record(), [], _found(fovea=None), trusted=[])
+    assert anat.disc_source == "localiser" and anat.fovea_centre is None and anat.fovea_source is None
+    assert [d.label for d in used] == ["optic_disc"]
+    # the disc is right of the field's centre: a right eye, recorded as inferred
+    assert (anat.laterality, anat.laterality_source) == ("OD", "inferred")
+    # a fovea 0.5 DD from the disc is not a fovea
+    anat, _ = anatomy(_record(), [], _found(fovea=(330, 250)), trusted=[])
+    assert anat.fovea_centre is None
+    # an unvalidated detector alone is not believed
+    anat, used = anatomy(_record(), [_det("optic_disc", [0, 0, 60, 60])], None, trusted=[])
+    assert anat.disc_centre is None and used == []
 
 
 # ------------------------------------------------------------------ colour
@@ -294,10 +353,15 @@ def test_crop_rejects_an_unreadable_image_and_goes_on(synthetic, tmp_path):
     assert len(regions) == len(detections) and {r.sha256 for r in regions} == {good.sha256}
     assert len(rejects) == 1 and rejects[0].stage == "crop" and rejects[0].item == str(tmp_path / "gone.jpg")
     assert isinstance(rejects[0], Reject)
-    # An image with no detections still gets its anatomy from the labels.
+    # An image with no detections still gets its disc and fovea from the labels, the disc's size
+    # (and its box, around the labelled centre) from the localiser.
     anatomies, regions, rejects = crop([good], [], tmp_path / "crops2", CropConfig())
-    assert regions == [] and rejects == [] and anatomies[0].fovea_centre == good.fovea
-    assert not Path(tmp_path / "crops2").exists() or not any(Path(tmp_path / "crops2").rglob("*.jpg"))
+    assert rejects == [] and anatomies[0].fovea_centre == good.fovea and anatomies[0].fovea_source == "label"
+    assert anatomies[0].disc_centre == good.disc and anatomies[0].disc_source == "label"
+    assert anatomies[0].disc_diameter_px > 0
+    disc, fovea = sorted(regions, key=lambda r: r.label != "optic_disc")
+    assert [(r.label, r.source) for r in (disc, fovea)] == [("optic_disc", "localiser"), ("fovea", "localiser")]
+    assert centre(disc.xyxy) == good.disc and centre(fovea.xyxy) == good.fovea
 
 
 def test_an_exif_rotated_photograph_gets_an_upright_copy_that_trainers_read_in_the_box_frame(tmp_path):
@@ -307,9 +371,9 @@ def test_an_exif_rotated_photograph_gets_an_upright_copy_that_trainers_read_in_t
 
     from fundus_engine.ingest import SourceFile, ingest_image, sha256_file
 
-    stored = np.zeros((300, 500, 3), np.uint8)
-    stored[..., 0] = 180
-    stored[40:80, 400:460] = (250, 240, 30)
+    stored = np.zeros((300, 500, 3), np.uint8)  # a fundus photograph on the right of a wide frame
+    stored[:, 200:] = render(0, 0, 300)[0]
+    stored[100:140, 380:440] = (250, 240, 30)
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed turned 90 degrees clockwise
     Image.fromarray(stored).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
@@ -321,7 +385,7 @@ def test_an_exif_rotated_photograph_gets_an_upright_copy_that_trainers_read_in_t
     assert (rotated.width, rotated.height) == (300, 500)  # the upright frame
     # In the upright frame the yellow patch sits near the bottom right: find it and box it.
     upright_rgb = cv2.cvtColor(cv2.imread(rotated.path), cv2.COLOR_BGR2RGB)
-    ys, xs = np.nonzero(upright_rgb[..., 1] > 200)
+    ys, xs = np.nonzero((upright_rgb[..., 1] > 200) & (upright_rgb[..., 2] < 80))
     box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
     detection = Detection(sha256=rotated.sha256, region_id="r-000", label="hard_exudate", xyxy=box,
                           confidence=0.9, source="model")

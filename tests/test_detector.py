@@ -92,13 +92,3 @@ def test_anatomy_only_labels_still_get_lesions_from_the_model(tmp_path):
     complete = records[0].model_copy(update={"label_boxes": everything, "labelled_classes": list(CLASS_NAMES)})
     detections, _ = detect([complete], DetectConfig(weights=str(tmp_path / "never-loaded.pt")))
     assert len(detections) == len(everything) and {d.source for d in detections} == {"ground_truth"}
-
-
-def test_reliable_classes_come_from_the_weights_metadata(tmp_path):
-    from fundus_engine.detect import reliable_classes
-
-    assert reliable_classes(DEMO_WEIGHTS, 0.5) == ["drusen", "fovea", "haemorrhage", "optic_disc", "soft_exudate"]
-    assert reliable_classes(DEMO_WEIGHTS, 0.995) == ["optic_disc"]
-    bare = tmp_path / "bare.pt"
-    bare.write_bytes(b"")
-    assert reliable_classes(bare, 0.5) == []  # no metrics, no vouching

@@ -11,17 +11,24 @@ import pytest
 import fundus_engine
 from fundus_engine.config import ExpandConfig
 from fundus_engine.crop import box_999, region_facts
+from fundus_engine.evidence import DOMAINS, DetectorEvidence
 from fundus_engine.expand import (GLAUCOMA_CUP_TO_DISC, OfflineExpander, expand, infer_diagnosis,
                                   make_expander)
 from fundus_engine.models import Anatomy, Expansion, ImageRecord, Point, Quality, Region
 from fundus_engine.prompts import PROMPTS_DIR
-from fundus_engine.vocabulary import AMD, BY_NAME, DR, DR_GRADES, GLAUCOMA, LESIONS, MENTIONS, NORMAL
+from fundus_engine.vocabulary import AMD, BY_NAME, CLASS_NAMES, DR, DR_GRADES, GLAUCOMA, LESIONS, MENTIONS, NORMAL
 
 SHA = "ab" * 32
 QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
 # A right eye, 400 x 400 px: disc of 100 px diameter at (350, 250), fovea at (100, 250).
 ANATOMY = Anatomy(sha256=SHA, laterality="OD", laterality_source="label", disc_centre=Point(x=350, y=250),
                   disc_diameter_px=100.0, fovea_centre=Point(x=100, y=250), cup_to_disc=0.35)
+
+def vouching(lesions) -> DetectorEvidence:
+    """A detector validated on every class for both kinds of photograph, reliable for `lesions`."""
+    return DetectorEvidence(validated={d: list(CLASS_NAMES) for d in DOMAINS},
+                            reliable={d: list(lesions) for d in DOMAINS})
+
 
 
 def _record(**kw) -> ImageRecord:
@@ -52,7 +59,7 @@ def _lesions() -> list[Region]:
 @pytest.fixture(scope="module")
 def expander() -> OfflineExpander:
     """As with a detector whose held-out mAP50 vouches for every lesion class."""
-    return OfflineExpander(ExpandConfig(), reliable=LESIONS)
+    return OfflineExpander(ExpandConfig(), evidence=vouching(LESIONS))
 
 
 # ------------------------------------------------------------------ infer_diagnosis
@@ -146,7 +153,7 @@ def test_no_lesions_gives_normal_with_every_finding_negative(expander):
 
 
 def test_disc_position_laterality_is_stated(expander):
-    anat = ANATOMY.model_copy(update={"laterality": "OS", "laterality_source": "disc_position"})
+    anat = ANATOMY.model_copy(update={"laterality": "OS", "laterality_source": "inferred"})
     exp = expander.expand(_record(laterality="unknown"), anat, [])
     assert exp.image.overview.startswith(
         "A colour fundus photograph of the left eye (OS), judged from the position of the optic disc, ")
@@ -176,13 +183,15 @@ def test_labelled_diagnosis_wins_and_is_supported_by_relevant_findings(expander)
 def test_a_weak_detector_states_no_absence_and_labels_do(expander):
     """Only classes the detector finds reliably (or the labels annotate) are stated absent, and a
     lesion the labelled diagnosis implies is never stated absent."""
-    weak = OfflineExpander(ExpandConfig(), reliable=["haemorrhage", "drusen"])
+    weak = OfflineExpander(ExpandConfig(), evidence=vouching(["haemorrhage", "drusen"]))
     exp = weak.expand(_record(), ANATOMY, _anatomy_regions())
     assert exp.assessed_lesions == ["haemorrhage", "drusen"]
     assert exp.image.negative_findings == ["intraretinal haemorrhage", "drusen"]
     assert exp.image.evidence == ["the absence of intraretinal haemorrhage and drusen"]
     blind = OfflineExpander(ExpandConfig()).expand(_record(), ANATOMY, _anatomy_regions())
-    assert blind.image.negative_findings == [] and blind.image.evidence == [] and blind.assessed_lesions == []
+    assert blind.image.negative_findings == [] and blind.assessed_lesions == []
+    # a detector that vouches for nothing grounds no diagnosis either: never "normal" from silence
+    assert (blind.image.diagnosis, blind.image.diagnosis_source, blind.image.evidence) == (None, "undetermined", [])
 
     labelled = _record(labelled_classes=["hard_exudate", "microaneurysm", "optic_disc"])
     assert OfflineExpander(ExpandConfig()).expand(labelled, ANATOMY, []).assessed_lesions == \
@@ -208,7 +217,7 @@ def test_an_edited_template_changes_text_and_provenance(tmp_path, expander):
     shutil.copytree(PROMPTS_DIR, prompts)
     path = prompts / "expand" / "offline.j2"
     path.write_text(path.read_text().replace("A colour fundus photograph", "A colour fundus image"))
-    edited = OfflineExpander(ExpandConfig(), prompts_dir=str(prompts)).expand(_record(), ANATOMY, [])
+    edited = OfflineExpander(ExpandConfig(), prompts_dir=str(prompts), evidence=vouching(LESIONS)).expand(_record(), ANATOMY, [])
     assert edited.image.overview.startswith("A colour fundus image of the right eye")
     assert edited.provenance.prompt_sha256 != expander.provenance().prompt_sha256
 
