@@ -63,81 +63,84 @@ def _fovea_plausible(fovea: Point | None, disc: Point | None, dd: float | None) 
     return FOVEA_DD[0] <= math.hypot(fovea.x - disc.x, fovea.y - disc.y) / dd <= FOVEA_DD[1]
 
 
+def _fuse(label: str, detected: Detection | None, located: Detection | None, trusted: bool, dd: float | None,
+          plausible) -> tuple[Detection | None, str | None, str | None]:
+    """One landmark from the detector's box and the localiser's: (the box used, its source, a note
+    on any disagreement). Labelled boxes stand; where both agree (within AGREE_DD) the detector's
+    box is used if it is validated on this kind of photograph, else the localiser's; where they
+    disagree, the validated detector, else the localiser; implausible positions are not used."""
+    name = BY_NAME[label].display.lower()
+    if detected and detected.source == "ground_truth":
+        return detected, "label", None
+    detected = detected if detected and plausible(centre(detected.xyxy)) else None
+    located = located if located and plausible(centre(located.xyxy)) else None
+    if detected and located:
+        a, b = centre(detected.xyxy), centre(located.xyxy)
+        gap = math.hypot(a.x - b.x, a.y - b.y) / (dd or 1)
+        if gap <= AGREE_DD:
+            return (detected if trusted else located), "detector+localiser", None
+        if trusted:
+            return detected, "detector", (f"{name}: the localiser's is {gap:.1f} DD from the detector's; detector "
+                                          "used (validated on this kind of photograph)")
+        return located, "localiser", (f"{name}: the detector's is {gap:.1f} DD from the localiser's; localiser "
+                                      "used (the detector is not validated on this kind of photograph)")
+    if detected and trusted:
+        return detected, "detector", None
+    if located:
+        return located, "localiser", None
+    if detected:
+        return None, None, f"{name}: the detector's is not validated on this kind of photograph and the localiser found none"
+    return None, None, None
+
+
+def _diameter(box: Detection) -> float:
+    return ((box.xyxy[2] - box.xyxy[0]) + (box.xyxy[3] - box.xyxy[1])) / 2
+
+
 def anatomy(record: ImageRecord, detections: list[Detection], found: Landmarks | None = None,
             trusted: Iterable[str] = ANATOMY) -> tuple[Anatomy, list[Detection]]:
-    """Disc and fovea from labels where given, else the detector's box where the localiser agrees
-    with it, the localiser where the detector is silent or disagrees and is not validated on this
-    kind of photograph (`trusted`: the anatomy classes it is). Returns the anatomy and the
-    detections with the disc and fovea boxes actually used."""
+    """Disc and fovea from labels where given, else fused from the detector and the image-analysis
+    localiser (`_fuse`; `trusted`: the anatomy classes the detector is validated on for this kind of
+    photograph). Returns the anatomy and the detections with the disc and fovea boxes actually used."""
     trusted = set(trusted)
     best = {d.label: d for d in sorted(detections, key=lambda d: d.confidence) if d.label in ANATOMY}
     others = [d for d in detections if d.label not in ("optic_disc", "fovea")]
-    used: list[Detection] = []
     notes: list[str] = []
-    loc_disc = Point(x=found.disc_centre[0], y=found.disc_centre[1]) if found and found.disc_centre else None
     loc_dd = found.disc_diameter_px if found and found.disc_centre else None
 
-    disc_box = best.get("optic_disc")
-    det_disc = centre(disc_box.xyxy) if disc_box else None
-    det_dd = ((disc_box.xyxy[2] - disc_box.xyxy[0]) + (disc_box.xyxy[3] - disc_box.xyxy[1])) / 2 if disc_box else None
-    disc_centre = disc_diameter = disc_source = None
-    if disc_box and disc_box.source == "ground_truth":
-        disc_centre, disc_diameter, disc_source = det_disc, det_dd, "label"
-    elif det_disc and loc_disc:
-        gap = math.hypot(det_disc.x - loc_disc.x, det_disc.y - loc_disc.y) / loc_dd
-        if gap <= AGREE_DD:
-            disc_centre, disc_diameter, disc_source = det_disc, det_dd, "detector+localiser"
-        elif "optic_disc" in trusted:
-            disc_centre, disc_diameter, disc_source = det_disc, det_dd, "detector"
-            notes.append(f"optic disc: the localiser's is {gap:.1f} DD from the detector's; detector used "
-                         "(validated on this kind of photograph)")
-        else:
-            disc_centre, disc_diameter, disc_source = loc_disc, loc_dd, "localiser"
-            notes.append(f"optic disc: the detector's is {gap:.1f} DD from the localiser's; localiser used "
-                         "(the detector is not validated on this kind of photograph)")
-    elif det_disc and "optic_disc" in trusted:
-        disc_centre, disc_diameter, disc_source = det_disc, det_dd, "detector"
-    elif loc_disc:
-        disc_centre, disc_diameter, disc_source = loc_disc, loc_dd, "localiser"
-    if disc_source in ("label", "detector", "detector+localiser"):
-        used.append(disc_box)
-    elif disc_source == "localiser":
-        used.append(_localised(record, "optic_disc", loc_disc, loc_dd, found.disc_score))
-        others = [d for d in others if d.label != "optic_cup"]  # a cup inside a disc that is not there
+    located = None
+    if loc_dd:
+        located = _localised(record, "optic_disc", Point(x=found.disc_centre[0], y=found.disc_centre[1]), loc_dd,
+                             found.disc_score)
+    disc_box, disc_source, note = _fuse("optic_disc", best.get("optic_disc"), located, "optic_disc" in trusted,
+                                        loc_dd, lambda p: True)
+    notes += [note] if note else []
+    disc_centre = centre(disc_box.xyxy) if disc_box else None
+    disc_diameter = _diameter(disc_box) if disc_box else None
+    if disc_source == "localiser" or disc_source is None:
+        others = [d for d in others if d.label != "optic_cup"]  # no cup without the disc it sits in
     if record.disc:  # a labelled centre outranks both; the diameter still comes from a box
-        if disc_source == "localiser":
-            used[-1] = _localised(record, "optic_disc", record.disc, loc_dd, found.disc_score)
+        if disc_box and disc_box.source == "localiser":
+            disc_box = _localised(record, "optic_disc", record.disc, disc_diameter, disc_box.confidence)
         disc_centre, disc_source = record.disc, "label"
 
-    loc_fovea = Point(x=found.fovea_centre[0], y=found.fovea_centre[1]) if found and found.fovea_centre else None
-    det_fovea = centre(best["fovea"].xyxy) if "fovea" in best else None
-    fovea_centre = fovea_source = None
-    det_ok = det_fovea is not None and ("fovea" in trusted or best["fovea"].source == "ground_truth" or (
-        loc_fovea is not None and math.hypot(det_fovea.x - loc_fovea.x, det_fovea.y - loc_fovea.y)
-        <= AGREE_DD * (disc_diameter or loc_dd or 1)))
-    if det_ok and _fovea_plausible(det_fovea, disc_centre, disc_diameter):
-        agree = loc_fovea is not None and math.hypot(det_fovea.x - loc_fovea.x, det_fovea.y - loc_fovea.y) <= \
-            AGREE_DD * (disc_diameter or 1)
-        fovea_centre, fovea_source = det_fovea, "detector+localiser" if agree else "detector"
-        if best["fovea"].source == "ground_truth":
-            fovea_source = "label"
-        used.append(best["fovea"])
-    elif loc_fovea is not None and _fovea_plausible(loc_fovea, disc_centre, disc_diameter):
-        fovea_centre, fovea_source = loc_fovea, "localiser"
-        used.append(_localised(record, "fovea", loc_fovea, disc_diameter or loc_dd, found.fovea_score))
-        if det_fovea is not None:
-            notes.append("fovea: the detector's is implausible or not validated here; localiser used")
-    elif det_fovea is not None:
-        notes.append("fovea: the detector's is implausible or not validated here, and the localiser found none")
+    located = None
+    if found and found.fovea_centre and (disc_diameter or loc_dd):
+        located = _localised(record, "fovea", Point(x=found.fovea_centre[0], y=found.fovea_centre[1]),
+                             disc_diameter or loc_dd, found.fovea_score)
+    fovea_box, fovea_source, note = _fuse("fovea", best.get("fovea"), located, "fovea" in trusted,
+                                          disc_diameter or loc_dd,
+                                          lambda p: _fovea_plausible(p, disc_centre, disc_diameter))
+    notes += [note] if note else []
+    fovea_centre = centre(fovea_box.xyxy) if fovea_box else None
     if record.fovea:
-        if fovea_source == "localiser":
-            used[-1] = _localised(record, "fovea", record.fovea, disc_diameter or loc_dd, found.fovea_score)
+        if fovea_box and fovea_box.source == "localiser":
+            fovea_box = _localised(record, "fovea", record.fovea, disc_diameter or loc_dd, fovea_box.confidence)
         fovea_centre, fovea_source = record.fovea, "label"
 
     cup_box = next((d for d in others if d.label == "optic_cup"), None)
     cup_to_disc = None
-    if disc_box and cup_box and disc_source in ("label", "detector", "detector+localiser"):
-        # vertical cup-to-disc ratio, as glaucoma screening uses
+    if disc_box and cup_box:  # vertical cup-to-disc ratio, as glaucoma screening uses
         cup_to_disc = round((cup_box.xyxy[3] - cup_box.xyxy[1]) / max(1e-6, disc_box.xyxy[3] - disc_box.xyxy[1]), 3)
     laterality, source = record.laterality, "label"
     seen, _ = _inferred_laterality(disc_centre, fovea_centre, found)
@@ -149,6 +152,7 @@ def anatomy(record: ImageRecord, detections: list[Detection], found: Landmarks |
                    disc_centre=disc_centre, disc_diameter_px=round(disc_diameter, 2) if disc_diameter else None,
                    disc_source=disc_source, fovea_centre=fovea_centre, fovea_source=fovea_source,
                    cup_to_disc=cup_to_disc, landmark_disagreement=notes)
+    used = [box for box in (disc_box, fovea_box) if box]
     return anat, sorted(used + others, key=lambda d: d.region_id)
 
 

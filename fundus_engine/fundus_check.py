@@ -33,12 +33,12 @@ DARK_FRACTION_OF_P99, DARK_MIN, DARK_MAX = 0.3, 20.0, 70.0
 MIN_DARK_CORNERS = 0.9  # corner patches dark: real 1.00 (all 69), synth 1.00; crops <= 0.50, photographs <= 0.32
 MIN_DARK_SIDES = 0.7  # left/right frame edges dark: real >= 0.89 (STARE im0044), synth 1.00; crops <= 0.50
 MIN_FIELD_FRACTION = 0.3  # field / frame: real 0.44 (EyePACS 10_left)-0.85 (HRF), synth 0.68-0.69; OCT 0.13
-MIN_HEIGHT_TO_DIAMETER = 0.55  # field height / its circle's diameter: real >= 0.70 (HRF, cut flat), synth 1.00; OCT <= 0.14
-MIN_CIRCULARITY = 0.85  # real >= 0.92 (STARE im0002), synth >= 0.99; OCT <= 0.64, crops partly bordered 0.73-0.88
+MIN_HEIGHT_TO_DIAMETER = 0.55  # field height / its circle diameter: real >= 0.70 (HRF, cut flat); OCT <= 0.14
+MIN_CIRCULARITY = 0.85  # real >= 0.92 (STARE im0002), synth >= 0.99; OCT <= 0.64
 
 # Colour of a full-field photograph (over the field): R > G > B, a red-orange hue, not near-grayscale.
 MAX_HUE = 45.0  # hue of the mean colour: real 7-35 degrees (HRF 13_h, STARE im0001), synth 11-20
-MIN_CHROMA = 0.15  # real >= 0.18 (EyePACS 10_right, a dim bluish-grey photograph), synth >= 0.76; tinted OCT 0.11
+MIN_CHROMA = 0.15  # real >= 0.18 (EyePACS 10_right, dim bluish-grey), synth >= 0.76; OCT 0.03-0.11, document 0.03
 
 # Naming what a rejected picture looks like (these never decide acceptance).
 DOC_WHITE = 0.5  # near-white unsaturated pixels: document scan 0.91; photographs <= 0.31, real fundus <= 0.02

@@ -31,7 +31,7 @@ def test_synth_build_inspect(tmp_path):
 
     result = runner.invoke(app, ["inspect", str(out), "--stage", "crop", "--rows", "1", "--overlays", "2"])
     assert result.exit_code == 0, result.output
-    overlays = sorted((out / "inspect").glob("*.overlay.png"))
+    overlays = sorted((out / "inspect").glob("*.overlay.jpg"))
     assert len(overlays) == 2
     assert cv2.imread(str(overlays[0])).shape == (512, 512, 3)
     # Ground-truth boxes were preferred over the detector, and inspect shows that source.

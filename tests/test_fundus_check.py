@@ -158,7 +158,8 @@ def test_ordinary_photographs_are_rejected(skimage_samples, tmp_path, name):
 def test_a_grayscale_photograph_is_rejected(skimage_samples, tmp_path):
     camera = skimage_samples["camera"]
     assert camera.ndim == 2
-    assert _reason(_ingest_array(tmp_path, "camera.png", camera)).startswith("grayscale image (no colour in any channel)")
+    reason = _reason(_ingest_array(tmp_path, "camera.png", camera))
+    assert reason.startswith("grayscale image (no colour in any channel)")
     # The check names it too, should a grayscale picture get past decode.
     assert not_a_fundus_photograph(np.repeat(camera[..., None], 3, axis=2)).startswith(NEAR_GRAY)
 
@@ -172,7 +173,8 @@ def oct_scan(seed: int = 0, tint=(1.0, 0.96, 1.05), height: int = 496, width: in
     scan = np.full((height, width), 12.0)
     rows = np.arange(height)[:, None]
     # (thickness, brightness) from the nerve fibre layer down to the choroid
-    for thickness, value in [(12, 210), (25, 120), (14, 60), (10, 140), (30, 55), (5, 200), (8, 150), (10, 240), (40, 90)]:
+    layers = [(12, 210), (25, 120), (14, 60), (10, 140), (30, 55), (5, 200), (8, 150), (10, 240), (40, 90)]
+    for thickness, value in layers:
         thick = thickness * (1 - 0.6 * fovea) if value in (120, 210) else np.full(width, float(thickness))
         scan[(rows >= top) & (rows < top + thick)] = value
         top = top + thick

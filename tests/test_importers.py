@@ -16,9 +16,11 @@ import yaml
 
 from fundus_engine.importers import (
     LabelledImage,
+    dataset_name,
     from_coco,
     from_masks,
     from_yolo,
+    kfold,
     mask_to_boxes,
     merge,
     unmatched_masks,
@@ -432,3 +434,85 @@ def test_ultralytics_accepts_written_dataset(tmp_path, monkeypatch):
                                                               CLASS_NAMES.index("hard_exudate")]
         total += len(dataset.labels)
     assert total == 6
+
+
+# ---------------------------------------------------------------- annotated classes, domain, folds
+
+
+def test_each_importer_says_which_classes_it_annotates(idrid, coco, tmp_path):
+    images, ex, he = idrid
+    assert {i.annotated_classes for i in from_masks(images, {"EX": ex})} == {("hard_exudate",)}
+    merged = merge(from_masks(images, {"HE": he}), from_masks(images, {"EX": ex}))
+    assert {i.annotated_classes for i in merged} == {("haemorrhage", "hard_exudate")}  # union, vocabulary order
+    path, _ = coco
+    assert {i.annotated_classes for i in from_coco(path, path.parent.parent / "imgs")} == \
+        {("haemorrhage", "hard_exudate")}
+    root = plain_yolo_folder(tmp_path / "yolo", "0 0.5 0.5 0.2 0.2\n")
+    assert from_yolo(root, names=["EX", "some odd name"])[0].annotated_classes == ("hard_exudate",)
+    item = from_masks(images, {"EX": ex})[0]
+    assert item.annotates("hard_exudate") and not item.annotates("optic_disc")
+    # an item that cannot say (hand-made, pseudo-labels) annotates everything, and merging it says so too
+    loose = LabelledImage(images / "IDRiD_01.jpg", W, H)
+    assert loose.annotated_classes is None and loose.annotates("optic_disc")
+    assert merge([item], [loose])[0].annotated_classes is None
+
+
+def test_dataset_names_skip_generic_folders(tmp_path):
+    assert dataset_name(tmp_path / "IDRiD" / "images" / "train") == "IDRiD"
+    assert dataset_name(tmp_path / "DDR" / "data") == "DDR"
+
+
+def test_synthetic_is_read_from_the_generators_mark(tmp_path):
+    from fundus_engine.synth import generate
+
+    generate(tmp_path / "synth", 2, seed=4, size=64)
+    marked = from_yolo(tmp_path / "synth")
+    assert [i.synthetic for i in marked] == [True, True]
+    copy = tmp_path / "copy" / "images" / "eye.jpg"  # the same pixels re-encoded without the mark: a real photograph
+    copy.parent.mkdir(parents=True)
+    cv2.imwrite(str(copy), cv2.imread(str(marked[0].image)))
+    assert LabelledImage(copy, 64, 64).synthetic is False
+    assert merge(marked)[0].synthetic is True
+
+
+def test_kfold_is_deterministic_balanced_and_keeps_duplicates_together(tmp_path):
+    items = make_items(tmp_path / "src", 7)
+    duplicate = tmp_path / "dup.png"
+    duplicate.write_bytes(Path(items[0].image).read_bytes())
+    items.append(LabelledImage(duplicate, W, H))
+    folds = kfold(items, 3, seed=0)
+    assert sorted(len(f) for f in folds) == [2, 3, 3]  # 7 distinct images dealt out in turn, + the duplicate
+    assert sorted(str(i.image) for f in folds for i in f) == sorted(str(i.image) for i in items)
+    together = [f for f in folds if any(i.image == duplicate for i in f)][0]
+    assert items[0] in together
+    assert [[i.image for i in f] for f in kfold(items, 3, seed=0)] == [[i.image for i in f] for f in folds]
+    assert [[i.image for i in f] for f in kfold(items, 3, seed=1)] != [[i.image for i in f] for f in folds]
+    with pytest.raises(ValueError, match="k >= 2"):
+        kfold(items, 1)
+    with pytest.raises(ValueError, match="at least 9 distinct images"):
+        kfold(items, 9)
+
+
+def test_write_downscales_large_images_and_keeps_labels(tmp_path):
+    from PIL import Image
+
+    from fundus_engine.synth import generate
+
+    big = write_image(tmp_path / "src" / "big.jpg", width=400, height=300, shade=1)
+    small = write_image(tmp_path / "src" / "small.png", width=40, height=30, shade=2)
+    generate(tmp_path / "synth", 1, seed=6, size=128)
+    synthetic = from_yolo(tmp_path / "synth")[0]
+    items = [LabelledImage(big, 400, 300, [LabelBox(label="optic_disc", xyxy=[100, 60, 200, 150])]),
+             LabelledImage(small, 40, 30, [LabelBox(label="hard_exudate", xyxy=[4, 3, 8, 6])]), synthetic]
+    root = write_yolo_dataset(items, tmp_path / "out", val_fraction=0, max_side=100).parent
+    written = {p.name: p for p in (root / "images" / "train").iterdir()}
+    with Image.open(written["big.jpg"]) as im:
+        assert im.size == (100, 75)
+    assert written["small.png"].read_bytes() == small.read_bytes()  # small enough: copied as it is
+    assert (root / "labels" / "train" / "big.txt").read_text() == "0 0.375000 0.350000 0.250000 0.300000\n"
+    from fundus_engine.synth import is_synthetic
+
+    synthetic_copy = written[Path(synthetic.image).name]
+    with Image.open(synthetic_copy) as im:
+        assert im.size == (100, 100)
+    assert is_synthetic(synthetic_copy)  # downscaled, still marked as generated

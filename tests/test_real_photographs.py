@@ -1,0 +1,96 @@
+"""A default build on real photographs (../shared/real_fundus, never copied into the project):
+no record denies a lesion or calls the eye normal where the labels show disease, the disc and
+fovea are found where they are, and the build says plainly that the demo detector is out of
+its domain."""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import cv2
+import pytest
+
+from flows.build_fundusgen import build_fundusgen
+from fundus_engine.config import BuildConfig
+from fundus_engine.models import Anatomy, ImageRecord, InstructionRecord
+from fundus_engine.tables import read_rows
+from fundus_engine.vocabulary import DR_GRADES, NORMAL
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real_fundus"
+pytestmark = pytest.mark.usefixtures("prefect_local")  # ../shared/real_fundus missing is a failure, not a skip
+
+# Words a record would use to deny a lesion or call the eye healthy.
+DENIAL = re.compile(r"\bno lesion is seen\b|\babsent:|\bthe absence of\b|^no\b|normal fundus|no diabetic retinopathy",
+                    re.I | re.M)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("real") / "out"
+    manifest = build_fundusgen(str(REAL / "images"), str(out), BuildConfig(shard_size=24))
+    return out, manifest
+
+
+def _diseased(images: list[ImageRecord]) -> set[str]:
+    """IDRiD photographs are all of DR patients (with hard-exudate masks); EyePACS by grade >= 1."""
+    grades = {row["image"]: int(row["dr_grade"]) for row in csv.DictReader(open(REAL / "images" / "labels.csv"))}
+    return {i.sha256 for i in images if i.relpath.startswith("IDRiD/") or grades.get(i.relpath, 0) >= 1}
+
+
+def test_every_real_photograph_is_accepted_and_counted_as_real(build):
+    out, manifest = build
+    images = read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)
+    assert len(images) == 69 and manifest["rejects"] == 0
+    assert not any(i.synthetic for i in images)
+
+
+def test_no_record_denies_a_lesion_or_calls_a_diseased_eye_normal(build):
+    out, _ = build
+    images = read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)
+    diseased = _diseased(images)
+    assert len(diseased) == 24  # 20 IDRiD + 4 EyePACS with DR grade >= 1
+    records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
+    on_diseased = [r for r in records if r.sha256 in diseased]
+    assert on_diseased
+    for r in on_diseased:
+        answers = "\n".join(t.value for t in r.conversations if t.from_ == "gpt")
+        assert not DENIAL.search(answers), (r.source_image_path, r.task, answers)
+        assert r.diagnosis != NORMAL and r.grade != DR_GRADES[0]
+    # Without labels nothing grounds a diagnosis: the unlabelled photographs get none, and say so.
+    unlabelled_idrid = [r for r in on_diseased if "IDRiD/" in r.source_image_path]
+    assert {r.task for r in unlabelled_idrid}.isdisjoint({"disease_diagnosis", "severity_grading", "finding_presence"})
+    chains = [r for r in unlabelled_idrid if r.task == "cognitive_chain"]
+    assert len(chains) == 20
+    assert all("diagnosis: not determined from the evidence available" in r.conversations[1].value for r in chains)
+    # Labelled grades still give diagnosis and grading records.
+    graded = {r.source_image_path.rsplit("/", 1)[-1]: r.conversations[1].value for r in records
+              if r.task == "severity_grading"}
+    assert graded["16_right.jpeg"].startswith(DR_GRADES[4]) and graded["10_left.jpeg"].startswith(DR_GRADES[0])
+
+
+def test_the_disc_used_by_the_records_is_inside_the_idrid_disc_mask(build):
+    out, _ = build
+    images = {i.sha256: i for i in read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)}
+    anatomies = read_rows(sorted((out / "stages" / "crop").glob("*.anatomy.parquet")), Anatomy)
+    assert sum(a.disc_centre is not None for a in anatomies) >= 0.95 * len(anatomies)
+    inside = 0
+    for a in anatomies:
+        relpath = images[a.sha256].relpath
+        if not relpath.startswith("IDRiD/") or a.disc_centre is None:
+            continue
+        mask = cv2.imread(str(REAL / "masks" / "IDRiD" / f"{Path(relpath).stem}__optic_disc.png"), cv2.IMREAD_GRAYSCALE)
+        inside += bool(mask[int(a.disc_centre.y), int(a.disc_centre.x)] > 127)
+    assert inside >= 19
+    assert all(a.laterality_source in ("label", "inferred", "unknown") for a in anatomies)
+    assert sum(a.laterality_source == "inferred" for a in anatomies) >= 55  # 61 unlabelled photographs
+
+
+def test_the_build_says_the_demo_detector_is_out_of_its_domain(build):
+    out, manifest = build
+    domain = manifest["detector_domain"]
+    assert domain["out_of_domain"] and domain["images"] == {"real": 69}
+    assert sum(domain["disc_source"]["real"].values()) == 69
+    assert "Remedy: train a detector on labelled real photographs" in domain["warning"]
+    assert domain["warning"] in (out / "card" / "README.md").read_text()
+    assert manifest["detector"]["negatives_stated_for"]["real"] == []
