@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast schemas bench bench-expand bench-detect bench-self-training clean
+.PHONY: install demo test test-fast schemas bench bench-expand bench-detect bench-self-training bench-real-anatomy clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,10 +27,13 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 
-bench: bench-expand bench-detect
+bench: bench-expand bench-detect bench-real-anatomy
 
 bench-self-training: install
 	$(PY) bench/self_training.py
+
+bench-real-anatomy: install
+	$(PY) bench/real_anatomy.py
 
 bench-detect: install
 	$(PY) bench/detect_throughput.py

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
@@ -39,6 +40,7 @@ from fundus_engine.card import write_card
 from fundus_engine.config import BuildConfig
 from fundus_engine.evidence import DetectorEvidence, domain_report
 from fundus_engine.expand_openai import redact_url
+from fundus_engine.publish import BuildLock, new_build_dir, publish
 from fundus_engine.export import to_vlmevalkit_tsv
 from fundus_engine.models import (Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject)
 from fundus_engine.prompts import fingerprint
@@ -190,7 +192,7 @@ def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict,
 
 
 @task(task_run_name="write")
-def write_task(out: str, ingested: list[ShardOutput], cropped: list[ShardOutput], chained: list[ShardOutput],
+def write_task(build_dir: str, ingested: list[ShardOutput], cropped: list[ShardOutput], chained: list[ShardOutput],
                rejects: list[Reject], config: BuildConfig, about: dict) -> dict:
     images = [r for output in ingested for r in _load(output, "images")]
     split_of = write_stage.split_images(images, config.write)  # patients and near-duplicates, across shards
@@ -199,18 +201,19 @@ def write_task(out: str, ingested: list[ShardOutput], cropped: list[ShardOutput]
     flagged = [r for r in records if r.flags]
     if config.expand.drop_flagged:
         records = [r for r in records if not r.flags]
-    files = write_stage.write_dataset(records, Path(out), config.write)
-    write_stage.write_rejects(rejects, Path(out))
+    out = Path(build_dir)
+    files = write_stage.write_dataset(records, out, config.write)
+    write_stage.write_rejects(rejects, out)
     regions = [r for output in cropped for r in _load(output, "regions")]
     anatomies = [a for output in cropped for a in _load(output, "anatomy")]
     # Where the detector stood on these photographs: said plainly when it was out of its domain.
     domain = domain_report(images, anatomies, regions, DetectorEvidence(validated=about["detector"]["validated_on"]))
-    write_card(Path(out), records, regions, {**about, "detector_domain": domain})
+    write_card(out, records, regions, {**about, "detector_domain": domain})
     # The multiple-choice benchmark: held-out (test split) images only, never in train or val.
     held_out = {r.sha256 for r in records if r.split == "test"}
     questions = benchmark.build_benchmark(images, anatomies, regions, held_out, seed=config.chain.seed)
-    benchmark.write_benchmark(questions, Path(out) / "benchmark" / "test.parquet")
-    to_vlmevalkit_tsv(questions, Path(out) / "benchmark" / "test.tsv", embed_images=True)  # self-contained
+    benchmark.write_benchmark(questions, out / "benchmark" / "test.parquet")
+    to_vlmevalkit_tsv(questions, out / "benchmark" / "test.tsv", embed_images=True)  # self-contained
     consistency = {"flagged_records": len(flagged), "dropped_records": len(flagged) if config.expand.drop_flagged else 0,
                    "flags": dict(sorted(Counter(f.split(":")[0] for r in flagged for f in r.flags).items()))}
     return {"files": files, **write_stage.summarise(records, rejects), "consistency": consistency,
@@ -273,11 +276,31 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     `no_cache` recomputes every stage and sends every model request again (the fresh answers
     still replace the cached ones).
     """
+    inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
+    run_id = flow_run.get_id()
+    with BuildLock(out, run=str(run_id)) as lock:  # a second build into OUT stops here, naming this one
+        if lock.taken_over:
+            get_run_logger().warning("took over the lock of a build that ended without releasing it: %s",
+                                     lock.taken_over)
+        try:
+            manifest = _build(inp, out, config, no_cache, run_id)
+        finally:  # the run-wide model ledger is closed however the run ends
+            if config.expand.backend == "openai":
+                from fundus_engine.expand_openai import close_run
+
+                close_run(run_id)
+    if not manifest["complete"]:  # finished, not whole: a state of its own, the manifest as its result
+        return Completed(name="Incomplete", data=manifest,
+                         message=f"incomplete: re-run the same build to finish {manifest['incomplete_shards']}")
+    return manifest
+
+
+def _build(inp: Path, out: Path, config: BuildConfig, no_cache: bool, run_id) -> dict:
     started = time.monotonic()
     logger = get_run_logger()
-    inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     storage = out / ".cache" / "prefect"
+    # This build's published outputs go to a folder of their own, made visible in one step at the end.
+    build_dir = new_build_dir(out, f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{str(run_id)[:8]}")
 
     labels, rejects = ingest_stage.load_labels(inp, config.ingest)
     sources, scan_rejects = ingest_stage.scan(inp, exclude=out,
@@ -297,7 +320,6 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     if no_cache:
         config = config.model_copy(deep=True)
         config.expand.openai.cache = False
-    run_id = flow_run.get_id()
     expander = expand_stage.make_expander(config.expand, config.prompts_dir, out, run_id=run_id, evidence=evidence)
     chain_prompts = chain_stage.all_templates(config.prompts_dir, config.chain.languages)
     expand_fp, chain_fp = fingerprint(expander.prompts), fingerprint(chain_prompts)
@@ -372,7 +394,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         "prompts": [{"id": p.id, "version": p.version, "sha256": p.sha256}
                     for p in [*expander.prompts, *chain_prompts]],
     }
-    result = write_task.with_options(result_storage=storage)(str(out), outputs["ingest"], outputs["crop"],
+    result = write_task.with_options(result_storage=storage)(str(build_dir), outputs["ingest"], outputs["crop"],
                                                              outputs["chain"], rejects, config, about)
     _prune(out, {str(out / "stages" / o.stage / Path(f).name.split(".")[0])
                  for stage in STAGES for o in outputs[stage] for f in o.files.values()})
@@ -394,12 +416,9 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         "incomplete_shards": unfinished,
         **result,
     }
-    write_stage.write_manifest(out, manifest)
+    write_stage.write_manifest(build_dir, manifest)  # last inside the build folder
+    publish(out, build_dir)  # dataset, manifest, card, benchmark and rejects switch together
     _publish(stage_rows, manifest, out, rejects, seconds)
-    if config.expand.backend == "openai":
-        from fundus_engine.expand_openai import close_run
-
-        close_run(run_id)
     logger.info("wrote %d records (%s) to %s; %d rejects", result["records"], result["records_per_task"],
                 out / "dataset", result["rejects"])
     if result["detector_domain"].get("warning"):

@@ -92,7 +92,8 @@ def write_card(out: Path, records: list[InstructionRecord], regions: list[Region
     lines += _table(("class", "boxes", "from labels", "from the detector", "from the localiser"),
                     [(c, per_class[c], sources[(c, "ground_truth")], sources[(c, "model")], sources[(c, "localiser")])
                      for c in CLASS_NAMES if per_class[c]])
-    diagnoses = Counter(r.diagnosis for r in records if r.task == "disease_diagnosis" and r.language == "en")
+    diagnoses = Counter(r.diagnosis or "not determined from the evidence available" for r in records
+                        if r.task == "cognitive_chain" and r.language == "en")
     lines += ["", "## Diagnoses (images)", ""] + _table(("diagnosis", "images"), sorted(diagnoses.items()))
     lines += ["", "## Box sizes and positions", "", f"![box sizes]({sizes.name})", f"![box positions]({positions.name})",
               "", "## How it was made", "",

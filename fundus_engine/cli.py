@@ -34,6 +34,9 @@ def synth(n: int = typer.Option(32, "--n", help="number of images"),
     console.print(f"wrote {len(records)} images to {out}: {counts}")
 
 
+EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 1, 2, 3  # `build`: 0 complete
+
+
 @app.command()
 def build(input: Path = typer.Option(..., "--input", help="folder of fundus images (+ labels.json/csv)"),
           out: Path = typer.Option(..., "--out", help="output folder"),
@@ -50,10 +53,19 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
         cfg = BuildConfig.load(config)
     except (ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     flow = build_fundusgen.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers)) if workers else build_fundusgen
-    manifest = flow(input_dir=str(input), output_dir=str(out), config=cfg, no_cache=no_cache)
+    try:
+        manifest = flow(input_dir=str(input), output_dir=str(out), config=cfg, no_cache=no_cache)
+    except Exception as exc:  # the flow has written what finished; say why it is not whole
+        console.print(f"[red]build failed:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILED)
     _print_summary(manifest)
+    if not manifest["complete"]:
+        console.print(f"[bold yellow]incomplete:[/bold yellow] shards left to finish {manifest['incomplete_shards']}; "
+                      "the dataset holds what finished. Re-run the same command to finish them (finished work and "
+                      "model answers are reused).")
+        raise typer.Exit(EXIT_INCOMPLETE)
 
 
 @app.command()

@@ -23,6 +23,8 @@ WORK_RADIUS = 256  # field-of-view radius in the working copy (px)
 DISC_FRACTION = 1 / 7  # disc diameter / field-of-view diameter, a 45-degree camera
 DISC_PRIOR = 2 * WORK_RADIUS * DISC_FRACTION  # prior disc diameter in work px (~73)
 FOVEA_DD = (2.0, 3.2)  # disc-fovea distance in disc diameters (anatomy: 2.0-3.0, centre 2.5)
+MIN_DISC_SCORE = 0.2  # below: the best blob has under half the vessel-trunk evidence of a typical patch
+MIN_FOVEA_SCORE = 0.1  # below: no spot a tenth as dark as the darkest 1% (exudate-filled macula)
 
 
 @dataclass(frozen=True)
@@ -122,15 +124,17 @@ def _box_mean(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> np.
     return cv2.boxFilter(image * m, -1, size) / np.maximum(cv2.boxFilter(m, -1, size), 1e-3)
 
 
-def _norm(score: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    top = float(np.percentile(score[mask], 99.9)) if mask.any() else 0.0
-    return np.clip(score / top, 0, 1) if top > 0 else np.zeros_like(score)
+def _inset(mask: np.ndarray, margin: float) -> np.ndarray:
+    """The mask shrunk by `margin` px, the frame's edge counting as outside (a field cut flat by
+    the frame has an edge there too)."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * int(margin) + 1,) * 2)
+    return cv2.erode(mask.astype(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
 
 
 def _long_structures(mask: np.ndarray, min_length: float) -> np.ndarray:
     """Keep connected pieces at least `min_length` long: vessels, not the dark gaps between
     exudates or the speckle of a grainy photograph."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     long = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]) >= min_length
     long[0] = False
     return long[labels]
@@ -144,7 +148,6 @@ class _Work:
     scale: tuple[float, float]  # (x, y) input px per work px
     centre: tuple[float, float]  # field-of-view centre in work px
     fov: np.ndarray  # bool, inside the field
-    inner: np.ndarray  # bool, inside the field and clear of its rim
     lum: np.ndarray  # luminance with the vessels closed over
     vessels: np.ndarray  # vessel contrast (black-hat / local background)
 
@@ -165,8 +168,7 @@ def _prepare(rgb: np.ndarray, fov_centre: tuple[float, float], fov_radius: float
     yy, xx = np.mgrid[: work.shape[0], : work.shape[1]].astype(np.float32)
     radial = np.hypot(xx - cx, yy - cy)
     fov = (radial < 0.97 * WORK_RADIUS) & (work.max(axis=2) > threshold)
-    fov = cv2.erode(fov.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    inner = fov & cv2.erode(fov.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+    fov = _inset(fov, 2)
     # outside the field, continue the field's own values so the dark rim reads as no vessel
     work = np.where(fov[..., None], work, _masked_blur(work, fov, DISC_PRIOR / 4))
     red, green = work[..., 0], work[..., 1]
@@ -176,10 +178,11 @@ def _prepare(rgb: np.ndarray, fov_centre: tuple[float, float], fov_radius: float
     background = cv2.medianBlur(np.clip(green, 0, 255).astype(np.uint8), int(DISC_PRIOR / 2) | 1).astype(np.float32)
     clipped = np.minimum(green, background)
     vessels = (cv2.morphologyEx(clipped, cv2.MORPH_CLOSE, kernel) - clipped) / np.maximum(background, 1)
-    vessels[~cv2.erode(fov.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)] = 0  # not the rim's shading
-    vessels *= _long_structures(vessels > np.percentile(vessels[fov], 88), 0.6 * DISC_PRIOR)
+    vessels[~_inset(fov, 4)] = 0  # not the rim's shading
+    if fov.any():  # the strongest 12%, in long pieces
+        vessels *= _long_structures(vessels > np.percentile(vessels[fov], 88), 0.6 * DISC_PRIOR)
     lum = cv2.morphologyEx(0.6 * green + 0.4 * red, cv2.MORPH_CLOSE, kernel)
-    return _Work(work, (x0, y0), (sx, sy), (cx, cy), fov, inner, lum, vessels)
+    return _Work(work, (x0, y0), (sx, sy), (cx, cy), fov, lum, vessels)
 
 
 def _disc_maps(work: _Work) -> tuple[np.ndarray, np.ndarray]:
@@ -240,7 +243,8 @@ def _find_disc(work: _Work) -> tuple[float, float, float, float] | None:
         return bright[p] / top * vertical[p] / vertical_typical * max(0.0, _radial_alignment(vessel_px, p[1], p[0], dd) + 0.5)
 
     py, px = max(candidates, key=score)
-    return (*_refine_disc(work, float(px), float(py)), score((py, px)))
+    raw = score((py, px))  # 0.5: the brightest blob, typical trunk density, no radial preference
+    return (*_refine_disc(work, float(px), float(py)), raw / (raw + 1))
 
 
 def _refine_disc(work: _Work, x: float, y: float) -> tuple[float, float, float]:
@@ -270,51 +274,59 @@ def _refine_disc(work: _Work, x: float, y: float) -> tuple[float, float, float]:
             break
         inside = labels == label
         cx, cy = float(xx[inside].mean()), float(yy[inside].mean())
-        diameter = math.sqrt(math.sqrt(4 * inside.sum() / math.pi) * dd)
+        measured = math.sqrt(4 * inside.sum() / math.pi)
+        if (inside & ~_inset(fov, 2)).any():  # cut by the field's edge: its height, the disc is ~4% taller than wide
+            measured = max(measured, 0.96 * (np.ptp(yy[inside]) + 1))
+        diameter = math.sqrt(measured * dd)
     return cx + x0, cy + y0, diameter
 
 
 def _find_fovea(work: _Work, disc: tuple[float, float], dd: float) -> tuple[float, float, float] | None:
     """(x, y, score) in work px: the darkest vessel-free spot 2.0-3.2 DD from the disc, level with
-    it or a little below, on the side toward the field's centre when the disc is off-centre."""
-    lum = _masked_blur(work.lum, work.fov, dd / 4)
-    darkness = 1 - lum / np.maximum(_masked_blur(work.lum, work.fov, 2.5 * dd), 1)
-    vessel_density = _box_mean(work.vessels, work.fov, (int(dd / 2), int(dd / 2)))
-    yy, xx = np.mgrid[: lum.shape[0], : lum.shape[1]].astype(np.float32)
+    it or a little below, on the side toward the field's centre when the disc is off-centre.
+    Darkness is centre (DD/6) against surround (DD/1.5) on the green channel as photographed: the
+    foveal pit is smaller than the vessel-closing kernel, so the closed luminance would erase it."""
+    green, clear = work.rgb[..., 1], _inset(work.fov, dd / 2)
+    surround = _masked_blur(green, work.fov, dd / 1.5)
+    darkness = (surround - _masked_blur(green, work.fov, dd / 6)) / np.maximum(surround, 1)
+    darkness /= max(float(np.percentile(darkness[clear], 99)), 1e-3)  # 1: as dark as the darkest 1% of spots
+    vessel_density = _box_mean(work.vessels, work.fov, (int(dd * 0.6), int(dd * 0.6)))
+    typical_density = max(float(np.mean(vessel_density[work.fov])), 1e-4)
+    yy, xx = np.mgrid[: darkness.shape[0], : darkness.shape[1]].astype(np.float32)
     dx, dy = (xx - disc[0]) / dd, (yy - disc[1]) / dd
     distance = np.hypot(dx, dy)
     angle = np.degrees(np.arctan2(dy, np.abs(dx)))  # below the disc is positive
-    rim_clear = cv2.erode(work.fov.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(dd / 2) | 1,) * 2))
-    allowed = (distance >= FOVEA_DD[0]) & (distance <= FOVEA_DD[1]) & (angle > -20) & (angle < 35) & rim_clear.astype(bool)
+    allowed = (distance >= FOVEA_DD[0]) & (distance <= FOVEA_DD[1]) & (angle > -20) & (angle < 35) & clear
     offset = (disc[0] - work.centre[0]) / WORK_RADIUS
     if abs(offset) > 0.25:  # an off-centre disc: the macula lies toward the field's centre
         allowed &= (dx < 0) if offset > 0 else (dx > 0)
     prior = np.exp(-((distance - 2.5) ** 2) / (2 * 0.4**2) - ((angle - 8) ** 2) / (2 * 15**2))
-    score = np.clip(darkness, 0, None) * prior * np.clip(1 - vessel_density / 0.05, 0, 1)
+    score = np.clip(darkness, 0, None) * prior * np.exp(-vessel_density / typical_density)
     score[~allowed] = 0
     if not score.any():
         return None
     py, px = np.unravel_index(int(np.argmax(score)), score.shape)
-    return float(px), float(py), float(score[py, px])
+    return float(px), float(py), min(1.0, float(score[py, px]))
 
 
 def locate_landmarks(rgb: np.ndarray) -> Landmarks:
     """rgb: HxWx3 uint8 RGB full-resolution photograph. Works internally on a downscaled copy
-    (field of view scaled to `WORK_RADIUS`) so it is fast; returns coordinates in the input frame."""
+    (field of view scaled to `WORK_RADIUS`) so it is fast; returns coordinates in the input frame.
+    The disc (and then the fovea) is None when its score is below MIN_DISC_SCORE (MIN_FOVEA_SCORE)."""
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
     h, w = rgb.shape[:2]
     fov = field_of_view(rgb)
-    if fov is None:
+    if fov is None:  # nothing but background: no field, so no anatomy
         return Landmarks(None, None, 0.0, None, 0.0, ((w - 1) / 2, (h - 1) / 2), min(h, w) / 2)
     fov_centre, fov_radius, threshold = fov
-    none = Landmarks(None, None, 0.0, None, 0.0, fov_centre, fov_radius)
     work = _prepare(rgb, fov_centre, fov_radius, threshold)
-    if work.fov.sum() < 0.3 * math.pi * WORK_RADIUS**2:
-        return none
-    disc = _find_disc(work)
-    if disc is None:
-        return none
+    disc = _find_disc(work) if work.fov.sum() > 0.3 * math.pi * WORK_RADIUS**2 else None
+    if disc is None or disc[3] < MIN_DISC_SCORE:
+        return Landmarks(None, None, disc[3] if disc else 0.0, None, 0.0, fov_centre, fov_radius)
     x, y, dd, disc_score = disc
     fovea = _find_fovea(work, (x, y), dd)
-    fovea_centre, fovea_score = (work.to_input(*fovea[:2]), fovea[2]) if fovea else (None, 0.0)
+    fovea_score = fovea[2] if fovea else 0.0
+    fovea_centre = work.to_input(*fovea[:2]) if fovea and fovea_score >= MIN_FOVEA_SCORE else None
     return Landmarks(work.to_input(x, y), dd * work.scale[0], disc_score, fovea_centre, fovea_score,
                      fov_centre, fov_radius)

@@ -89,26 +89,19 @@ def split_images(images: list[ImageRecord], config: WriteConfig) -> dict[str, st
     return {i.sha256: assign_split(key[root(i.sha256)], config) for i in images}
 
 
-def write_dataset(records: list[InstructionRecord], out: Path, config: WriteConfig) -> dict[str, list[str]]:
-    """Write `dataset/{split}-NNNNN.parquet`, replacing an earlier build's files in one swap:
-    the files are written beside it first, so a reader (or a crash mid-write) never meets a mix
-    of two builds."""
-    out = Path(out)
-    dataset, staging, previous = out / "dataset", out / ".dataset.staging", out / ".dataset.previous"
-    for leftover in (staging, previous):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging.mkdir(parents=True)
+def write_dataset(records: list[InstructionRecord], build_dir: Path, config: WriteConfig) -> dict[str, list[str]]:
+    """Write `dataset/{split}-NNNNN.parquet` into a build's own folder (`fundus_engine.publish`
+    makes it visible in one step once everything of the build is written)."""
+    dataset = Path(build_dir) / "dataset"
+    shutil.rmtree(dataset, ignore_errors=True)
+    dataset.mkdir(parents=True)
     files: dict[str, list[str]] = {}
     for split in SPLITS:
         rows = sorted((r for r in records if r.split == split), key=lambda r: (r.sha256, r.task, r.record_id))
         for n, start in enumerate(range(0, len(rows), config.rows_per_file)):
             name = f"{split}-{n:05d}.parquet"
-            write_rows(staging / name, rows[start:start + config.rows_per_file], InstructionRecord)
+            write_rows(dataset / name, rows[start:start + config.rows_per_file], InstructionRecord)
             files.setdefault(split, []).append(f"dataset/{name}")
-    if dataset.exists():
-        dataset.rename(previous)
-    staging.rename(dataset)
-    shutil.rmtree(previous, ignore_errors=True)
     return files
 
 

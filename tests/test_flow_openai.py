@@ -15,7 +15,7 @@ from fundus_engine.config import BuildConfig
 from fundus_engine.prompts import PROMPTS_DIR
 from fundus_engine.synth import generate
 from fundus_engine.tables import read_rows
-from fundus_engine.models import InstructionRecord
+from fundus_engine.models import InstructionRecord, Reject
 from fundus_engine.testing.openai_server import FakeOpenAIServer
 
 SECRET = "sk-fundus-test-7f3a9c1e5b2d8a4f"
@@ -135,3 +135,52 @@ def test_flagged_records_are_counted_and_can_be_dropped(source, server, tmp_path
     dropped = build_fundusgen(str(source), str(tmp_path / "dropped"), config)
     assert dropped["consistency"]["dropped_records"] == kept["consistency"]["flagged_records"]
     assert dropped["records"] == kept["records"] - kept["consistency"]["flagged_records"]
+
+
+def test_a_server_that_echoes_the_key_leaves_it_in_no_output_log_artifact_or_run_state(source, server, tmp_path,
+                                                                                        capfd):
+    """Some servers repeat the key they were sent in an error body; a model may repeat it in its answer."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    region_requests = "close-up of the region"
+    # 1. a 401 whose JSON body repeats the key, for every region request: the run completes with rejects
+    server.inject("unauthorized", times=None, match=region_requests)
+    refused = build_fundusgen(str(source), str(tmp_path / "refused"), config_for(server))
+    rejects = read_rows(tmp_path / "refused" / "rejects.parquet", Reject)
+    assert refused["rejects_per_stage"]["expand"] == len(rejects) > 0
+    assert all("401" in r.reason and "[REDACTED]" in r.reason for r in rejects)  # echoed, then redacted
+    # 2. 500s whose text body repeats the Authorization header trip the breaker: the task fails
+    server.reset()
+    server.inject("server_error", times=None, match=region_requests, echo_key=True, text_body=True)
+    with pytest.raises(RuntimeError, match=r"circuit breaker open: .*last error: .*\[REDACTED\]"):
+        build_fundusgen(str(source), str(tmp_path / "tripped"), config_for(server, max_retries=0, circuit_breaker=2,
+                                                                             concurrency=1))
+    # 3. a model that repeats the key in its answers and in an answer that fails validation
+    server.reset()
+    server.inject("schema_violation", times=2, match=region_requests, echo_key=True)
+    server.inject("echo_key", times=None)
+    echoed = build_fundusgen(str(source), str(tmp_path / "echoed"), config_for(server, concurrency=1))
+    assert echoed["records"] > 0 and echoed["rejects_per_stage"]["expand"] == 1
+    records = read_rows(next((tmp_path / "echoed" / "dataset").glob("*.parquet")), InstructionRecord)
+    assert any("[REDACTED]" in r.model_dump_json() for r in records)
+    (reject,) = read_rows(tmp_path / "echoed" / "rejects.parquet", Reject)
+    assert "[REDACTED]" in reject.raw_output
+
+    assert all(r.authorization == f"Bearer {SECRET}" for r in server.requests)  # it was sent, and echoed...
+    held = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert held == []  # ...but is in no dataset, rejects.parquet, manifest, card, response or Prefect result file
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+        runs = client.read_flow_runs(limit=200)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs])),
+                                      limit=1000)
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])), limit=10_000)
+    assert any(a.key == "fundusgen-rejects" for a in artifacts)
+    assert SECRET not in json.dumps([a.model_dump(mode="json") for a in artifacts])
+    assert any("circuit breaker open" in (t.state.message or "") for t in tasks)
+    states = json.dumps([{"flow": r.state.message if r.state else None} for r in runs]
+                        + [{"task": t.state.message if t.state else None} for t in tasks])
+    assert SECRET not in states  # the Prefect database: run and task states...
+    assert logs and SECRET not in json.dumps([log.message for log in logs])  # ...and the run logs it keeps
+    captured = capfd.readouterr()
+    assert "circuit breaker open" in captured.out + captured.err and SECRET not in captured.out + captured.err

@@ -12,6 +12,7 @@ import pytest
 from fundus_engine.config import WriteConfig
 from fundus_engine.models import GroundedBox, InstructionRecord, Provenance, Reject, Turn
 from fundus_engine.tables import arrow_schema, read_rows
+from fundus_engine.publish import BuildLock, OutputLocked, new_build_dir, publish
 from fundus_engine.write import SPLITS, assign_split, summarise, write_dataset, write_manifest, write_rejects
 
 PROVENANCE = Provenance(backend="offline", model="knowledge-table", prompt_id="expand.offline", prompt_version="1.0",
@@ -125,17 +126,60 @@ def test_rows_are_sharded_and_stale_files_are_removed(tmp_path):
     assert write_dataset([], tmp_path, CONFIG) == {} and not list((tmp_path / "dataset").iterdir())
 
 
-def test_a_write_that_fails_midway_leaves_the_previous_dataset_whole(tmp_path):
+def test_a_build_that_fails_midway_leaves_the_previous_one_published(tmp_path):
+    out = tmp_path / "out"
     before = [_record(f"{i:064d}", "disease_diagnosis", "train") for i in range(30)]
-    write_dataset(before, tmp_path, CONFIG)
+    first = new_build_dir(out, "b1")
+    write_dataset(before, first, CONFIG)
+    write_manifest(first, {"records": 30})
+    publish(out, first)
     broken = _record("e" * 64, "report_generation", "test").model_copy(update={"record_id": 12345})  # not a string
+    second = new_build_dir(out, "b2")
     with pytest.raises(pa.ArrowTypeError), pytest.warns(UserWarning, match="serializer"):
-        write_dataset(before[:3] + [broken], tmp_path, CONFIG)  # train is written, then test fails
-    assert sorted(p.name for p in (tmp_path / "dataset").iterdir()) == ["train-00000.parquet"]
-    assert pq.read_metadata(tmp_path / "dataset" / "train-00000.parquet").num_rows == 30
-    write_dataset(before[:3], tmp_path, CONFIG)  # the next write clears what the failed one left
-    assert pq.read_metadata(tmp_path / "dataset" / "train-00000.parquet").num_rows == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+        write_dataset(before[:3] + [broken], second, CONFIG)  # train is written, then test fails
+    # never published: readers still see the first build, dataset and manifest together
+    assert sorted(p.name for p in (out / "dataset").iterdir()) == ["train-00000.parquet"]
+    assert pq.read_metadata(out / "dataset" / "train-00000.parquet").num_rows == 30
+    assert json.loads((out / "manifest.json").read_text()) == {"records": 30}
+    third = new_build_dir(out, "b3")
+    write_dataset(before[:3], third, CONFIG)
+    write_manifest(third, {"records": 3})
+    publish(out, third)
+    assert pq.read_metadata(out / "dataset" / "train-00000.parquet").num_rows == 3
+    assert json.loads((out / "manifest.json").read_text()) == {"records": 3}
+    assert (out / "current").resolve() == third.resolve()
+    assert sorted(p.name for p in (out / "builds").iterdir()) == ["b1", "b3"]  # the one before stays for readers
+
+
+def test_an_output_folder_from_before_versioned_builds_is_migrated_without_a_gap(tmp_path):
+    out = tmp_path / "out"
+    (out / "dataset").mkdir(parents=True)
+    (out / "dataset" / "train-00000.parquet").write_bytes(b"old")
+    (out / "manifest.json").write_text("{}")
+    build = new_build_dir(out, "b1")
+    write_dataset([_record("a" * 64, "disease_diagnosis", "train")], build, CONFIG)
+    publish(out, build)
+    assert (out / "dataset").is_symlink() and (out / "manifest.json").is_symlink()
+    assert pq.read_metadata(out / "dataset" / "train-00000.parquet").num_rows == 1
+    assert (out / "builds" / "legacy" / "dataset" / "train-00000.parquet").read_bytes() == b"old"
+
+
+def test_an_output_folder_takes_one_build_at_a_time_and_a_dead_holder_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    with BuildLock(tmp_path, run="run-a"):
+        with pytest.raises(OutputLocked, match=r"another build is writing here \(run run-a, pid \d+"):
+            with BuildLock(tmp_path, run="run-b"):
+                pass
+    with BuildLock(tmp_path, run="run-c") as lock:
+        assert lock.taken_over is None  # released cleanly
+    # a build killed while holding the lock: the kernel drops it, the next build takes over
+    script = (f"import os; from fundus_engine.publish import BuildLock; l = BuildLock({str(tmp_path)!r}, 'killed')"
+              f".__enter__(); os._exit(9)")
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    with BuildLock(tmp_path, run="run-d") as lock:
+        assert lock.taken_over["run"] == "killed"
 
 
 def test_rejects_table_is_written_with_its_schema(tmp_path):
@@ -255,9 +299,18 @@ def test_dataset_card_counts_and_plots(tmp_path):
     path = write_card(tmp_path, records, regions, about)
     text = path.read_text()
     assert f"{len(records)} instruction records from 12 images" in text
-    assert "| haemorrhage | 12 | 0 | 12 |" in text
+    assert "| haemorrhage | 12 | 0 | 12 | 0 |" in text  # boxes: all, from labels, detector, localiser
     assert "| en | 36 |" in text and "Prompt `chain.report` version 1.0" in text
     per_task = Counter(r.task for r in records)
     assert f"| disease_diagnosis | " in text and f"| {per_task['disease_diagnosis']} |" in text
     for png in ("box_sizes.png", "box_positions.png"):
         assert (tmp_path / "card" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Warning" not in text
+
+    warned = {**about, "detector": {**about["detector"], "validated_on": {"synthetic": ["drusen"], "real": []}},
+              "detector_domain": {"images": {"real": 3}, "disc_source": {"real": {"localiser": 3}}, "fovea_source": {},
+                                  "detector_mean_confidence": {}, "warning": "The detector is out of its domain."}}
+    text = write_card(tmp_path, records, regions, warned).read_text()
+    assert text.index("**Warning:** The detector is out of its domain.") < text.index("## Records per task")
+    assert "Detector validated on: synthetic photographs (drusen)" in text
+    assert "disc from: {'real': {'localiser': 3}}" in text

@@ -32,10 +32,13 @@ from typing import Any, Iterator
 from PIL import Image
 
 MODEL_ID = "fake-fundus-vl"
-# (status, error type) as OpenAI sends them; a 429 also carries code "rate_limit_exceeded".
+# (status, error type) as OpenAI sends them; a 429 also carries code "rate_limit_exceeded", a 401
+# code "invalid_api_key" and, as some servers and proxies do, the full key it was sent.
 ERROR_FAULTS = {"rate_limit": (429, "requests"), "server_error": (500, "server_error"),
-                "unavailable": (503, "server_error")}
-FAULT_KINDS = {*ERROR_FAULTS, "drop", "timeout", "malformed_json", "schema_violation", "contradiction", "truncated"}
+                "unavailable": (503, "server_error"), "unauthorized": (401, "invalid_request_error")}
+# "echo_key": a valid answer whose free-text fields repeat the API key the request carried.
+FAULT_KINDS = {*ERROR_FAULTS, "drop", "timeout", "malformed_json", "schema_violation", "contradiction", "truncated",
+               "echo_key"}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 DATA_URL = re.compile(r"data:image/(?:jpeg|jpg|png);base64,(.*)", re.S)
 FACTS = re.compile(r"<facts>(.*?)</facts>", re.S)
@@ -284,12 +287,34 @@ def contradict(answer: Any, claim: str) -> Any:
     return answer
 
 
-def render_content(req: ChatRequest, fault: Fault | None) -> str:
+def sent_key(authorization: str | None) -> str:
+    """The API key a request carried (its Authorization header without the scheme)."""
+    return (authorization or "").removeprefix("Bearer ").strip()
+
+
+def echo_key(answer: Any, key: str) -> Any:
+    """A model that repeats its credentials: every free-text string (one with a space, so enum
+    values such as "OD" stay valid) gets the key appended."""
+    if isinstance(answer, dict):
+        return {k: echo_key(v, key) for k, v in answer.items()}
+    if isinstance(answer, list):
+        return [echo_key(v, key) for v in answer]
+    return f"{answer} (api key {key})" if isinstance(answer, str) and " " in answer else answer
+
+
+def render_content(req: ChatRequest, fault: Fault | None, authorization: str | None = None) -> str:
+    """The answer's text. `echo_key=True` in any content fault's params (and the `echo_key` kind)
+    plants the request's API key in it."""
     answer = deterministic_answer(req)
     if fault and fault.kind == "schema_violation":
         answer = {"unexpected": True}
     if fault and fault.kind == "contradiction":
         answer = contradict(answer, fault.params.get("claim", DEFAULT_CLAIM))
+    if fault and (fault.kind == "echo_key" or fault.params.get("echo_key")):
+        key = sent_key(authorization)
+        answer = echo_key(answer, key)
+        if key not in json.dumps(answer) and isinstance(answer, dict):  # no free text to plant it in
+            answer["note"] = f"api key {key}"
     text = json.dumps(answer)
     if fault and fault.kind in ("malformed_json", "truncated"):
         text = text[: len(text) // 2]
@@ -318,6 +343,24 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def fault_error(kind: str, params: dict, authorization: str | None) -> tuple[int, str, str]:
+    """(status, content type, body) of an injected error fault. `unauthorized` always echoes the
+    key it was sent; `echo_key=True` makes any error echo the Authorization header;
+    `text_body=True` sends text/plain instead of OpenAI's JSON error object."""
+    status, type_ = ERROR_FAULTS[kind]
+    if kind == "unauthorized":
+        message = (f"Incorrect API key provided: {sent_key(authorization)}. "
+                   "You can find your API key at https://platform.openai.com/account/api-keys.")
+    else:
+        message = f"injected fault: {kind}"
+    if params.get("echo_key"):
+        message += f" (request headers: Authorization: {authorization})"
+    if params.get("text_body"):
+        return status, "text/plain; charset=utf-8", message
+    code = {"rate_limit": "rate_limit_exceeded", "unauthorized": "invalid_api_key"}.get(kind)
+    return status, "application/json", json.dumps(error_body(message, type_, code=code))
+
+
 # ---------------------------------------------------------------- HTTP plumbing
 
 class _Handler(BaseHTTPRequestHandler):
@@ -330,10 +373,13 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def send_json(self, status: int, payload: Any, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
+        self.send_body(status, "application/json", json.dumps(payload), headers)
+
+    def send_body(self, status: int, content_type: str, body: str, headers: dict | None = None) -> None:
+        data = body.encode()
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
@@ -392,14 +438,13 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "drop":
             self.close_connection = True  # closed by the server without a single response byte
         elif kind in ERROR_FAULTS:
-            status, type_ = ERROR_FAULTS[kind]
             headers = {"Retry-After": str(fault.params.get("retry_after", 1))} if kind == "rate_limit" else None
-            code = "rate_limit_exceeded" if kind == "rate_limit" else None
-            self.send_json(status, error_body(f"injected fault: {kind}", type_, code=code), headers)
+            self.send_body(*fault_error(kind, fault.params, rec.authorization), headers)
         else:
             if kind == "timeout":
                 fake._sleep(fault.params.get("seconds", 5))
-            self.send_json(200, completion(req, render_content(req, fault), fake.tokens_per_image, fake.report_usage,
+            content = render_content(req, fault, rec.authorization)
+            self.send_json(200, completion(req, content, fake.tokens_per_image, fake.report_usage,
                                            "length" if kind == "truncated" else "stop"))
 
 

@@ -1,0 +1,152 @@
+"""An API key that a model server echoes back (in an error body, after retries, or in a model's
+answer) is redacted before it becomes a reject, a log line, a cached response or a result."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from fundus_engine.config import OpenAIConfig
+from fundus_engine.expand import expand
+from fundus_engine.expand_openai import CircuitOpen, OpenAIExpander
+from fundus_engine.models import Reject
+from fundus_engine.tables import read_rows
+from fundus_engine.testing.openai_server import FakeOpenAIServer
+from fundus_engine.testing.shards import prepared_shard
+from fundus_engine.write import write_rejects
+
+KEY_ENV = "FUNDUS_REDACTION_TEST_KEY"
+# One key shaped like OpenAI's, one opaque and short enough that only the exact-value rule
+# (not the token shapes) can catch it when it is echoed without "Bearer".
+KEYS = {"sk-shaped": "sk-proj-Xq7Lm2Vb9pR4tWz8Kc1Nd6Hf3Jg5", "opaque": "q7Hx2mVb9LpR4tWz"}
+REDACTED = "[REDACTED]"
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    return prepared_shard(tmp_path_factory.mktemp("redaction-input"), tmp_path_factory.mktemp("redaction-out"), 2,
+                          seed=31, size=320)
+
+
+@pytest.fixture(params=sorted(KEYS))
+def secret(request, monkeypatch) -> str:
+    monkeypatch.setenv(KEY_ENV, KEYS[request.param])
+    return KEYS[request.param]
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as srv:
+        yield srv
+
+
+def expander_for(server, tmp_path, **overrides) -> OpenAIExpander:
+    config = OpenAIConfig(**{"base_url": server.base_url, "model": "fake-fundus-vl", "api_key_env": KEY_ENV,
+                             "max_retries": 1, "timeout": 5, "concurrency": 4, **overrides})
+    return OpenAIExpander(config, cache_dir=tmp_path / "llm")
+
+
+def files_holding(root: Path, secret: str) -> list[Path]:
+    return [p for p in Path(root).rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+# --- the function ------------------------------------------------------------------------
+
+def test_redact_secrets_replaces_the_configured_key_and_anything_shaped_like_a_token(monkeypatch):
+    from fundus_engine.expand_openai import redact_secrets
+
+    monkeypatch.setenv(KEY_ENV, "q7Hx2mVb9LpR4tWz")
+    opaque = "upstream said: q7Hx2mVb9LpR4tWz is not allowed"
+    assert redact_secrets(opaque, KEY_ENV) == "upstream said: [REDACTED] is not allowed"  # the exact value
+    assert redact_secrets(opaque) == opaque  # no env var named, no known value: nothing token-shaped either
+    cases = {
+        "Incorrect API key provided: sk-proj-abc123DEF456ghi789. See docs.":
+            "Incorrect API key provided: [REDACTED]. See docs.",
+        "Incorrect API key provided: sk-fundu**********8a4f.": "Incorrect API key provided: [REDACTED].",
+        "headers: Authorization: Bearer abc.DEF-123_x/y+z==, next": "headers: Authorization: Bearer [REDACTED], next",
+        'api_key="0123456789abcdef0123456789abcdef"': 'api_key="[REDACTED]"',
+        "token: dGhpcyBpcyBhIHNlY3JldCB0b2tlbjEyMw==": "token: [REDACTED]",
+        "x-api-key provided 9f86d081884c7d659a2feaa0c55ad015": "x-api-key provided [REDACTED]",
+    }
+    for text, expected in cases.items():
+        assert redact_secrets(text) == expected, text
+        assert redact_secrets(expected) == expected  # idempotent
+    clinical = ("Key finding: neovascularisation elsewhere with preretinal haemorrhage; token-shaped words such as "
+                "pseudoexfoliation or photocoagulation and grades like R3A/M1 stay; the key is clinical judgement.")
+    assert redact_secrets(clinical, KEY_ENV) == clinical
+    assert redact_secrets(None, KEY_ENV) is None
+    monkeypatch.setenv(KEY_ENV, "EMPTY")  # a local server's placeholder is no secret: text is not mangled
+    assert redact_secrets("EMPTY fields", KEY_ENV) == "EMPTY fields"
+
+
+# --- the expander against a server that echoes the key -------------------------------------
+
+ECHOING_ERRORS = {  # id: (fault, params, status the reject names, requests per item)
+    "401-json": ("unauthorized", {}, "401", 1),  # not retried
+    "401-text": ("unauthorized", {"text_body": True}, "401", 1),
+    "429-json-after-retries": ("rate_limit", {"echo_key": True, "retry_after": 0}, "429", 2),
+    "500-text-after-retries": ("server_error", {"echo_key": True, "text_body": True}, "500", 2),
+    "503-json-after-retries": ("unavailable", {"echo_key": True}, "503", 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ECHOING_ERRORS))
+def test_an_error_body_echoing_the_key_is_redacted_everywhere(shard, server, tmp_path, caplog, secret, case):
+    fault, params, status, tries = ECHOING_ERRORS[case]
+    records, anatomies, regions = shard
+    caplog.set_level(logging.DEBUG)
+    server.inject(fault, times=None, **params)
+    expander = expander_for(server, tmp_path)
+    result = expand(expander, records[:1], anatomies, regions)
+    n = 1 + sum(r.sha256 == records[0].sha256 for r in regions)
+    assert len(result.rejects) == n and server.count(fault) == n * tries
+    for reject in result.rejects:
+        assert status in reject.reason and REDACTED in reject.reason, reject.reason  # the body was echoed...
+        assert secret not in reject.reason and secret not in (reject.raw_output or "")  # ...and redacted
+    out = tmp_path / "out"
+    write_rejects(result.rejects, out)
+    assert all(secret not in r.reason for r in read_rows(out / "rejects.parquet", Reject))
+    assert secret not in expander.ledger.last_error and secret not in json.dumps(expander.ledger.snapshot())
+    assert secret not in caplog.text
+    assert files_holding(tmp_path, secret) == []
+
+
+@pytest.mark.parametrize("fault, times", [("schema_violation", 2), ("truncated", 1)])
+def test_a_raw_output_echoing_the_key_is_redacted_in_the_reject(shard, server, tmp_path, caplog, secret, fault, times):
+    records, anatomies, regions = shard
+    caplog.set_level(logging.DEBUG)
+    server.inject(fault, times=times, match="Describe this fundus photograph", echo_key=True)
+    result = expand(expander_for(server, tmp_path, concurrency=1), records[:1], anatomies, regions)
+    (reject,) = result.rejects
+    assert REDACTED in reject.raw_output and secret not in reject.raw_output and secret not in reject.reason
+    write_rejects(result.rejects, tmp_path / "out")
+    assert secret not in caplog.text
+    assert files_holding(tmp_path, secret) == []  # rejects.parquet, and the response cache of the others
+
+
+def test_an_answer_echoing_the_key_is_neither_cached_nor_kept(shard, server, tmp_path, caplog, secret):
+    records, anatomies, regions = shard
+    caplog.set_level(logging.DEBUG)
+    server.inject("echo_key", times=None)
+    result = expand(expander_for(server, tmp_path), records[:1], anatomies, regions)
+    assert result.complete and len(result.expansions) == 1
+    kept = json.dumps([e.model_dump(mode="json") for e in result.expansions])
+    assert REDACTED in kept and secret not in kept
+    cached = sorted((tmp_path / "llm").rglob("*.json"))
+    assert cached and all(REDACTED in p.read_text() for p in cached)
+    assert files_holding(tmp_path, secret) == [] and secret not in caplog.text
+
+
+def test_the_circuit_breaker_message_carries_no_echoed_key(shard, server, tmp_path, caplog, secret):
+    records, anatomies, regions = shard
+    caplog.set_level(logging.DEBUG)
+    server.inject("server_error", times=None, echo_key=True)
+    expander = expander_for(server, tmp_path, max_retries=0, circuit_breaker=2, concurrency=1)
+    with pytest.raises(CircuitOpen) as tripped:
+        expand(expander, records, anatomies, regions)
+    message = str(tripped.value)
+    assert "last error" in message and REDACTED in message and secret not in message
+    assert secret not in expander.ledger.last_error and secret not in caplog.text
+    assert files_holding(tmp_path, secret) == []
