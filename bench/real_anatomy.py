@@ -189,7 +189,8 @@ def main() -> int:
     ap.add_argument("--columns", type=int, default=10)
     ap.add_argument("--tile", type=int, default=256, help="thumbnail size (px) on the contact sheet")
     args = ap.parse_args()
-    laterality = {row["image"]: row["laterality"] for row in csv.DictReader((args.real / "images" / "labels.csv").open())}
+    with (args.real / "images" / "labels.csv").open() as f:
+        laterality = {row["image"]: row["laterality"] for row in csv.DictReader(f)}
 
     rows, tiles = [], []
     for dataset in DATASETS:
@@ -217,12 +218,14 @@ def main() -> int:
               f"{b['in_mask']}, {number(b['diameter_error'], '.1%')}")
     print()
     for r in rows:
-        o = r["ours"]
-        if not o["found"] or (r["dataset"] in MACULA_CENTRED and not o["fovea_ok"]) or False in (o["side_ok"], o["darker"]):
-            dist = fovea_distance_dd(o["lm"])
-            print(f"look at {r['dataset']}/{r['name']}: disc {'found' if o['found'] else 'NOT found'}, fovea "
-                  + (f"at {dist:.2f} DD" if dist else "not found") + (", not darker than its ring" if o["darker"] is False else "")
-                  + (", on the other side than the OD/OS label" if o["side_ok"] is False else ""))
+        o, dist = r["ours"], fovea_distance_dd(r["ours"]["lm"])
+        doubts = [] if o["found"] else ["disc not found"]
+        if r["dataset"] in MACULA_CENTRED and not o["fovea_ok"]:
+            doubts.append(f"fovea at {dist:.2f} DD" if dist else "fovea not found")
+        doubts += ["fovea not darker than its ring"] if o["darker"] is False else []
+        doubts += ["fovea on the other side than the OD/OS label says"] if o["side_ok"] is False else []
+        if doubts:
+            print(f"look at {r['dataset']}/{r['name']}: " + "; ".join(doubts))
     print()
     ours, base = figures(rows, "ours"), figures(rows, "baseline")
     print(f"{'metric':<40}{'ours':>14}{'baseline':>14}{'ratio':>8}   target")
@@ -240,9 +243,10 @@ def main() -> int:
             o, lm = r["ours"], r["ours"]["lm"]
             disc, fovea = lm.disc_centre or (None, None), lm.fovea_centre or (None, None)
             out.writerow([r["dataset"], r["name"], number(disc[0]), number(disc[1]), number(lm.disc_diameter_px),
-                          number(lm.disc_score, ".3f"), number(fovea[0]), number(fovea[1]), number(lm.fovea_score, ".3f"),
-                          number(fovea_distance_dd(lm), ".2f"), "" if o["in_mask"] is None else o["in_mask"],
-                          number(o["diameter_error"], ".3f"), number(o["seconds"], ".3f")])
+                          number(lm.disc_score, ".3f"), number(fovea[0]), number(fovea[1]),
+                          number(lm.fovea_score, ".3f"), number(fovea_distance_dd(lm), ".2f"),
+                          "" if o["in_mask"] is None else o["in_mask"], number(o["diameter_error"], ".3f"),
+                          number(o["seconds"], ".3f")])
     while len(tiles) % args.columns:
         tiles.append(np.zeros_like(tiles[0]))
     sheet = np.vstack([np.hstack(tiles[i: i + args.columns]) for i in range(0, len(tiles), args.columns)])

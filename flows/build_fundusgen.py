@@ -41,6 +41,7 @@ from fundus_engine.config import BuildConfig
 from fundus_engine.evidence import DetectorEvidence, domain_report
 from fundus_engine.expand_openai import redact_url
 from fundus_engine.publish import BuildLock, new_build_dir, publish
+from fundus_engine.shards import assign_shards, load_assignment, save_assignment
 from fundus_engine.export import to_vlmevalkit_tsv
 from fundus_engine.models import (Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject)
 from fundus_engine.prompts import fingerprint
@@ -328,8 +329,10 @@ def _build(inp: Path, out: Path, config: BuildConfig, no_cache: bool, run_id) ->
              {"ingest": ingest_task, "detect": detect_task, "crop": crop_task, "expand": expand_task,
               "chain": chain_task}.items()}
     futures: dict[str, list] = {stage: [] for stage in STAGES}
-    for shard, start in enumerate(range(0, len(sources), config.shard_size)):
-        batch = sources[start:start + config.shard_size]
+    # Content-stable shards: an added or removed photograph changes one shard, not every later one.
+    shards = assign_shards(sources, load_assignment(out, config.shard_size), config.shard_size)
+    save_assignment(out, config.shard_size, shards)
+    for shard, batch in shards.items():
         shard_labels = {s.relpath: matched[s.relpath] for s in batch if matched[s.relpath]}
         keys = stage_keys(batch, shard_labels, config, expand_fp, chain_fp, weights_sha, evidence, inp, out)
         common = dict(shard=shard, out=str(out), config=config)
@@ -360,7 +363,7 @@ def _build(inp: Path, out: Path, config: BuildConfig, no_cache: bool, run_id) ->
     errors: list[str] = []
     for stage in STAGES:
         stage_rows[stage], outputs[stage] = [], []
-        for shard, future in enumerate(futures[stage]):
+        for shard, future in zip(shards, futures[stage]):
             future.wait()
             state = future.state
             if state.is_completed():

@@ -22,6 +22,9 @@ class Section(BaseModel):
 class IngestConfig(Section):
     labels: str | None = Field(None, description="labels manifest (JSON or CSV); default: labels.json or labels.csv in the input folder")
     min_side: int = Field(256, ge=32, description="images with a shorter side are rejected")
+    max_pixels: int = Field(60_000_000, ge=1, description="images with more pixels are rejected from their header, "
+                            "before decoding (a decompression bomb would exhaust memory); fundus cameras "
+                            "take 5-24 MP")
     min_fov_coverage: float = Field(0.2, ge=0, le=1, description="frames with less retina than this are rejected")
     min_sharpness: float = Field(2.0, ge=0, description="below this the photograph is graded poor")
     annotated_classes: list[str] | None = Field(

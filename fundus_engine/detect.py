@@ -13,7 +13,7 @@ from typing import Iterable
 
 from fundus_engine.config import DetectConfig
 from fundus_engine.evidence import image_domain, validated_classes
-from fundus_engine.ingest import cached_sha256, file_version
+from fundus_engine.ingest import cached_sha256, file_version, fit_box
 from fundus_engine.models import Detection, ImageRecord, Reject
 from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 from fundus_engine.yolo import ultralytics
@@ -87,13 +87,18 @@ def _numbered(sha256: str, detections: list[Detection]) -> list[Detection]:
 
 
 def _from_result(sha256: str, result) -> list[Detection]:
+    """Predicted boxes clipped to the image; a box with no area in it (or not finite) is dropped."""
     names = result.names
     boxes = result.boxes
-    found = [
-        Detection(sha256=sha256, region_id="", label=canonical_class(names[int(c)]),
-                  xyxy=[round(float(v), 1) for v in xyxy], confidence=round(float(p), 4), source="model")
-        for xyxy, c, p in zip(boxes.xyxy.tolist(), boxes.cls.tolist(), boxes.conf.tolist())
-    ]
+    height, width = result.orig_shape[:2]
+    found = []
+    for xyxy, c, p in zip(boxes.xyxy.tolist(), boxes.cls.tolist(), boxes.conf.tolist()):
+        try:
+            inside = fit_box([round(float(v), 1) for v in xyxy], width, height, tolerance=None)
+        except ValueError:
+            continue
+        found.append(Detection(sha256=sha256, region_id="", label=canonical_class(names[int(c)]),
+                               xyxy=inside, confidence=round(float(p), 4), source="model"))
     return _numbered(sha256, _one_per_image(found))
 
 

@@ -6,7 +6,9 @@ response cache (a re-run pays only for what changed), bounded in concurrency, re
 openai client itself (429 with Retry-After, 5xx, dropped connections and timeouts, with
 exponential backoff and jitter), priced against the run's budget before it is sent, and
 watched by a circuit breaker. The API key is read from the environment when the client is
-made and is never stored anywhere else.
+made and is never stored anywhere else; whatever comes back from the server (error bodies,
+answers) passes through `redact_secrets` before it is kept, cached, logged or rejected, since
+some servers echo the key they were sent.
 """
 from __future__ import annotations
 
@@ -358,12 +360,15 @@ class OpenAIExpander:
             response = await self._complete(client, request, messages)
         except openai.APIError as exc:
             self.ledger.release(estimate)
-            reason = f"request failed after {self.config.max_retries} retries: {type(exc).__name__}: {exc}"
+            reason = redact_secrets(f"request failed after {self.config.max_retries} retries: {api_error(exc)}",
+                                    self.config.api_key_env)
             self.ledger.failure(reason)
-            raise RequestFailed(reason) from exc
+            raise RequestFailed(reason) from None  # the original (unredacted) error goes no further
         self.ledger.settle(estimate, text_tokens, images, response.usage)
         self.ledger.success()
-        return response.choices[0].message.content or "", response.choices[0].finish_reason
+        # Redacted on receipt: the answer is parsed, cached, repaired and rejected from here on.
+        return (redact_secrets(response.choices[0].message.content or "", self.config.api_key_env),
+                response.choices[0].finish_reason)
 
     async def call(self, client, semaphore: asyncio.Semaphore, request: Request) -> BaseModel:
         """The validated answer to one request: from the cache, or from the server with at most
@@ -409,9 +414,10 @@ class OpenAIExpander:
         return parsed
 
     def _circuit_message(self) -> str:
-        return (f"circuit breaker open: {self.ledger.consecutive_failures} consecutive failed requests to "
+        return redact_secrets(f"circuit breaker open: {self.ledger.consecutive_failures} consecutive failed requests to "
                 f"{redact_url(self.config.base_url)} (model {self.config.model}); last error: {self.ledger.last_error}. "
-                "Everything already answered is kept in the response cache; re-run to continue.")
+                "Everything already answered is kept in the response cache; re-run to continue.",
+                              self.config.api_key_env)
 
     # the shard ----------------------------------------------------------------------------
 
@@ -457,8 +463,10 @@ class OpenAIExpander:
                         if isinstance(answers[id(req)], Exception)]
             for req, exc in failures:
                 result.complete = False
-                result.rejects.append(Reject(stage=STAGE, item=req.item, reason=f"{req.prompt.id}: {exc}",
-                                             raw_output=getattr(exc, "raw_output", None)))
+                result.rejects.append(Reject(stage=STAGE, item=req.item,
+                                             reason=redact_secrets(f"{req.prompt.id}: {exc}", self.config.api_key_env),
+                                             raw_output=redact_secrets(getattr(exc, "raw_output", None),
+                                                                       self.config.api_key_env)))
             findings = answers[id(image_req)]
             if isinstance(findings, Exception):
                 continue
@@ -498,6 +506,39 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+REDACTED = "[REDACTED]"
+_TOKEN = r"[A-Za-z0-9._~+/\-]*[A-Za-z0-9_~+/\-]=*"  # bearer tokens, API keys, hex, base64 (not a final ".")
+SECRET_SHAPES = re.compile(
+    r"(?P<bearer>\bBearer\s+)" + _TOKEN                          # an Authorization header's value
+    + r"|(?<![A-Za-z0-9])sk-[A-Za-z0-9_\-*]{6,}"                  # OpenAI-style keys, masked ones too
+    # a long token with a digit in it after a key/token word: "API key provided: ...", "token=..."
+    + r"|(?P<word>\b(?:api[_ -]?key|key|token|secret|password|credential)s?\b[^A-Za-z0-9\n]{0,4}"
+      r"(?:[A-Za-z]{1,12}[^A-Za-z0-9\n]{1,4})?)(?=[A-Za-z0-9._~+/\-]{20})(?=[A-Za-z0-9._~+/\-]*\d)" + _TOKEN,
+    re.I)
+MIN_KEY_CHARS = 8  # shorter values ("EMPTY", "none") are local servers' placeholders, not secrets
+
+
+def redact_secrets(text: str | None, api_key_env: str | None = None) -> str | None:
+    """Text from a model server fit for rejects, logs, caches and results: the API key held in
+    the environment variable `api_key_env`, wherever it appears, and anything shaped like a
+    credential (`Bearer ...`, `sk-...`, a long token after a key/token word) become [REDACTED].
+    Some servers echo the key they were sent in error bodies; a model may repeat it."""
+    if not text:
+        return text
+    key = os.environ.get(api_key_env, "").strip() if api_key_env else ""
+    if len(key) >= MIN_KEY_CHARS:
+        text = text.replace(key, REDACTED)
+    return SECRET_SHAPES.sub(lambda m: (m["bearer"] or m["word"] or "") + REDACTED, text)
+
+
+def api_error(exc: openai.APIError) -> str:
+    """An API error for a reject: the client's message, plus the start of a plain-text error body
+    (the client leaves those out). Not yet redacted."""
+    text = f"{type(exc).__name__}: {exc}"
+    body = exc.body.strip() if isinstance(exc.body, str) else ""
+    return f"{text} - {body[:300]}" if body and body not in text else text
 
 
 def parse_output(raw: str, output: type[BaseModel]) -> BaseModel:

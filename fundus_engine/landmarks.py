@@ -1,15 +1,18 @@
 """Landmarks: optic disc and fovea on a colour fundus photograph by image analysis, no training.
 
-Every measured fact downstream (lesion size in disc diameters, distance to the fovea, clock hour)
-needs the disc and the fovea; a detector trained on synthetic images misses them on real ones,
-so this localiser works from anatomy that holds across cameras:
-- the field of view is a bright circle on a dark background; the disc diameter is about 1/7 of it;
-- the disc is a bright oval where the thick vessels converge, entering it vertically (exudates are
-  bright too but carry no vessel trunk, so brightness alone is not enough);
-- the fovea is the darkest vessel-free spot about 2.5 disc diameters temporal to the disc, level
-  with it or a little below (dark haemorrhages elsewhere are ruled out by that geometry).
-It works on a copy scaled so the field of view is `WORK_RADIUS` px in radius and returns
-coordinates in the input frame. It returns None rather than a guess when the evidence is weak.
+Every measured fact downstream (size and distance in disc diameters, clock hour, quadrant) needs
+the disc and the fovea on real photographs, whatever the detector was trained on. This works from
+anatomy that holds across cameras:
+- the field of view is a bright circle (sometimes cut flat) on a dark background, and the disc
+  diameter is about 1/7 of its diameter;
+- the disc is a bright blob about one disc diameter across, where thick vessel trunks run
+  vertically and the vessels radiate; exudate plaques are as bright but have neither, so
+  candidates are the bright blobs and the vessels pick between them;
+- the fovea is the darkest vessel-free spot 2.0-3.2 DD from the disc, level with it or a little
+  below, toward the field's centre; that geometry rules out haemorrhages elsewhere.
+It works on a copy scaled so the field of view is `WORK_RADIUS` px in radius (about 0.1 s of CPU
+per photograph) and returns coordinates in the input frame; None rather than a guess when the
+evidence is weak. Measured on 69 real photographs by bench/real_anatomy.py.
 """
 from __future__ import annotations
 
@@ -75,14 +78,19 @@ def _fit_circle(points: np.ndarray) -> tuple[float, float, float]:
 
 def field_of_view(rgb: np.ndarray) -> tuple[tuple[float, float], float, float] | None:
     """(centre, radius) of the field-of-view circle in the input frame, and the threshold on the
-    max channel that separates it from the background; None when there is no bright field."""
+    max channel that separates it from the background. A photograph with no dark surround (the
+    field fills or was cropped to the frame) gets the frame's centre and half its longer side;
+    a frame with no contrast at all (blank, uniform) gets None."""
     h, w = rgb.shape[:2]
     scale = min(1.0, 256 / max(h, w))
     small = _shrink(rgb, scale).max(axis=2)
     border = np.concatenate([small[:3].ravel(), small[-3:].ravel(), small[:, :3].ravel(), small[:, -3:].ravel()])
     background, bright = float(np.median(border)), float(np.percentile(small, 95))
-    if bright - background < 20:
+    if bright - float(np.percentile(small, 5)) < 20:  # no contrast anywhere: a blank frame
         return None
+    sh, sw = small.shape
+    if background > 0.4 * bright:  # no dark surround: the field fills (or was cropped to) the frame
+        return ((w - 1) / 2, (h - 1) / 2), max(h, w) / 2, 0.0
     threshold = background + 0.15 * (bright - background)
     mask = (small > threshold).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
@@ -90,7 +98,6 @@ def field_of_view(rgb: np.ndarray) -> tuple[tuple[float, float], float, float] |
     if not contours:
         return None
     outline = max(contours, key=cv2.contourArea)[:, 0, :].astype(float)
-    sh, sw = small.shape
     inside = (outline[:, 0] > 1) & (outline[:, 0] < sw - 2) & (outline[:, 1] > 1) & (outline[:, 1] < sh - 2)
     if inside.sum() < 20:  # the field fills the frame: take the frame's inscribed circle
         cx, cy, r = (sw - 1) / 2, (sh - 1) / 2, max(sw, sh) / 2
@@ -98,7 +105,7 @@ def field_of_view(rgb: np.ndarray) -> tuple[tuple[float, float], float, float] |
         cx, cy, r = _fit_circle(outline[inside])
     if r < 0.15 * max(sw, sh):
         return None
-    return ((cx + 0.5) / scale - 0.5, (cy + 0.5) / scale - 0.5), r / scale, threshold
+    return (float((cx + 0.5) / scale - 0.5), float((cy + 0.5) / scale - 0.5)), float(r / scale), threshold
 
 
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -116,7 +123,9 @@ def _masked_blur(image: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarra
     """Gaussian mean over the field only, so the dark surround does not bleed into the edge."""
     m = mask.astype(np.float32)
     weight = np.maximum(_blur(m, sigma), 1e-3)
-    return _blur(image * (m[..., None] if image.ndim == 3 else m), sigma) / (weight[..., None] if image.ndim == 3 else weight)
+    if image.ndim == 3:
+        m, weight = m[..., None], weight[..., None]
+    return _blur(image * m, sigma) / weight
 
 
 def _box_mean(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -127,8 +136,8 @@ def _box_mean(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> np.
 def _inset(mask: np.ndarray, margin: float) -> np.ndarray:
     """The mask shrunk by `margin` px, the frame's edge counting as outside (a field cut flat by
     the frame has an edge there too)."""
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * int(margin) + 1,) * 2)
-    return cv2.erode(mask.astype(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+    padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    return cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1] > margin
 
 
 def _long_structures(mask: np.ndarray, min_length: float) -> np.ndarray:
@@ -152,7 +161,8 @@ class _Work:
     vessels: np.ndarray  # vessel contrast (black-hat / local background)
 
     def to_input(self, x: float, y: float) -> tuple[float, float]:
-        return (self.origin[0] + (x + 0.5) * self.scale[0] - 0.5, self.origin[1] + (y + 0.5) * self.scale[1] - 0.5)
+        return (float(self.origin[0] + (x + 0.5) * self.scale[0] - 0.5),
+                float(self.origin[1] + (y + 0.5) * self.scale[1] - 0.5))
 
 
 def _prepare(rgb: np.ndarray, fov_centre: tuple[float, float], fov_radius: float, threshold: float) -> _Work:
@@ -240,11 +250,12 @@ def _find_disc(work: _Work) -> tuple[float, float, float, float] | None:
     top = bright[candidates[0]]
 
     def score(p):
-        return bright[p] / top * vertical[p] / vertical_typical * max(0.0, _radial_alignment(vessel_px, p[1], p[0], dd) + 0.5)
+        radial = _radial_alignment(vessel_px, p[1], p[0], dd)
+        return bright[p] / top * vertical[p] / vertical_typical * max(0.0, radial + 0.5)
 
     py, px = max(candidates, key=score)
     raw = score((py, px))  # 0.5: the brightest blob, typical trunk density, no radial preference
-    return (*_refine_disc(work, float(px), float(py)), raw / (raw + 1))
+    return (*_refine_disc(work, float(px), float(py)), float(raw / (raw + 1)))
 
 
 def _refine_disc(work: _Work, x: float, y: float) -> tuple[float, float, float]:
@@ -328,5 +339,5 @@ def locate_landmarks(rgb: np.ndarray) -> Landmarks:
     fovea = _find_fovea(work, (x, y), dd)
     fovea_score = fovea[2] if fovea else 0.0
     fovea_centre = work.to_input(*fovea[:2]) if fovea and fovea_score >= MIN_FOVEA_SCORE else None
-    return Landmarks(work.to_input(x, y), dd * work.scale[0], disc_score, fovea_centre, fovea_score,
+    return Landmarks(work.to_input(x, y), float(dd * work.scale[0]), disc_score, fovea_centre, fovea_score,
                      fov_centre, fov_radius)

@@ -39,6 +39,11 @@ def _first(root: Path) -> Path:
     return sorted((root / "images").glob("synth_*.jpg"))[0]
 
 
+def _fields(entry: dict) -> dict:
+    """A label entry's fields, without `_from` (where in the manifest it came from)."""
+    return {k: v for k, v in entry.items() if k != "_from"}
+
+
 # ------------------------------------------------------------------ scan
 
 def test_scan_lists_images_by_content_hash(workdir):
@@ -166,9 +171,9 @@ def test_load_labels_from_an_aptos_csv(tmp_path):
     (tmp_path / "labels.csv").write_text("id_code,diagnosis\n000c1434d8d7,2\n001639a390f0,0\n0024cdab0c1e,4\n")
     labels, rejects = load_labels(tmp_path, CONFIG)
     assert rejects == []
-    assert labels["000c1434d8d7"] == {"dr_grade": 2, "grade": "Moderate non-proliferative diabetic retinopathy",
+    assert _fields(labels["000c1434d8d7"]) == {"dr_grade": 2, "grade": "Moderate non-proliferative diabetic retinopathy",
                                       "diagnosis": DR, "label_boxes": []}
-    assert labels["001639a390f0"] == {"dr_grade": 0, "grade": "No diabetic retinopathy", "label_boxes": []}
+    assert _fields(labels["001639a390f0"]) == {"dr_grade": 0, "grade": "No diabetic retinopathy", "label_boxes": []}
     assert labels["0024cdab0c1e"]["grade"] == "Proliferative diabetic retinopathy"
     # APTOS names images by bare id: found from the file's path.
     assert labels_for("train_images/000c1434d8d7.png", labels)["dr_grade"] == 2
@@ -183,11 +188,11 @@ def test_load_labels_csv_with_laterality_points_and_alias_boxes(tmp_path):
         "b.jpg,P1,L,,,\n")
     labels, rejects = load_labels(tmp_path, IngestConfig(labels="manifest.csv"))
     assert rejects == []
-    assert labels["a.jpg"] == {"patient_id": "P1", "laterality": "OD", "dr_grade": 1, "diagnosis": DR,
+    assert _fields(labels["a.jpg"]) == {"patient_id": "P1", "laterality": "OD", "dr_grade": 1, "diagnosis": DR,
                                "grade": "Mild non-proliferative diabetic retinopathy", "disc": Point(x=10, y=20),
                                "label_boxes": [LabelBox(label="hard_exudate", xyxy=[1, 2, 3, 4])],
                                "labelled_classes": ["hard_exudate"]}
-    assert labels["b.jpg"] == {"patient_id": "P1", "laterality": "OS", "label_boxes": []}  # no boxes given
+    assert _fields(labels["b.jpg"]) == {"patient_id": "P1", "laterality": "OS", "label_boxes": []}  # no boxes given
 
 
 def test_boxes_field_marks_images_annotated_for_every_class_boxed_in_the_manifest(tmp_path):
@@ -222,32 +227,37 @@ def test_diagnosis_names_are_mapped_onto_one_vocabulary(tmp_path):
     assert (labels["e.jpg"]["dr_grade"], labels["e.jpg"]["grade"]) == (0, "No diabetic retinopathy")
 
 
-def test_bad_label_entries_are_rejected_alone_naming_file_and_entry(tmp_path):
+def test_bad_label_fields_are_rejected_alone_naming_file_entry_and_field(tmp_path):
+    """The entry keeps its other fields (its patient above all: see tests/test_hostile_inputs.py)."""
     path = tmp_path / "labels.json"
     path.write_text(json.dumps({"images": [
         {"image": "ok.jpg", "dr_grade": 3},
-        {"image": "grade.jpg", "dr_grade": 7},
-        {"image": "eye.jpg", "laterality": "both"},
-        {"image": "box.jpg", "boxes": [{"label": "tumour", "xyxy": [0, 0, 1, 1]}]},
+        {"image": "grade.jpg", "patient_id": "P2", "dr_grade": 7},
+        {"image": "eye.jpg", "laterality": "both", "dr_grade": 1},
+        {"image": "box.jpg", "boxes": [{"label": "tumour", "xyxy": [0, 0, 1, 1]}], "laterality": "L"},
         {"diagnosis": "Glaucoma"},
     ]}))
     labels, rejects = load_labels(tmp_path, CONFIG)
-    assert list(labels) == ["ok.jpg"]
+    assert list(labels) == ["ok.jpg", "grade.jpg", "eye.jpg", "box.jpg"]
     assert labels["ok.jpg"]["grade"] == "Severe non-proliferative diabetic retinopathy"
+    assert _fields(labels["grade.jpg"]) == {"patient_id": "P2", "label_boxes": []}
+    assert labels["eye.jpg"]["dr_grade"] == 1 and "laterality" not in labels["eye.jpg"]
+    assert labels["box.jpg"]["label_boxes"] == [] and labels["box.jpg"]["laterality"] == "OS"
     items = [r.item for r in rejects]
     assert items == [f"{path} entry 2 (grade.jpg)", f"{path} entry 3 (eye.jpg)", f"{path} entry 4 (box.jpg)",
                      f"{path} entry 5"]
     reasons = [r.reason for r in rejects]
-    assert reasons[0] == "invalid label: dr_grade 7 is outside 0-4"
-    assert "laterality 'both' is not OD/OS" in reasons[1]
-    assert "unknown class name 'tumour'" in reasons[2]
+    assert reasons[0] == "dr_grade: 7 is outside 0-4"
+    assert reasons[1] == "laterality: 'both' is not OD/OS/left/right"
+    assert reasons[2].startswith("boxes[0].label: unknown class name 'tumour'")
     assert reasons[3].startswith("label entry names no image")
 
 
-def test_malformed_json_manifest_is_an_error_naming_the_file(tmp_path):
+def test_malformed_json_manifest_is_one_reject_naming_the_file(tmp_path):
     (tmp_path / "labels.json").write_text('{"images": [ {"image": "a.jpg",, } ]')
-    with pytest.raises(ValueError, match=rf"^{tmp_path / 'labels.json'}: not valid JSON"):
-        load_labels(tmp_path, CONFIG)
+    labels, rejects = load_labels(tmp_path, CONFIG)
+    assert labels == {} and [r.item for r in rejects] == [str(tmp_path / "labels.json")]
+    assert rejects[0].reason.startswith("not valid JSON: ") and rejects[0].reason.endswith("; no labels used")
 
 
 def test_missing_manifest_is_an_error_naming_the_path_and_absent_default_is_empty(tmp_path):
@@ -262,11 +272,14 @@ def test_missing_manifest_is_an_error_naming_the_path_and_absent_default_is_empt
     ("labels.json", json.dumps({"images": {"a.jpg": {"dr_grade": 1}}})),  # "images" is not a list
     ("labels.csv", bytes(range(256))),  # not text
 ], ids=["no-images-key", "null", "images-not-a-list", "binary-csv"])
-def test_every_malformed_manifest_is_a_clear_error_naming_the_file(tmp_path, name, content):
+def test_every_malformed_manifest_is_one_reject_naming_the_file(tmp_path, name, content):
+    """The README promises bad entries are rejected, not that the run stops: the build goes on
+    without labels, and the reject says why."""
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(ValueError, match=str(path)):
-        load_labels(tmp_path, CONFIG)
+    labels, rejects = load_labels(tmp_path, CONFIG)
+    assert labels == {} and [(r.stage, r.item) for r in rejects] == [("ingest", str(path))]
+    assert rejects[0].reason.endswith("no labels used")
 
 
 def test_an_entry_that_is_not_an_object_is_rejected_alone(tmp_path):

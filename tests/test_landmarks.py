@@ -3,6 +3,8 @@ DRIVE field-of-view masks) and on transformed copies: the frame it reports in, m
 None rather than a guess when there is no fundus."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -116,6 +118,7 @@ def test_coordinates_are_in_the_input_frame(drive):
     assert math.dist(big.fovea_centre, [2 * v for v in lm.fovea_centre]) < tolerance
     assert big.disc_diameter_px == pytest.approx(2 * lm.disc_diameter_px, rel=0.1)
     assert big.fov_radius == pytest.approx(2 * lm.fov_radius, rel=0.03)
+    json.dumps(dataclasses.asdict(lm))  # plain floats, ready for a manifest
 
 
 def test_a_mirrored_photograph_mirrors_the_disc(drive):
@@ -132,7 +135,19 @@ def test_a_crop_away_from_the_disc_moves_the_coordinates_with_it(drive):
     rgb, lm = drive
     padded = cv2.copyMakeBorder(rgb, 40, 0, 120, 0, cv2.BORDER_CONSTANT, value=0)
     shifted = locate_landmarks(padded)
-    assert math.dist(shifted.disc_centre, (lm.disc_centre[0] + 120, lm.disc_centre[1] + 40)) < 0.15 * lm.disc_diameter_px
+    expected = (lm.disc_centre[0] + 120, lm.disc_centre[1] + 40)
+    assert math.dist(shifted.disc_centre, expected) < 0.15 * lm.disc_diameter_px
+
+
+def test_a_photograph_cropped_inside_its_field_keeps_its_disc():
+    """No dark surround left (the field fills the frame): the disc is still found where it was."""
+    rgb = load_rgb(REAL / "images" / "DRIVE" / "22_training.tif")
+    whole = locate_landmarks(rgb)
+    x0, y0 = 110, 150
+    cropped = locate_landmarks(np.ascontiguousarray(rgb[y0:430, x0:510]))
+    assert cropped.disc_centre is not None
+    moved = (cropped.disc_centre[0] + x0, cropped.disc_centre[1] + y0)
+    assert math.dist(moved, whole.disc_centre) < 0.5 * whole.disc_diameter_px
 
 
 @pytest.mark.parametrize("value", [0, 128, 255])
