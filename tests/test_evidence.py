@@ -30,8 +30,8 @@ def test_a_real_validation_vouches_for_real_photographs_per_class(tmp_path):
     weights = tmp_path / "w.pt"
     shutil.copy(DEMO_WEIGHTS, weights)
     meta = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
-    meta["validations"] = [{"domain": "real", "datasets": ["IDRiD"], "images": 20,
-                            "per_class_mAP50": {"optic_disc": 0.9, "hard_exudate": 0.55, "haemorrhage": 0.2}}]
+    meta["validations"] += [{"domain": "real", "datasets": ["IDRiD"], "images": 20,
+                             "per_class_mAP50": {"optic_disc": 0.9, "hard_exudate": 0.55, "haemorrhage": 0.2}}]
     weights.with_suffix(".json").write_text(json.dumps(meta))
     evidence = DetectorEvidence.of(weights, 0.5)
     real, synthetic = _record(), _record(synthetic=True)
