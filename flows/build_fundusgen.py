@@ -185,7 +185,7 @@ def stage_keys(shard_sources: list[ingest_stage.SourceFile], shard_labels: dict,
                             config.detect.model_dump(exclude={"weights", "batch"}),  # batch changes speed only
                             weights_sha, evidence.model_dump())
     keys["crop"] = digest(keys["detect"], code_version("crop"), config.crop.model_dump(), evidence.model_dump())
-    keys["expand"] = digest(keys["crop"], code_version("expand"), code_version("expand_openai"),
+    keys["expand"] = digest(keys["crop"], code_version("expand"),  # its closure holds the openai backend
                             config.expand.result_relevant(), expand_prompts, evidence.model_dump())
     keys["chain"] = digest(keys["expand"], code_version("chain"), config.chain.model_dump(),
                            config.write.model_dump(include={"val_fraction", "test_fraction"}), chain_prompts)
@@ -237,7 +237,7 @@ def _prune(out: Path, keep: set[str]) -> None:
                 path.unlink()
 
 
-def _publish(stage_rows: dict[str, list[dict]], summary: dict, out: Path, rejects: list[Reject], seconds: float):
+def _publish_artifacts(stage_rows: dict[str, list[dict]], summary: dict, out: Path, rejects: list[Reject], seconds: float):
     for stage, rows in stage_rows.items():
         create_table_artifact(key=f"fundusgen-{stage}", table=rows,
                               description=f"{stage}: one row per shard (computed or cached, rows out, rejects)")
@@ -421,7 +421,7 @@ def _build(inp: Path, out: Path, config: BuildConfig, no_cache: bool, run_id) ->
     }
     write_stage.write_manifest(build_dir, manifest)  # last inside the build folder
     publish(out, build_dir)  # dataset, manifest, card, benchmark and rejects switch together
-    _publish(stage_rows, manifest, out, rejects, seconds)
+    _publish_artifacts(stage_rows, manifest, out, rejects, seconds)
     logger.info("wrote %d records (%s) to %s; %d rejects", result["records"], result["records_per_task"],
                 out / "dataset", result["rejects"])
     if result["detector_domain"].get("warning"):
