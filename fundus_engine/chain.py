@@ -161,7 +161,10 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
         add("finding_presence", [(pick("finding_presence", label).format(target=target),
                                   answer("finding_presence", "presence", display, groups.get(label, [])))],
             key=label, boxes=groups.get(label, []))
-    for label in rng.sample(present, min(2, len(present))):
+    # Counts only where the count is known: the labels annotate the class exhaustively, or the
+    # detector finds it reliably on this kind of photograph.
+    countable = [label for label in present if label in expansion.counted_lesions]
+    for label in rng.sample(countable, min(2, len(countable))):
         display = BY_NAME[label].display
         question = pick("counting", label).format(target=chinese(display) if language == "zh" else display.lower(),
                                                   targets=plural(display))

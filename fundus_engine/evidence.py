@@ -102,13 +102,18 @@ def implied_lesions(record: ImageRecord) -> set[str]:
     return implied
 
 
-def assessed_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:
-    """Lesion classes whose absence may be stated for this image: annotated exhaustively by its
-    labels, or found reliably by the detector on this kind of photograph; minus what its
-    labelled diagnosis implies. A weak or out-of-domain detector's silence is no evidence."""
+def counted_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:
+    """Lesion classes whose boxes on this image are complete: annotated exhaustively by its
+    labels, or found reliably by the detector on this kind of photograph. Only these are counted."""
     vouched = set(record.labelled_classes) | set(evidence.reliable_for(record))
+    return [label for label in LESIONS if label in vouched]
+
+
+def assessed_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:
+    """Lesion classes whose absence may be stated for this image: the counted ones minus what its
+    labelled diagnosis implies. A weak or out-of-domain detector's silence is no evidence."""
     implied = implied_lesions(record)
-    return [label for label in LESIONS if label in vouched and label not in implied]
+    return [label for label in counted_lesions(record, evidence) if label not in implied]
 
 
 def domain_report(images: list[ImageRecord], anatomies: list[Anatomy], regions: list[Region],

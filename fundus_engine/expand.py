@@ -13,7 +13,7 @@ from typing import Protocol
 
 from fundus_engine import __version__
 from fundus_engine.config import ExpandConfig
-from fundus_engine.evidence import DetectorEvidence, assessed_lesions
+from fundus_engine.evidence import DetectorEvidence, assessed_lesions, counted_lesions
 from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageRecord, Provenance, Region,
                                   RegionDescription, Reject)
 from fundus_engine.prompts import Prompt, load
@@ -139,7 +139,7 @@ class OfflineExpander:
                                           description=str(text.region(r=r)).strip(),
                                           significance=BY_NAME[r.label].significance) for r in regions]
         return Expansion(sha256=record.sha256, image=description, regions=region_texts, provenance=self.provenance(),
-                         assessed_lesions=assessed)
+                         assessed_lesions=assessed, counted_lesions=counted_lesions(record, self.evidence))
 
 
     def expand_shard(self, items: list[tuple[ImageRecord, Anatomy, list[Region]]]) -> ExpandResult:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from fundus_engine import __version__
 from fundus_engine.config import OpenAIConfig
-from fundus_engine.evidence import DetectorEvidence, assessed_lesions
+from fundus_engine.evidence import DetectorEvidence, assessed_lesions, counted_lesions
 from fundus_engine.ingest import cached_sha256, file_version
 from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageFindings, ImageRecord, Provenance,
                                   Region, RegionDescription, RegionFindings, Reject)
@@ -414,10 +414,12 @@ class OpenAIExpander:
         return parsed
 
     def _circuit_message(self) -> str:
-        return redact_secrets(f"circuit breaker open: {self.ledger.consecutive_failures} consecutive failed requests to "
-                f"{redact_url(self.config.base_url)} (model {self.config.model}); last error: {self.ledger.last_error}. "
-                "Everything already answered is kept in the response cache; re-run to continue.",
-                              self.config.api_key_env)
+        """Raised, so logged and stored by Prefect: redacted like everything else from the server."""
+        message = (f"circuit breaker open: {self.ledger.consecutive_failures} consecutive failed requests to "
+                   f"{redact_url(self.config.base_url)} (model {self.config.model}); last error: "
+                   f"{self.ledger.last_error}. Everything already answered is kept in the response cache; "
+                   "re-run to continue.")
+        return redact_secrets(message, self.config.api_key_env)
 
     # the shard ----------------------------------------------------------------------------
 
@@ -488,7 +490,8 @@ class OpenAIExpander:
                                  diagnosis_source=source, evidence=findings.evidence or [findings.diagnosis])
         return Expansion(sha256=record.sha256, image=image, regions=described, provenance=self.provenance(),
                          flags=consistency_flags(findings, record, anatomy, regions),
-                         assessed_lesions=assessed_lesions(record, self.evidence))
+                         assessed_lesions=assessed_lesions(record, self.evidence),
+                         counted_lesions=counted_lesions(record, self.evidence))
 
 
 def with_schema_instruction(messages: list[dict], output: type[BaseModel]) -> list[dict]:

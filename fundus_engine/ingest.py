@@ -12,10 +12,11 @@ import json
 import math
 import os
 import re
-import stat
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 import cv2
 import numpy as np
@@ -25,7 +26,7 @@ from fundus_engine.config import IMAGE_EXTENSIONS, IngestConfig
 from fundus_engine.fundus_check import not_a_fundus_photograph
 from fundus_engine.models import ImageRecord, LabelBox, Point, Quality, Reject
 from fundus_engine.synth import is_synthetic
-from fundus_engine.vocabulary import CLASS_NAMES, DR, DR_GRADES, canonical_class, canonical_diagnosis
+from fundus_engine.vocabulary import DR, DR_GRADES, canonical_class, canonical_diagnosis
 
 STAGE = "ingest"
 # Label boxes and points may overshoot the frame by this fraction of its side (rounding, padded
@@ -80,13 +81,16 @@ def utf8_path(path: Path) -> Path:
     except UnicodeEncodeError:
         pass
     folder = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fundus-engine" / "names").resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     link = folder / (hashlib.sha256(os.fsencode(path)).hexdigest()[:32] + shown(path.suffix).lower())
-    if not (link.is_symlink() and os.readlink(link) == str(path)):
-        tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(path)
-        tmp.replace(link)  # atomic: a concurrent build never sees the link missing
+    try:
+        if not (link.is_symlink() and os.readlink(link) == str(path)):
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(path)
+            tmp.replace(link)  # atomic: a concurrent build never sees the link missing
+    except OSError as exc:
+        raise OSError(f"file name is not UTF-8 and no UTF-8 link to it could be made in {folder}: {exc}") from exc
     return link
 
 
@@ -151,12 +155,12 @@ def _walk(input_dir: Path, exclude: Path | None) -> tuple[list[Path], list[Rejec
                     reason = "broken symlink: target missing" if exc.errno == errno.ENOENT else f"broken symlink: {exc}"
                 rejects.append(Reject(stage=STAGE, item=shown(path), reason=reason))
                 continue
-            if stat.S_ISDIR(st.st_mode):
+            if S_ISDIR(st.st_mode):
                 if identity(st) in ancestors:
                     rejects.append(Reject(stage=STAGE, item=shown(path), reason="symlink loop"))
                 elif identity(st) != skip:
                     todo.append((path, ancestors | {identity(st)}))
-            elif stat.S_ISREG(st.st_mode):
+            elif S_ISREG(st.st_mode):
                 files.append(path)
     return files, rejects
 
@@ -186,8 +190,8 @@ def _label_entry(raw: dict) -> tuple[dict, list[tuple[str, str]], set[str | None
     A bad field is left out and listed as (field, reason); the entry keeps the others, so a typo
     in one box never costs the image its patient, and the patient its split. Also returns the
     class of each box left out (None where the class itself is unreadable): on this image those
-    classes are no longer annotated exhaustively. `_from` says which manifest box each kept one
-    is, for the checks against the image at ingest.
+    classes are no longer annotated exhaustively. `_from` names the entry and which manifest box
+    each kept one is, for the checks against the image at ingest.
     """
     entry: dict = {"_from": {"boxes": []}}
     problems: list[tuple[str, str]] = []
@@ -328,7 +332,8 @@ def load_labels(input_dir: Path, config: IngestConfig) -> tuple[dict[str, dict],
             rejects.append(Reject(stage=STAGE, item=where, reason=f"label entry names no image (one of {_IMAGE_KEYS})"))
             continue
         labels[key], problems, unread[key] = _label_entry(raw)
-        labels[key]["_from"]["entry"] = where
+        # By file and image, not position: the entry is part of the stage's cache key.
+        labels[key]["_from"]["entry"] = f"{shown(path)} entry for {key}"
         rejects += [Reject(stage=STAGE, item=where, reason=f"{field}: {reason}") for field, reason in problems]
     annotated = config.annotated_classes
     if annotated is None:  # a class some box names is annotated, even where that box was unreadable
@@ -370,7 +375,7 @@ def fit_box(xyxy: list[float], width: int, height: int, tolerance: float | None 
     return [xs[0], ys[0], xs[1], ys[1]]
 
 
-def _fit_labels(labels: dict, width: int, height: int) -> tuple[dict, list[Reject]]:
+def _fit_labels(labels: dict, width: int, height: int, item: str) -> tuple[dict, list[Reject]]:
     """An entry's points and boxes checked against the decoded image: clipped when they overshoot
     it by less than TOLERANCE, else left out with a reject naming the manifest entry and field.
     A class that loses a box is no longer annotated exhaustively on this image."""
@@ -395,7 +400,7 @@ def _fit_labels(labels: dict, width: int, height: int) -> tuple[dict, list[Rejec
         except ValueError as exc:
             problems.append((f"boxes[{i}].xyxy", str(exc)))
             fields["labelled_classes"] = [c for c in fields.get("labelled_classes", []) if c != box.label]
-    where = origin.get("entry", "labels")
+    where = origin.get("entry", f"labels of {item}")
     return fields, [Reject(stage=STAGE, item=where, reason=f"{field}: {reason}") for field, reason in problems]
 
 
@@ -480,8 +485,10 @@ def too_large(path: Path, max_pixels: int) -> str | None:
     a decompression bomb never reaches the decoder; None when within the limit, or when PIL
     cannot read the header (decode then says why)."""
     try:
-        with Image.open(path) as im:
-            width, height = im.size
+        with warnings.catch_warnings():  # PIL warns of what is checked here, and said in the reject
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
     except Image.DecompressionBombError as exc:  # over PIL's own limit (179 MP): it gives the pixels only
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = found[1] if found else f"over {2 * Image.MAX_IMAGE_PIXELS}"
@@ -516,7 +523,7 @@ def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: In
                       reason=f"no retina visible: field of view covers {quality.fov_coverage:.0%} of the frame")
     if (not_fundus := not_a_fundus_photograph(rgb)) is not None:
         return Reject(stage=STAGE, item=item, reason=not_fundus)
-    fields, label_rejects = _fit_labels(labels or {}, width, height)
+    fields, label_rejects = _fit_labels(labels or {}, width, height, item)
     if rejects is not None:
         rejects += label_rejects
     return ImageRecord(sha256=source.sha256, path=str(opened), relpath=shown(source.relpath),

@@ -203,6 +203,9 @@ class Expansion(Row):
     # Lesion classes whose absence may be stated for this image: labelled exhaustively, or found
     # reliably by the detector (held-out mAP50), and not implied by the image's labelled diagnosis.
     assessed_lesions: list[str] = []
+    # Lesion classes whose boxes are complete on this image (labelled exhaustively or found
+    # reliably): only their counts are stated.
+    counted_lesions: list[str] = []
 
 
 class Turn(Row):

@@ -105,9 +105,9 @@ def test_label_boxes_outside_inverted_or_not_finite_are_rejected_alone(root):
         {"image": second, "patient_id": "P1", "boxes": [{"label": "EX", "xyxy": [1, 2, 30, 40]}]},
     ])
     records, rejects = _ingested(root)
-    entry = f"{path} entry 1 ({first})"
+    at_load, at_ingest = f"{path} entry 1 ({first})", f"{path} entry for {first}"  # read; checked against the image
     assert sorted((r.item, r.reason.split(":")[0]) for r in rejects) == [
-        (entry, f"boxes[{i}].xyxy") for i in (1, 2, 3, 4, 6)]
+        (at_load, f"boxes[{i}].xyxy") for i in (2, 3, 6)] + [(at_ingest, f"boxes[{i}].xyxy") for i in (1, 4)]
     reasons = {r.reason.split(":")[0]: r.reason for r in rejects}
     assert "lies outside the 256x256 image" in reasons["boxes[1].xyxy"]
     assert "no area" in reasons["boxes[2].xyxy"] and "not finite" in reasons["boxes[3].xyxy"]
@@ -131,7 +131,7 @@ def test_disc_and_fovea_must_be_finite_and_inside_the_image(root):
     ])
     records, rejects = _ingested(root)
     assert sorted((r.item, r.reason.split(":")[0]) for r in rejects) == [
-        (f"{path} entry 1 ({first})", "disc"), (f"{path} entry 1 ({first})", "fovea")]
+        (f"{path} entry 1 ({first})", "disc"), (f"{path} entry for {first}", "fovea")]
     assert records[first].disc is None and records[first].fovea is None and records[first].patient_id == "P1"
     assert records[second].disc == Point(x=256, y=100)  # 1 px over the edge: clipped
     assert records[second].fovea == Point(x=120, y=130)

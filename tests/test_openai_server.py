@@ -203,6 +203,33 @@ def test_contradiction_adds_the_claim_and_flips_laterality(srv):
     assert (second.laterality, second.findings) == ("OS", ["drusen", "macular hole"])
 
 
+def test_faults_that_echo_the_api_key_as_some_servers_do(srv):
+    """What a client must redact: the key it sent, repeated in a 401's JSON body, in any error body
+    (JSON or plain text, 429/5xx after retries too) and in a model's answer."""
+    key = "sk-test-echoed-0123456789"
+    srv.inject("unauthorized")
+    srv.inject("rate_limit", times=2, echo_key=True, retry_after=0)
+    srv.inject("server_error", echo_key=True, text_body=True)
+    srv.inject("schema_violation", echo_key=True)
+    srv.inject("echo_key")
+    with openai.OpenAI(base_url=srv.base_url, api_key=key, max_retries=1, timeout=10) as client:
+        with pytest.raises(openai.AuthenticationError, match=f"Incorrect API key provided: {key}") as refused:
+            ask(client)  # a 401 is not retried
+        assert refused.value.body["code"] == "invalid_api_key"
+        with pytest.raises(openai.RateLimitError, match=f"Authorization: Bearer {key}"):
+            ask(client)  # both tries refused
+        with pytest.raises(openai.InternalServerError) as text_body:
+            client.with_options(max_retries=0).chat.completions.create(model=MODEL_ID, messages=messages())
+        assert text_body.value.response.headers["content-type"].startswith("text/plain")
+        assert text_body.value.body == f"injected fault: server_error (request headers: Authorization: Bearer {key})"
+        assert json.loads(ask(client)) == {"unexpected": True, "note": f"api key {key}"}
+        echoed = Finding.model_validate_json(ask(client, facts={"laterality": "OS", "findings": ["drusen seen"]}))
+    assert echoed.laterality == "OS" and echoed.findings == [f"drusen seen (api key {key})"]  # enums stay valid
+    assert [r.outcome for r in srv.requests] == ["unauthorized", "rate_limit", "rate_limit", "server_error",
+                                                 "schema_violation", "echo_key"]
+    assert [r.status for r in srv.requests][:4] == [401, 429, 429, 500]
+
+
 def test_times_none_fails_every_request_until_cleared(srv):
     srv.inject("server_error", times=None)
     with client_for(srv, max_retries=1) as client:
