@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import TaskRunContext
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
@@ -70,6 +71,7 @@ class ShardOutput(BaseModel):
     rejects: list[Reject] = []
     usage: dict = {}  # model calls, tokens and cost spent computing this shard
     complete: bool = True  # False: some model requests failed or were not sent; the next run retries
+    seconds: float | None = None  # wall time of the task that computed it
 
 
 def digest(*parts) -> str:
@@ -123,8 +125,11 @@ def _save(out: Path, stage: str, shard: int, key: str, tables: dict[str, list], 
     else:
         marker.write_text("\n".join(r.reason for r in rejects))
     main = next(iter(tables.values()))
+    run = TaskRunContext.get()
+    begun = run.task_run.start_time if run else None
+    seconds = round((datetime.now(timezone.utc) - begun).total_seconds(), 3) if begun else None
     return ShardOutput(stage=stage, shard=shard, key=key, files={k: str(v) for k, v in files.items()},
-                       rows=len(main), rejects=rejects, usage=usage or {}, complete=complete)
+                       rows=len(main), rejects=rejects, usage=usage or {}, complete=complete, seconds=seconds)
 
 
 def _load(output: ShardOutput, name: str) -> list:
@@ -251,9 +256,9 @@ def _publish_artifacts(stage_rows: dict[str, list[dict]], summary: dict, out: Pa
     lines += [f"| {s} | {summary['images_per_split'].get(s, 0)} | {summary['records_per_split'].get(s, 0)} |"
               for s in write_stage.SPLITS]
     lines += ["", f"Rejects: {summary['rejects']} {summary['rejects_per_stage']}", "",
-              "| stage | shards computed | shards cached |", "|---|---|---|"]
-    lines += [f"| {stage} | {sum(r['status'] == 'computed' for r in rows)} | {sum(r['status'] == 'cached' for r in rows)} |"
-              for stage, rows in stage_rows.items()]
+              "| stage | shards computed | shards cached | task seconds |", "|---|---|---|---|"]
+    lines += [f"| {stage} | {sum(r['status'] == 'computed' for r in rows)} | {sum(r['status'] == 'cached' for r in rows)} "
+              f"| {sum(r.get('seconds') or 0 for r in rows):.1f} |" for stage, rows in stage_rows.items()]
     if summary.get("model_usage"):
         lines += ["", "| model usage (this run) | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in summary["model_usage"].items()]
@@ -373,7 +378,8 @@ def _build(inp: Path, out: Path, config: BuildConfig, no_cache: bool, run_id) ->
                 cached = state.name == "Cached"
                 stage_rows[stage].append({"shard": result.shard, "status": "cached" if cached else "computed",
                                           "rows": result.rows, "rejects": len(result.rejects),
-                                          "complete": result.complete})
+                                          "complete": result.complete,
+                                          "seconds": None if cached else result.seconds})
                 if not cached and result.usage:
                     usage.append(result.usage)
             else:
@@ -411,7 +417,10 @@ def _build(inp: Path, out: Path, config: BuildConfig, no_cache: bool, run_id) ->
         "model_usage": sum_usage(usage, config),
         "labels": {"entries": len(labels), "matched_images": sum(1 for v in matched.values() if v)},
         "stages": {stage: {"shards": len(rows), "computed": sum(r["status"] == "computed" for r in rows),
-                           "cached": sum(r["status"] == "cached" for r in rows)} for stage, rows in stage_rows.items()},
+                           "cached": sum(r["status"] == "cached" for r in rows),
+                           # task seconds of the shards computed now (they overlap across workers)
+                           "seconds": round(sum(r.get("seconds") or 0 for r in rows), 2)}
+                   for stage, rows in stage_rows.items()},
         "wall_seconds": round(seconds, 2),
         # False when a shard-stage failed or left model requests unanswered: the dataset holds
         # what finished, and the next run completes it from the stage files and response cache.

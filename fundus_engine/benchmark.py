@@ -503,13 +503,16 @@ def read_answers(path: Path) -> dict[int, str]:
         return answers
     if path.suffix.lower() not in (".tsv", ".csv"):
         raise ValueError(f"{path}: answers must be .jsonl, .tsv or .csv")
-    csv.field_size_limit(1 << 30)
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        if not {"index", "prediction"} <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path}: needs 'index' and 'prediction' columns, has {reader.fieldnames}")
-        for row in reader:
-            put(row["index"], row["prediction"], f"{path}:{reader.line_num}")
+    default_limit = csv.field_size_limit(1 << 30)  # VLMEvalKit rows carry base64 images; the limit is process-wide
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            if not {"index", "prediction"} <= set(reader.fieldnames or ()):
+                raise ValueError(f"{path}: needs 'index' and 'prediction' columns, has {reader.fieldnames}")
+            for row in reader:
+                put(row["index"], row["prediction"], f"{path}:{reader.line_num}")
+    finally:
+        csv.field_size_limit(default_limit)
     return answers
 
 
