@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
+from prefect.futures import as_completed
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
@@ -41,6 +42,7 @@ from fundus_engine.card import write_card
 from fundus_engine.config import BuildConfig
 from fundus_engine.evidence import DetectorEvidence, domain_report
 from fundus_engine.expand_openai import redact_url
+from fundus_engine.progress import BuildProgress
 from fundus_engine.publish import BuildLock, new_build_dir, publish
 from fundus_engine.shards import assign_shards, load_assignment, save_assignment
 from fundus_engine.export import to_vlmevalkit_tsv
@@ -228,6 +230,24 @@ def write_task(build_dir: str, ingested: list[ShardOutput], cropped: list[ShardO
                           "per_task": dict(sorted(Counter(q.clinical_task for q in questions).items()))}}
 
 
+def _follow(futures: dict[str, list], progress: BuildProgress, logger) -> None:
+    """Wait for every shard-stage as it finishes, reporting progress (a line per stage at most
+    every few seconds, and the progress file the CLI's live display reads)."""
+    shards = list(progress.shard_images)  # futures[stage] follow the shards' order
+    where = {id(f): (stage, shards[n]) for stage, fs in futures.items() for n, f in enumerate(fs)}
+    last_line: dict[str, float] = {}
+    for future in as_completed([f for fs in futures.values() for f in fs]):
+        stage, shard = where[id(future)]
+        state = future.state
+        result = future.result(raise_on_failure=False) if state.is_completed() else None
+        line = progress.finished(stage, shard, len(result.rejects) if isinstance(result, ShardOutput) else 0,
+                                 cached=state.name == "Cached")
+        s = progress.stages[stage]
+        if s.done == s.total or time.monotonic() - last_line.get(stage, 0) > 5:
+            last_line[stage] = time.monotonic()
+            logger.info(line)
+
+
 def _crops_present(regions_file: Path) -> bool:
     """The crop stage's images live outside its Parquet; a deleted crops/ folder re-runs it."""
     table = pq.read_table(regions_file, columns=["crop_path", "marked_path"])
@@ -362,6 +382,7 @@ def _build(inp: Path, out: Path, config: BuildConfig, no_cache: bool, run_id) ->
         e = submit("expand", ingested=i, cropped=c, evidence=evidence)
         submit("chain", ingested=i, cropped=c, expanded=e)
 
+    _follow(futures, BuildProgress.start(out, STAGES, {n: len(batch) for n, batch in shards.items()}), logger)
     stage_rows: dict[str, list[dict]] = {}
     outputs: dict[str, list[ShardOutput]] = {}
     usage: list[dict] = []

@@ -1,6 +1,7 @@
 """`fundus-engine`: synth, build, serve, train-detector, export, score, inspect."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -42,7 +43,8 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
           out: Path = typer.Option(..., "--out", help="output folder"),
           config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON build config"),
           workers: Optional[int] = typer.Option(None, help="shards processed at once (default: CPU count)"),
-          no_cache: bool = typer.Option(False, "--no-cache", help="recompute every stage and re-send every model request")):
+          no_cache: bool = typer.Option(False, "--no-cache", help="recompute every stage and re-send every model request"),
+          verbose: bool = typer.Option(False, "--verbose", help="Prefect's log lines on the console (default: OUT/logs/build.log)")):
     """Run the build-fundusgen flow here, without a server (Prefect's ephemeral mode)."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -56,7 +58,8 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
         raise typer.Exit(EXIT_USAGE)
     flow = build_fundusgen.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers)) if workers else build_fundusgen
     try:
-        manifest = flow(input_dir=str(input), output_dir=str(out), config=cfg, no_cache=no_cache)
+        with _progress_display(out, quiet_logs=not verbose):
+            manifest = flow(input_dir=str(input), output_dir=str(out), config=cfg, no_cache=no_cache)
     except Exception as exc:  # the flow has written what finished; say why it is not whole
         console.print(f"[red]build failed:[/red] {exc}")
         raise typer.Exit(EXIT_FAILED)
@@ -216,6 +219,69 @@ def inspect(out: Path = typer.Argument(..., help="output folder of a build"),
             console.print_json(json.dumps(row, default=str))
     for path in ins.write_overlays(out, overlays, max_side=max_side, fmt=overlay_format):
         console.print(f"overlay: {path}")
+
+
+@contextlib.contextmanager
+def _progress_display(out: Path, quiet_logs: bool):
+    """A live table per stage (shards done, images/s, ETA, rejects) read from the build's progress
+    file, on a terminal; a plain line per finished stage otherwise. With `quiet_logs`, Prefect's
+    log lines go to OUT/logs/build.log and only its warnings reach the console."""
+    import logging
+    import threading
+
+    from rich.live import Live
+
+    from fundus_engine.progress import read_progress
+
+    Path(out, "logs").mkdir(parents=True, exist_ok=True)
+    (Path(out) / "logs" / "progress.json").unlink(missing_ok=True)  # not the last build's
+    consoles = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
+    levels = [h.level for h in consoles]
+    log_file = logging.FileHandler(Path(out) / "logs" / "build.log")
+    log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    if quiet_logs:
+        for handler in consoles:
+            handler.setLevel(logging.WARNING)
+        logging.getLogger("prefect").addHandler(log_file)
+    stop = threading.Event()
+
+    def table() -> Table:
+        view = Table("stage", "shards", "cached", "images/s", "rejects", title="building")
+        for stage, s in ((read_progress(out) or {}).get("stages") or {}).items():
+            rate = s["images"] / s["seconds"] if s["seconds"] and s["images"] else None
+            view.add_row(stage, f"{s['done']}/{s['total']}", str(s["cached"]), f"{rate:.1f}" if rate else "-",
+                         str(s["rejects"]))
+        return view
+
+    def follow() -> None:
+        if console.is_terminal:
+            with Live(table(), console=console, refresh_per_second=2) as live:
+                while not stop.wait(0.5):
+                    live.update(table())
+                live.update(table())
+            return
+        said: set[str] = set()
+        while True:
+            stopped = stop.wait(1.0)
+            for stage, s in ((read_progress(out) or {}).get("stages") or {}).items():
+                if s["done"] == s["total"] and stage not in said:
+                    said.add(stage)
+                    console.print(f"{stage}: {s['done']} shards done ({s['cached']} cached), {s['images']} images "
+                                  f"computed, {s['rejects']} rejects")
+            if stopped:
+                return
+
+    watcher = threading.Thread(target=follow, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(5)
+        for handler, level in zip(consoles, levels):
+            handler.setLevel(level)
+        logging.getLogger("prefect").removeHandler(log_file)
+        log_file.close()
 
 
 def _print_summary(manifest: dict) -> None:

@@ -46,6 +46,11 @@ class DetectConfig(Section):
     imgsz: int = Field(512, ge=64)
     batch: int = Field(16, ge=1)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:0', ...")
+    backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto", description="what runs the detector: PyTorch on the .pt weights, or ONNX Runtime or OpenVINO on an "
+                            "export of them (made once, offline, and cached beside the weights by content hash). "
+                            "auto: the fastest installed for the device (CPU: openvino, else onnx, else torch; "
+                            "GPU: torch). Boxes differ between backends by a fraction of a pixel")
     ground_truth: Literal["prefer", "ignore"] = Field(
         "prefer", description="use boxes from the labels manifest instead of predictions where an image has them")
     out_of_domain: Literal["drop", "keep"] = Field(

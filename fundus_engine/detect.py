@@ -1,7 +1,10 @@
 """Detect: localise anatomy and lesions with an ultralytics YOLO model.
 
 The model is loaded once per process and shared by every shard that process handles; boxes
-that the labels manifest already gives are preferred over predictions (and say so).
+that the labels manifest already gives are preferred over predictions (and say so). What runs it
+is `detect.backend` (PyTorch, or ONNX Runtime or OpenVINO on a cached export: `backends.py`);
+`weights_path` stays the `.pt` (its JSON metadata beside it is the detector's evidence), and the
+file the backend loads is resolved here, at load.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Iterable
 
+from fundus_engine import backends
 from fundus_engine.config import DetectConfig
 from fundus_engine.evidence import image_domain, validated_classes
 from fundus_engine.ingest import cached_sha256, file_version, fit_box
@@ -40,14 +44,41 @@ def covered_by_labels(record: ImageRecord) -> set[str]:
     return set(record.labelled_classes) | {b.label for b in record.label_boxes}
 
 
-def load_model(path: Path):
-    """Loaded once per process and per version of the weights file (retrained in place, reloaded)."""
-    return _load_model(Path(path), file_version(path))
+def weights_backend(path: Path) -> str | None:
+    """The backend weights that are not `.pt` are already for (an ONNX file runs on ONNX Runtime)."""
+    return {".pt": None, ".onnx": "onnx"}.get(Path(path).suffix.lower(), "torch")
+
+
+def resolve_backend(config: DetectConfig, device: str | None = None) -> str:
+    """What `detect.backend` means here: `auto` differs between machines (what is installed)
+    and devices, so this, not the configured value, belongs in the detect stage's cache key."""
+    device = resolve_device(config.device) if device is None else device
+    own = weights_backend(Path(config.weights)) if config.weights else None
+    if own is not None:  # an exported file runs on its own runtime; it cannot be re-exported
+        if config.backend not in ("auto", own):
+            raise ValueError(f"detect.backend {config.backend} cannot run {config.weights}: use the .pt weights")
+        return own
+    return backends.resolve_backend(config.backend, device)
+
+
+def cache_identity(config: DetectConfig) -> dict:
+    """The resolved device and backend: part of what the detect stage's output depends on."""
+    device = resolve_device(config.device)
+    return {"device": device, "backend": resolve_backend(config, device)}
+
+
+def load_model(path: Path, backend: str = "torch", imgsz: int = 512):
+    """Loaded once per process and per version of the weights file (retrained in place, reloaded);
+    for onnx and openvino, the export of those weights (made and cached on first use)."""
+    path = Path(path)
+    if weights_backend(path) is None:  # .pt: the backend's own file
+        path = backends.model_file(path, backend, imgsz, weights_sha256(path))
+    return _load_model(path, file_version(backends.version_file(path)))
 
 
 @functools.lru_cache(maxsize=4)
 def _load_model(path: Path, version: tuple[int, int]):
-    model = ultralytics().YOLO(str(path))
+    model = ultralytics().YOLO(str(path), task="detect")
     unknown = [n for n in model.names.values() if _canonical_or_none(n) is None]
     if unknown:
         raise ValueError(f"{path}: detector classes {unknown} are not in the vocabulary {CLASS_NAMES}")
@@ -136,8 +167,8 @@ def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detec
         return detections, rejects
     weights = weights_path(config)
     validated = validated_classes(weights)  # per domain: the classes the detector may speak for
-    model = load_model(weights)
     device = resolve_device(config.device)
+    model = load_model(weights, resolve_backend(config, device), config.imgsz)
     options = dict(imgsz=config.imgsz, conf=config.confidence, iou=config.iou, device=device,
                    half=device.startswith("cuda"), batch=config.batch, verbose=False)
     for start in range(0, len(to_predict), config.batch):

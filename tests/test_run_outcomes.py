@@ -56,3 +56,20 @@ def test_a_second_build_into_a_locked_folder_stops_at_once_naming_the_first(sour
     result = runner.invoke(app, ["build", "--input", str(source), "--out", str(out)])  # the lock is free again
     assert result.exit_code == 0, result.output
     assert (out / "dataset").is_symlink() and json.loads((out / "manifest.json").read_text())["complete"]
+    # not on a terminal: a plain line per finished stage; Prefect's log lines went to a file
+    assert "chain: 2 shards done (0 cached), 4 images computed, 0 rejects" in result.output
+    assert "Finished in state" not in result.output
+    assert "Finished in state Completed()" in (out / "logs" / "build.log").read_text()
+
+
+def test_progress_counts_shards_images_and_rejects_per_stage(tmp_path):
+    from fundus_engine.progress import BuildProgress, read_progress
+
+    progress = BuildProgress.start(tmp_path, ("ingest", "detect"), {0: 64, 1: 64, 2: 10})
+    progress.started -= 10  # ten seconds into the build
+    assert progress.finished("ingest", 1, rejects=2, cached=True).startswith("ingest: 1/3 shards (1 cached), - images/s")
+    line = progress.finished("ingest", 0, rejects=1, cached=False)
+    assert line.startswith("ingest: 2/3 shards (1 cached), 6.") and line.endswith(", 3 rejects")  # 64 images / ~10 s
+    assert "ETA 7 s" in line or "ETA 8 s" in line  # 46 images left at ~6.4 images/s
+    saved = read_progress(tmp_path)
+    assert saved["images"] == 138 and saved["stages"]["ingest"]["done"] == 2 and saved["stages"]["detect"]["done"] == 0

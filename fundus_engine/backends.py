@@ -1,0 +1,132 @@
+"""Detect backends: the `.pt` weights run by PyTorch, or exported once by ultralytics (offline)
+to ONNX (run by ONNX Runtime) or OpenVINO IR, and cached by content hash.
+
+Where an export lives: beside the weights (`<stem>.<key>.onnx`, `<stem>.<key>_openvino_model/`),
+or, when that folder is not writable (a site-packages install), under the user cache dir
+(`$XDG_CACHE_HOME/fundus-engine/exports/`). `<key>` is 16 hex digits of a hash over the weights'
+content and the export recipe (format, settings, ultralytics version), so retrained weights, a
+changed recipe or another ultralytics get a fresh export and never a stale one. An export is
+written under a temporary name in the same folder and renamed into place, so two processes
+exporting at once both end with a whole export, and none ever loads half of one.
+
+`auto` is the fastest backend this machine has for the device, as measured by
+`bench/detect_throughput.py`: on CPU OpenVINO, else ONNX Runtime, else PyTorch; on a GPU, PyTorch.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+BACKENDS = ("torch", "onnx", "openvino")
+CPU_PREFERENCE = ("openvino", "onnx", "torch")  # fastest first (bench/detect_throughput.py)
+# What each backend needs importable to export and to run; the `onnx` extra installs both sets.
+REQUIRES = {"torch": (), "onnx": ("onnx", "onnxruntime"), "openvino": ("openvino",)}
+INSTALL_HINT = "pip install 'fundus-engine[onnx]'"
+# The export recipe: dynamic batch and image size (measured: as fast as a static batch-16 or
+# batch-1 graph on CPU, and it letterboxes non-square photographs to their own aspect as PyTorch
+# does, so the boxes agree with it); float32 (the detector is small; half/int8 move boxes).
+RECIPES = {
+    "onnx": {"format": "onnx", "dynamic": True, "simplify": True, "half": False},
+    "openvino": {"format": "openvino", "dynamic": True, "half": False, "int8": False},
+}
+_export_lock = threading.Lock()  # one export at a time per process (threads of one Prefect worker)
+
+
+def importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available(backend: str) -> bool:
+    return all(importable(m) for m in REQUIRES[backend])
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """The backend a config's `detect.backend` means on this machine and device."""
+    if backend == "auto":
+        if not device.startswith("cpu"):  # CUDA (or MPS): PyTorch runs there natively, in half precision
+            return "torch"
+        return next(b for b in CPU_PREFERENCE if available(b))
+    if backend not in BACKENDS:
+        raise ValueError(f"detect.backend {backend!r}: expected auto or one of {', '.join(BACKENDS)}")
+    if not available(backend):
+        missing = [m for m in REQUIRES[backend] if not importable(m)]
+        raise RuntimeError(f"detect.backend {backend}: {', '.join(missing)} not installed ({INSTALL_HINT})")
+    return backend
+
+
+def user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fundus-engine" / "exports"
+
+
+def export_key(weights_sha256: str, backend: str, imgsz: int) -> str:
+    recipe = {**RECIPES[backend], "ultralytics": importlib.metadata.version("ultralytics")}
+    if not recipe.get("dynamic"):
+        recipe["imgsz"] = imgsz  # a static graph is bound to its export size
+    return hashlib.sha256(f"{weights_sha256}\n{json.dumps(recipe, sort_keys=True)}".encode()).hexdigest()[:16]
+
+
+def export_name(weights: Path, key: str, backend: str) -> str:
+    return f"{weights.stem}.{key}.onnx" if backend == "onnx" else f"{weights.stem}.{key}_openvino_model"
+
+
+def is_complete(path: Path, backend: str) -> bool:
+    if backend == "onnx":
+        return path.is_file() and path.stat().st_size > 0
+    return (path / "metadata.yaml").is_file() and any(path.glob("*.xml")) and any(path.glob("*.bin"))
+
+
+def version_file(path: Path) -> Path:
+    """The file whose (mtime, size) stands for an export's version (an OpenVINO export is a folder)."""
+    return path if path.is_file() else next(path.glob("*.bin"))
+
+
+def model_file(weights: Path, backend: str, imgsz: int, weights_sha256: str) -> Path:
+    """What ultralytics loads for `backend`: the `.pt` itself for torch, else the cached export,
+    exported now if this machine has none yet (once; seconds)."""
+    if backend == "torch":
+        return weights
+    name = export_name(weights, export_key(weights_sha256, backend, imgsz), backend)
+    places = [weights.parent, user_cache_dir()]
+    for folder in places:
+        if is_complete(folder / name, backend):
+            return folder / name
+    with _export_lock:
+        for folder in places:  # another thread may have finished it while this one waited
+            if is_complete(folder / name, backend):
+                return folder / name
+        for folder in places:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
+            except OSError:  # not writable (read-only site-packages): the next place
+                continue
+            try:
+                return _export_into(weights, backend, imgsz, scratch, folder / name)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    raise OSError(f"cannot write a {backend} export of {weights} in {' or '.join(map(str, places))}")
+
+
+EXPORTS = {"count": 0}  # exports made by this process (tests check that a second load reuses one)
+
+
+def _export_into(weights: Path, backend: str, imgsz: int, scratch: Path, target: Path) -> Path:
+    from fundus_engine.yolo import ultralytics
+
+    source = scratch / f"{weights.stem}.pt"  # ultralytics writes the export beside the file it loads
+    shutil.copyfile(weights, source)
+    made = Path(ultralytics().YOLO(str(source)).export(imgsz=imgsz, device="cpu", verbose=False, **RECIPES[backend]))
+    EXPORTS["count"] += 1
+    try:
+        os.replace(made, target)  # atomic; a folder only replaces an absent or empty one
+    except OSError:
+        if not is_complete(target, backend):  # not another process's finished export: a real failure
+            raise
+    return target
