@@ -130,3 +130,88 @@ def _export_into(weights: Path, backend: str, imgsz: int, scratch: Path, target:
         if not is_complete(target, backend):  # not another process's finished export: a real failure
             raise
     return target
+
+
+# How OpenVINO runs on CPU (bench/detect_throughput.py measures the alternatives):
+# hint: LATENCY (one stream, all cores on one request) or THROUGHPUT (a stream per core or two);
+# precision: None keeps the CPU plugin's default (bf16 where the CPU has it, else f32), or "f32";
+# requests: parallel inference requests a batch is split over (one thread each; ultralytics itself
+# sends one synchronous request per batch).
+OPENVINO_RUNTIME = {"hint": "LATENCY", "precision": None, "requests": 1}
+
+
+def load(path: Path, imgsz: int, device: str):
+    """An ultralytics model for `path` (.pt or an export). An export's predictor is set up here,
+    on `device`, with one blank image, so its runtime can be configured before the first shard."""
+    import numpy as np
+
+    from fundus_engine.yolo import ultralytics
+
+    model = ultralytics().YOLO(str(path), task="detect")
+    if path.suffix == ".pt":
+        return model
+    model.predict(np.zeros((imgsz, imgsz, 3), np.uint8), imgsz=imgsz, device=device, verbose=False)
+    runner = model.predictor.model
+    if runner.format == "openvino" and str(runner.device) == "cpu":
+        configure_openvino(runner.backend, path, **OPENVINO_RUNTIME)
+    return model
+
+
+def configure_openvino(backend, path: Path, hint: str, precision: str | None, requests: int) -> None:
+    """Recompile ultralytics' OpenVINO model with these settings; with several requests, a batch
+    is split over them and they run at once (OpenVINO releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    xml = path if path.is_file() else next(path.glob("*.xml"))
+    config = {"PERFORMANCE_HINT": hint}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(core.read_model(xml), "CPU", config)
+    backend.ov_compiled_model = compiled
+    if requests <= 1:
+        return
+    infer_requests = [compiled.create_infer_request() for _ in range(requests)]
+    pool = ThreadPoolExecutor(requests, thread_name_prefix="openvino")
+
+    def forward(im):
+        x = im.cpu().numpy().astype(np.float32, copy=False)
+        parts = np.array_split(x, min(requests, len(x)))
+        done = list(pool.map(lambda rp: [v.copy() for v in rp[0].infer({0: rp[1]}).values()],
+                             zip(infer_requests, parts)))
+        return [np.concatenate(outs) for outs in zip(*done)]
+
+    backend.forward = forward
+
+
+def agreement(reference: list, other: list) -> dict:
+    """How far one backend's detections are from another's on the same images: images whose
+    labels differ (as multisets), and over the boxes paired per image and label (nearest first),
+    the largest coordinate and confidence differences."""
+    from collections import Counter, defaultdict
+
+    def by(dets, key):
+        groups = defaultdict(list)
+        for d in dets:
+            groups[key(d)].append(d)
+        return groups
+
+    ref_img, oth_img = by(reference, lambda d: d.sha256), by(other, lambda d: d.sha256)
+    differ = [s for s in set(ref_img) | set(oth_img)
+              if Counter(d.label for d in ref_img.get(s, [])) != Counter(d.label for d in oth_img.get(s, []))]
+    worst_px = worst_conf = 0.0
+    ref_group, oth_group = by(reference, lambda d: (d.sha256, d.label)), by(other, lambda d: (d.sha256, d.label))
+    for key, mine in ref_group.items():
+        theirs = list(oth_group.get(key, []))
+        for d in sorted(mine, key=lambda d: -d.confidence):
+            if not theirs:
+                break
+            near = min(theirs, key=lambda t: max(abs(a - b) for a, b in zip(d.xyxy, t.xyxy)))
+            theirs.remove(near)
+            worst_px = max(worst_px, max(abs(a - b) for a, b in zip(d.xyxy, near.xyxy)))
+            worst_conf = max(worst_conf, abs(d.confidence - near.confidence))
+    return {"images_with_other_labels": len(differ), "max_box_px": round(worst_px, 2),
+            "max_confidence": round(worst_conf, 4)}

@@ -266,7 +266,7 @@ def _progress_display(out: Path, quiet_logs: bool):
             for stage, s in ((read_progress(out) or {}).get("stages") or {}).items():
                 if s["done"] == s["total"] and stage not in said:
                     said.add(stage)
-                    console.print(f"{stage}: {s['done']} shards done ({s['cached']} cached), {s['images']} images "
+                    console.print(f"{stage}: {s['done']} shard{'s' * (s['done'] != 1)} done ({s['cached']} cached), {s['images']} images "
                                   f"computed, {s['rejects']} rejects")
             if stopped:
                 return

@@ -20,12 +20,12 @@ from fundus_engine.evidence import image_domain, validated_classes
 from fundus_engine.ingest import cached_sha256, file_version, fit_box
 from fundus_engine.models import Detection, ImageRecord, Reject
 from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
-from fundus_engine.yolo import ultralytics
 
 STAGE = "detect"
 LANDMARKS = {"optic_disc", "fovea"}
 DEMO_WEIGHTS = Path(__file__).parent / "weights" / "demo_detector.pt"
 _predict_lock = threading.Lock()  # a YOLO predictor is not safe to call from two threads at once
+_load_lock = threading.Lock()  # one load (and export) at a time: the threads of a worker share the model
 
 
 def weights_path(config: DetectConfig) -> Path:
@@ -67,18 +67,20 @@ def cache_identity(config: DetectConfig) -> dict:
     return {"device": device, "backend": resolve_backend(config, device)}
 
 
-def load_model(path: Path, backend: str = "torch", imgsz: int = 512):
+def load_model(path: Path, backend: str = "torch", imgsz: int = 512, device: str = "cpu"):
     """Loaded once per process and per version of the weights file (retrained in place, reloaded);
-    for onnx and openvino, the export of those weights (made and cached on first use)."""
+    for onnx and openvino, the export of those weights (made and cached on first use), set up
+    for `device` (a predict on another device sets ultralytics' predictor up again)."""
     path = Path(path)
-    if weights_backend(path) is None:  # .pt: the backend's own file
-        path = backends.model_file(path, backend, imgsz, weights_sha256(path))
-    return _load_model(path, file_version(backends.version_file(path)))
+    with _load_lock:
+        if weights_backend(path) is None:  # .pt: the backend's own file
+            path = backends.model_file(path, backend, imgsz, weights_sha256(path))
+        return _load_model(path, file_version(backends.version_file(path)), imgsz, device)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model(path: Path, version: tuple[int, int]):
-    model = ultralytics().YOLO(str(path), task="detect")
+def _load_model(path: Path, version: tuple[int, int], imgsz: int, device: str):
+    model = backends.load(path, imgsz, device)
     unknown = [n for n in model.names.values() if _canonical_or_none(n) is None]
     if unknown:
         raise ValueError(f"{path}: detector classes {unknown} are not in the vocabulary {CLASS_NAMES}")
@@ -168,7 +170,7 @@ def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detec
     weights = weights_path(config)
     validated = validated_classes(weights)  # per domain: the classes the detector may speak for
     device = resolve_device(config.device)
-    model = load_model(weights, resolve_backend(config, device), config.imgsz)
+    model = load_model(weights, resolve_backend(config, device), config.imgsz, device)
     options = dict(imgsz=config.imgsz, conf=config.confidence, iou=config.iou, device=device,
                    half=device.startswith("cuda"), batch=config.batch, verbose=False)
     for start in range(0, len(to_predict), config.batch):
