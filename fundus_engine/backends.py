@@ -14,6 +14,7 @@ exporting at once both end with a whole export, and none ever loads half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -134,27 +135,49 @@ def _export_into(weights: Path, backend: str, imgsz: int, scratch: Path, target:
 
 # How OpenVINO runs on CPU (bench/detect_throughput.py measures the alternatives):
 # hint: LATENCY (one stream, all cores on one request) or THROUGHPUT (a stream per core or two);
-# precision: None keeps the CPU plugin's default (bf16 where the CPU has it, else f32), or "f32";
-# requests: parallel inference requests a batch is split over (one thread each; ultralytics itself
-# sends one synchronous request per batch).
-OPENVINO_RUNTIME = {"hint": "LATENCY", "precision": None, "requests": 1}
+# precision: "f32", or None for the CPU plugin's default, which is bf16 on a CPU with AVX512-BF16
+#   or AMX (this machine's): ~1.8x faster, but confidences move by up to ~0.03, so boxes near the
+#   confidence threshold come and go (labels differed from PyTorch's on 3 of 64 images);
+# requests: parallel inference requests a batch is split over (one thread each; ultralytics sends
+#   one synchronous request per batch).
+OPENVINO_RUNTIME = {"hint": "LATENCY", "precision": "f32", "requests": 1}
 
 
 def load(path: Path, imgsz: int, device: str):
     """An ultralytics model for `path` (.pt or an export). An export's predictor is set up here,
-    on `device`, with one blank image, so its runtime can be configured before the first shard."""
+    on `device`, with one blank image, so that it runs with this module's runtime settings."""
     import numpy as np
 
     from fundus_engine.yolo import ultralytics
 
     model = ultralytics().YOLO(str(path), task="detect")
-    if path.suffix == ".pt":
-        return model
-    model.predict(np.zeros((imgsz, imgsz, 3), np.uint8), imgsz=imgsz, device=device, verbose=False)
-    runner = model.predictor.model
-    if runner.format == "openvino" and str(runner.device) == "cpu":
-        configure_openvino(runner.backend, path, **OPENVINO_RUNTIME)
+    if path.suffix != ".pt":
+        with openvino_runtime():
+            model.predict(np.zeros((imgsz, imgsz, 3), np.uint8), imgsz=imgsz, device=device, verbose=False)
     return model
+
+
+@contextlib.contextmanager
+def openvino_runtime():
+    """While inside, ultralytics compiles OpenVINO models for CPU with `OPENVINO_RUNTIME` (for
+    loads that ultralytics makes itself, as `model.val` does)."""
+    try:
+        from ultralytics.nn.backends.openvino import OpenVINOBackend
+    except ImportError:  # an ultralytics without per-format backends: its own settings apply
+        yield
+        return
+    original = OpenVINOBackend.load_model
+
+    def load_model(self, weight):
+        original(self, weight)
+        if list(self.ov_compiled_model.get_property("EXECUTION_DEVICES")) == ["CPU"]:
+            configure_openvino(self, Path(weight), **OPENVINO_RUNTIME)
+
+    OpenVINOBackend.load_model = load_model
+    try:
+        yield
+    finally:
+        OpenVINOBackend.load_model = original
 
 
 def configure_openvino(backend, path: Path, hint: str, precision: str | None, requests: int) -> None:

@@ -1,10 +1,12 @@
-"""Parquet I/O for the stage models, with Arrow schemas derived from the pydantic models.
+"""Parquet I/O for the stage models, with Arrow schemas derived from the pydantic models, and the
+JSONL files users hand in (a model's answers, generated reports).
 
 Deriving the schema keeps it explicit (every column typed, nothing inferred from data) while
 leaving a single definition to maintain.
 """
 from __future__ import annotations
 
+import json
 import types
 import typing
 from pathlib import Path
@@ -67,3 +69,17 @@ def read_rows(path: Path | Iterable[Path], model: type[M]) -> list[M]:
         for row in pq.read_table(p, schema=arrow_schema(model)).to_pylist():
             rows.append(model.model_validate(row))
     return rows
+
+
+def json_lines(path: Path, required: tuple[str, ...]) -> Iterable[tuple[str, dict]]:
+    """(path:line, object) for each non-blank line, each object holding the `required` keys."""
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
+        if not isinstance(row, dict) or not all(k in row for k in required):
+            raise ValueError(f"{path}:{n}: needs " + " and ".join(repr(k) for k in required))
+        yield f"{path}:{n}", row

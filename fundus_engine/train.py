@@ -151,11 +151,16 @@ def build_demo_detector(out: Path, n_train: int = 240, epochs: int = 45, seed: i
 
 def export_onnx(weights: Path, imgsz: int = 512) -> Path:
     """An ONNX copy of the weights for onnxruntime inference (the `onnx` extra); ultralytics
-    writes the class names into its metadata, so `detect.weights: x.onnx` just works."""
+    writes the class names into its metadata, so `detect.weights: x.onnx` just works. The
+    metadata JSON (what the detector was validated on) is copied beside it: the same model
+    vouches for the same classes."""
     ul = ultralytics()
-    exported = ul.YOLO(str(weights)).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False, device="cpu",
-                                            verbose=False)
-    return Path(exported)
+    exported = Path(ul.YOLO(str(weights)).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False,
+                                                 device="cpu", verbose=False))
+    meta = Path(weights).with_suffix(".json")
+    if meta.is_file() and meta.resolve() != exported.with_suffix(".json").resolve():
+        shutil.copy(meta, exported.with_suffix(".json"))
+    return exported
 
 
 def pseudo_labels(weights: Path, images: list[Path], confidence: float, imgsz: int = 512, batch: int = 16

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import fundus_engine
-from flows.build_fundusgen import _import_closure
+from fundus_engine.runner import import_closure as _import_closure
 
 ROOT = Path(fundus_engine.__file__).parent
 

@@ -123,8 +123,10 @@ def test_train_detector_cli_takes_layout_folders_and_folds(tmp_path):
 
 @pytest.mark.slow
 def test_onnx_inference_agrees_with_pytorch(tmp_path):
+    shutil.copy(DEMO_WEIGHTS.with_suffix(".json"), tmp_path / "demo.json")
     onnx_weights = export_onnx(shutil.copy(DEMO_WEIGHTS, tmp_path / "demo.pt"))
     assert onnx_weights.suffix == ".onnx"
+    assert onnx_weights.with_suffix(".json").read_text() == DEMO_WEIGHTS.with_suffix(".json").read_text()
     truths = generate(tmp_path / "images", 4, seed=99)
     sources = [SourceFile(t.image, sha256_file(tmp_path / "images" / t.image)) for t in truths]
     records, _ = ingest(tmp_path / "images", sources, {}, IngestConfig())

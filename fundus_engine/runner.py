@@ -1,0 +1,348 @@
+"""Runs a build's stages shard by shard, with or without Prefect.
+
+- `RunContext`: everything run-wide a stage needs (folders, config, run id, detector evidence,
+  prompt fingerprints), explicit and serialisable, so another process can take part.
+- `plan_build`: the labels, the photographs and their content-stable shards.
+- `run_shard_stage`: one stage on one shard, keyed by content (the upstream key, the stage's code
+  closure and what it `depends_on`). A completion record, written last by atomic rename, is the
+  source of truth for resume: a shard-stage with a whole record and files is reused, anything
+  else (killed mid-way, failed, model requests unanswered) runs again.
+- `run_local`: a plain loop over shards and stages; `finish_build`: the end of the run (splits,
+  dataset, card, benchmark, manifest) published in one step.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+import fundus_engine
+from fundus_engine import benchmark, chain as chain_stage, detect as detect_stage, expand as expand_stage
+from fundus_engine import ingest as ingest_stage, write as write_stage
+from fundus_engine.card import write_card
+from fundus_engine.config import BuildConfig
+from fundus_engine.evidence import DetectorEvidence, domain_report
+from fundus_engine.expand_openai import redact_url
+from fundus_engine.export import to_vlmevalkit_tsv
+from fundus_engine.ingest import SourceFile
+from fundus_engine.models import Reject
+from fundus_engine.prompts import fingerprint
+from fundus_engine.publish import new_build_dir, publish
+from fundus_engine.shards import assign_shards, load_assignment, save_assignment
+from fundus_engine.stages import BY_NAME, STAGES, WRITTEN_BY, Stage
+from fundus_engine.tables import read_rows, write_rows
+from fundus_engine.vocabulary import LESIONS
+
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+class RunContext(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    input_dir: Path
+    out: Path
+    config: BuildConfig
+    run_id: str
+    no_cache: bool = False
+    weights: str
+    weights_sha256: str
+    evidence: DetectorEvidence
+    prompt_fingerprints: dict[str, str]  # stage -> hash of the templates it renders
+    prompts: list[dict]  # id, version, sha256 of every template, for the manifest
+    expand_backend: str
+
+    @classmethod
+    def create(cls, input_dir: Path, out: Path, config: BuildConfig, run_id: str, no_cache: bool = False
+               ) -> "RunContext":
+        weights = detect_stage.weights_path(config.detect)
+        # The expander is built once here for its prompts (its requests are sent by the stage).
+        expander = expand_stage.make_expander(config.expand, config.prompts_dir, out, run_id=run_id)
+        chain_prompts = chain_stage.all_templates(config.prompts_dir, config.chain.languages)
+        return cls(input_dir=Path(input_dir).resolve(), out=Path(out).resolve(), config=config, run_id=run_id,
+                   no_cache=no_cache, weights=str(weights), weights_sha256=detect_stage.weights_sha256(weights),
+                   # per kind of photograph: what the detector may say (present, absent)
+                   evidence=DetectorEvidence.of(weights, config.expand.negative_min_map50),
+                   prompt_fingerprints={"expand": fingerprint(expander.prompts), "chain": fingerprint(chain_prompts)},
+                   prompts=[{"id": p.id, "version": p.version, "sha256": p.sha256}
+                            for p in [*expander.prompts, *chain_prompts]],
+                   expand_backend=expander.name)
+
+
+class Shard(BaseModel):
+    number: int
+    sources: list[SourceFile]
+    labels: dict  # relpath -> label fields, for the images that have labels
+
+
+class Plan(BaseModel):
+    shards: list[Shard]
+    rejects: list[Reject]
+    label_entries: int
+    labelled_images: int
+
+
+class Completion(BaseModel):
+    """One shard-stage's completion record: where its rows are, not the rows."""
+
+    stage: str
+    shard: int
+    key: str
+    files: dict[str, str]
+    rows: int
+    rejects: list[Reject] = []
+    usage: dict = {}  # model calls, tokens and cost spent computing it
+    complete: bool = True  # False: some model requests failed or were not sent (or upstream was not whole)
+    seconds: float | None = None
+    reused: bool = False  # this run found it whole and did not compute it (not stored in the record)
+
+
+# ------------------------------------------------------------------------------------- keys
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version(module: str) -> str:
+    """The source of a stage's module and of every package module it imports, directly or not:
+    editing any of them re-runs the stage (a hand-kept list goes stale)."""
+    root = Path(fundus_engine.__file__).parent
+    return digest(*[(root / f"{name}.py").read_text() for name in sorted(import_closure(module, root))])
+
+
+def import_closure(module: str, root: Path) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = root / f"{name}.py"
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fundus_engine"):
+                parts = node.module.split(".")[1:]
+                todo += [parts[0]] if parts else [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("fundus_engine.")]
+    return seen
+
+
+def stage_key(stage: Stage, ctx: RunContext, shard: Shard, upstream_key: str | None) -> str:
+    """Chained on the key of the stage before; the first stage on the shard's files and labels."""
+    base = upstream_key or digest([(s.relpath, s.sha256) for s in shard.sources], shard.labels)
+    return digest(base, stage.name, code_version(stage.name), stage.depends_on(ctx))
+
+
+# ------------------------------------------------------------------------------- running
+
+def _record_path(out: Path, stage: str, shard: int, key: str) -> Path:
+    return out / "stages" / stage / f"{shard:05d}-{key[:16]}.done.json"
+
+
+def _reusable(stage: Stage, ctx: RunContext, path: Path) -> Completion | None:
+    try:
+        done = Completion.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not done.complete or not all(Path(f).exists() for f in done.files.values()) or not stage.outputs_present(done.files):
+        return None
+    return done.model_copy(update={"reused": True})
+
+
+def run_shard_stage(stage: Stage | str, ctx: RunContext, shard: Shard, upstream: dict[str, Completion]
+                    ) -> Completion:
+    """One stage on one shard: reused when its completion record is whole and every stage it reads
+    from was reused too; otherwise computed, its tables written, and its record written last."""
+    stage = BY_NAME[stage] if isinstance(stage, str) else stage
+    previous = upstream.get(STAGE_NAMES[STAGE_NAMES.index(stage.name) - 1]) if stage.name != STAGE_NAMES[0] else None
+    key = stage_key(stage, ctx, shard, previous.key if previous else None)
+    path = _record_path(ctx.out, stage.name, shard.number, key)
+    if not ctx.no_cache and all(u.reused for u in upstream.values()) and (done := _reusable(stage, ctx, path)):
+        return done
+    started = time.monotonic()
+    inputs = {table: read_rows(Path(upstream[WRITTEN_BY[table]].files[table]),
+                               BY_NAME[WRITTEN_BY[table]].writes[table]) for table in stage.needs}
+    result = stage.run(ctx, shard, inputs)
+    files = {name: str(path.with_name(f"{shard.number:05d}-{key[:16]}.{name}.parquet")) for name in stage.writes}
+    for name, rows in result.tables.items():
+        write_rows(Path(files[name]), rows, stage.writes[name])
+    done = Completion(stage=stage.name, shard=shard.number, key=key, files=files,
+                      rows=len(next(iter(result.tables.values()))), rejects=result.rejects, usage=result.usage,
+                      complete=result.complete and all(u.complete for u in upstream.values()),
+                      seconds=round(time.monotonic() - started, 3))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(done.model_dump_json(exclude={"reused"}))
+    os.replace(tmp, path)  # last: a shard-stage killed before this point runs again
+    return done
+
+
+def plan_build(ctx: RunContext) -> Plan:
+    """Labels, photographs and their shards (membership kept from build to build)."""
+    labels, rejects = ingest_stage.load_labels(ctx.input_dir, ctx.config.ingest)
+    sources, scan_rejects = ingest_stage.scan(ctx.input_dir, exclude=ctx.out,
+                                              labelled=lambda rel: ingest_stage.labels_for(rel, labels) is not None)
+    rejects += scan_rejects
+    ambiguous = ingest_stage.ambiguous_keys([s.relpath for s in sources], labels)
+    rejects += [Reject(stage="ingest", item=f"labels entry {key}",
+                       reason="names several images in the input folder; use the relative path")
+                for key in sorted(ambiguous)]
+    matched = {s.relpath: ingest_stage.labels_for(s.relpath, labels, ambiguous) for s in sources}
+    size = ctx.config.shard_size
+    shards = assign_shards(sources, load_assignment(ctx.out, size), size)
+    save_assignment(ctx.out, size, shards)
+    return Plan(shards=[Shard(number=n, sources=batch, labels={s.relpath: matched[s.relpath] for s in batch
+                                                                if matched[s.relpath]})
+                        for n, batch in shards.items()],
+                rejects=rejects, label_entries=len(labels), labelled_images=sum(1 for v in matched.values() if v))
+
+
+class StageOutcome(BaseModel):
+    """How one shard-stage ended in this run: its completion record, or why there is none."""
+
+    stage: str
+    shard: int
+    completion: Completion | None = None
+    failure: str | None = None  # the error of a failed shard-stage
+    state: str = "completed"  # or failed, cancelled, not run
+
+
+def run_local(ctx: RunContext, plan: Plan) -> list[StageOutcome]:
+    """The plain executor: every shard through every stage in this process, in order."""
+    outcomes = []
+    for shard in plan.shards:
+        upstream: dict[str, Completion] = {}
+        for stage in STAGES:
+            if len(upstream) < STAGE_NAMES.index(stage.name):  # an earlier stage failed on this shard
+                outcomes.append(StageOutcome(stage=stage.name, shard=shard.number, state="not run"))
+                continue
+            try:
+                upstream[stage.name] = done = run_shard_stage(stage, ctx, shard, upstream)
+                outcomes.append(StageOutcome(stage=stage.name, shard=shard.number, completion=done))
+            except Exception as exc:  # one shard's failure never costs the others
+                outcomes.append(StageOutcome(stage=stage.name, shard=shard.number, failure=str(exc), state="failed"))
+    return outcomes
+
+
+# ------------------------------------------------------------------------- the end of a run
+
+def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], started: float) -> dict:
+    """Splits, dataset, rejects, card, benchmark and manifest written into a new build folder and
+    published in one step; stage files no shard uses any more are dropped. Returns the manifest."""
+    out, config = ctx.out, ctx.config
+    build_dir = new_build_dir(out, f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{ctx.run_id[:8]}")
+    done = {(o.stage, o.shard): o.completion for o in outcomes if o.completion}
+    rejects = list(plan.rejects)
+    for o in outcomes:
+        if o.completion:
+            rejects += o.completion.rejects
+        elif o.state == "failed":
+            rejects.append(Reject(stage=o.stage, item=f"shard {o.shard:05d}",
+                                  reason=f"{o.stage} failed for the whole shard: {o.failure}"))
+
+    def rows(stage: str, table: str) -> list:
+        return [r for (s, _), c in sorted(done.items()) if s == stage
+                for r in read_rows(Path(c.files[table]), BY_NAME[stage].writes[table])]
+
+    images, anatomies, regions = rows("ingest", "images"), rows("crop", "anatomy"), rows("crop", "regions")
+    split_of = write_stage.split_images(images, config.write)  # patients and near-duplicates, across shards
+    records = [r.model_copy(update={"split": split_of[r.sha256]}) for r in rows("chain", "records")]
+    flagged = [r for r in records if r.flags]
+    if config.expand.drop_flagged:
+        records = [r for r in records if not r.flags]
+    files = write_stage.write_dataset(records, build_dir, config.write)
+    write_stage.write_rejects(rejects, build_dir)
+    about = provenance(ctx)
+    # Where the detector stood on these photographs: said plainly when it was out of its domain.
+    domain = domain_report(images, anatomies, regions, ctx.evidence)
+    write_card(build_dir, records, regions, {**about, "detector_domain": domain})
+    # The multiple-choice benchmark: held-out (test split) images only, never in train or val.
+    held_out = {r.sha256 for r in records if r.split == "test"}
+    questions = benchmark.build_benchmark(images, anatomies, regions, held_out, seed=config.chain.seed)
+    benchmark.write_benchmark(questions, build_dir / "benchmark" / "test.parquet")
+    to_vlmevalkit_tsv(questions, build_dir / "benchmark" / "test.tsv", embed_images=True)  # self-contained
+
+    unfinished: dict[str, list[int]] = {}
+    for o in outcomes:
+        if not (o.completion and o.completion.complete):
+            unfinished.setdefault(o.stage, []).append(o.shard)
+    computed = [o.completion for o in outcomes if o.completion and not o.completion.reused]
+    manifest = {
+        **about,
+        "model_usage": sum_usage([c.usage for c in computed if c.usage], config),
+        "labels": {"entries": plan.label_entries, "matched_images": plan.labelled_images},
+        "stages": {stage: {"shards": sum(o.stage == stage for o in outcomes),
+                           "computed": sum(c.stage == stage for c in computed),
+                           "cached": sum(o.stage == stage and bool(o.completion and o.completion.reused)
+                                         for o in outcomes),
+                           # task seconds of the shards computed now (they overlap across workers)
+                           "seconds": round(sum(c.seconds or 0 for c in computed if c.stage == stage), 2)}
+                   for stage in STAGE_NAMES},
+        "wall_seconds": round(time.monotonic() - started, 2),
+        # False when a shard-stage failed or left model requests unanswered: the dataset holds
+        # what finished, and the next run completes it from the stage files and response cache.
+        "complete": not unfinished,
+        "incomplete_shards": unfinished,
+        "files": files, **write_stage.summarise(records, rejects),
+        "consistency": {"flagged_records": len(flagged),
+                        "dropped_records": len(flagged) if config.expand.drop_flagged else 0,
+                        "flags": dict(sorted(Counter(f.split(":")[0] for r in flagged for f in r.flags).items()))},
+        "detector_domain": domain,
+        "benchmark": {"questions": len(questions), "images": len({q.sha256 for q in questions}),
+                      "per_task": dict(sorted(Counter(q.clinical_task for q in questions).items()))},
+    }
+    write_stage.write_manifest(build_dir, manifest)  # last inside the build folder
+    publish(out, build_dir)  # dataset, manifest, card, benchmark and rejects switch together
+    _prune(out, {Path(f).name.split(".")[0] for c in done.values() for f in c.files.values()})
+    return manifest
+
+
+def provenance(ctx: RunContext) -> dict:
+    return {
+        "engine_version": fundus_engine.__version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input_dir": str(ctx.input_dir),
+        "output_dir": str(ctx.out),
+        "config": _public(ctx.config),
+        "detector": {"weights": ctx.weights, "sha256": ctx.weights_sha256, "validated_on": ctx.evidence.validated,
+                     "negatives_stated_for": {domain: [c for c in classes if c in LESIONS]
+                                              for domain, classes in ctx.evidence.reliable.items()}},
+        "expand_backend": ctx.expand_backend,
+        "prompts": ctx.prompts,
+    }
+
+
+def _prune(out: Path, keep: set[str]) -> None:
+    """Drop shard files and records of earlier builds that no current shard uses."""
+    for stage in STAGE_NAMES:
+        for path in (out / "stages" / stage).glob("*.*"):
+            if path.name.split(".")[0] not in keep:
+                path.unlink()
+
+
+def _public(config: BuildConfig) -> dict:
+    """The config as written to the manifest and card: server URLs without credentials."""
+    data = config.model_dump(mode="json")
+    data["expand"]["openai"]["base_url"] = redact_url(config.expand.openai.base_url)
+    return data
+
+
+def sum_usage(usage: list[dict], config: BuildConfig) -> dict:
+    """Model calls, tokens and estimated cost spent by this run (reused shards cost nothing)."""
+    total: Counter = Counter()
+    status: Counter = Counter()
+    for u in usage:
+        total.update({k: v for k, v in u.items() if k != "http_status"})
+        status.update(u.get("http_status", {}))
+    out = {k: (round(v, 6) if k == "cost_usd" else v) for k, v in total.items()}
+    if config.expand.backend == "openai":
+        out.update(model=config.expand.openai.model, base_url=redact_url(config.expand.openai.base_url),
+                   max_cost_usd=config.expand.openai.max_cost, response_cache=config.expand.openai.cache,
+                   http_status=dict(status))
+        out["budget_stopped"] = total["not_sent_budget"] > 0
+    return out
