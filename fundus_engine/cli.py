@@ -147,7 +147,8 @@ def export(out: Path = typer.Argument(..., help="output folder of a build")):
 def score(questions: Path = typer.Argument(..., help="OUT/benchmark/test.parquet"),
           answers: Path = typer.Argument(..., help='model replies: JSONL {"index", "prediction"} or TSV/CSV')):
     """Accuracy of a model's answers on the benchmark, overall and per task, granularity and category."""
-    from fundus_engine.benchmark import read_answers, read_benchmark, score as score_answers
+    from fundus_engine.mcq import read_benchmark
+    from fundus_engine.mcq_scoring import read_answers, score as score_answers
 
     try:
         result = score_answers(read_benchmark(questions), read_answers(answers))
@@ -167,7 +168,7 @@ def score(questions: Path = typer.Argument(..., help="OUT/benchmark/test.parquet
 def score_reports(out: Path = typer.Argument(..., help="output folder of a build"),
                   reports: Path = typer.Argument(..., help='generated reports: JSONL {"sha256", "report"}')):
     """Clinical consistency of generated reports against the build's labels (FundusExpert's rule)."""
-    from fundus_engine.benchmark import score_build_reports
+    from fundus_engine.report_scoring import score_build_reports
 
     try:
         result = score_build_reports(out, reports)

@@ -10,7 +10,7 @@ from fundus_engine.vocabulary import BY_NAME, LESIONS, NORMAL
 
 
 def mentioned(text: str, label: str) -> bool:
-    """Whether text claims the lesion present. Negations are read as the report scorer reads them
+    """Whether text claims the lesion present. Negations are read as `report_scoring` reads them
     ("no microaneurysms, haemorrhages or exudates", "haemorrhages are not seen" claim none)."""
     return True in statements(text).get(BY_NAME[label].report_finding, set())
 

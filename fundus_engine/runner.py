@@ -57,6 +57,7 @@ class RunContext(BaseModel):
     prompt_fingerprints: dict[str, str]  # stage -> hash of the templates it renders
     prompts: list[dict]  # id, version, sha256 of every template, for the manifest
     expand_backend: str
+    code_versions: dict[str, str]  # stage -> hash of its module's import closure (read once per run)
 
     @classmethod
     def create(cls, input_dir: Path, out: Path, config: BuildConfig, run_id: str, no_cache: bool = False
@@ -72,7 +73,7 @@ class RunContext(BaseModel):
                    prompt_fingerprints={"expand": fingerprint(expander.prompts), "chain": fingerprint(chain_prompts)},
                    prompts=[{"id": p.id, "version": p.version, "sha256": p.sha256}
                             for p in [*expander.prompts, *chain_prompts]],
-                   expand_backend=expander.name)
+                   expand_backend=expander.name, code_versions={s.name: code_version(s.name) for s in STAGES})
 
 
 class Shard(BaseModel):
@@ -136,7 +137,7 @@ def import_closure(module: str, root: Path) -> set[str]:
 def stage_key(stage: Stage, ctx: RunContext, shard: Shard, upstream_key: str | None) -> str:
     """Chained on the key of the stage before; the first stage on the shard's files and labels."""
     base = upstream_key or digest([(s.relpath, s.sha256) for s in shard.sources], shard.labels)
-    return digest(base, stage.name, code_version(stage.name), stage.depends_on(ctx))
+    return digest(base, stage.name, ctx.code_versions[stage.name], stage.depends_on(ctx))
 
 
 # ------------------------------------------------------------------------------- running

@@ -1,5 +1,6 @@
-"""fundus_engine.benchmark: held-out MCQ questions, VLMEvalKit-style answer parsing and scoring,
-clinical consistency of reports, and the benchmark/answers files."""
+"""The evaluation benchmark: held-out MCQ questions (fundus_engine.mcq), VLMEvalKit-style answer
+parsing and scoring (mcq_scoring), clinical consistency of reports (report_scoring), and the
+benchmark/answers files."""
 from __future__ import annotations
 
 import csv
@@ -8,15 +9,17 @@ from collections import Counter
 
 import pytest
 
-from fundus_engine.benchmark import (BOX_MIN_CONFIDENCE, COUNTING_QUESTION, GRADING_QUESTION, LETTERS, QUADRANTS,
-                                     REPORT_FINDINGS, RECOGNITION_QUESTION, build_benchmark, canonical_diagnosis,
-                                     extract_letter, findings_in, held_out_images, options_of, prompt_for,
-                                     read_answers, read_benchmark, report_consistency, score, score_reports,
-                                     truth_counts, truth_findings, write_benchmark)
+from fundus_engine.mcq import (BOX_MIN_CONFIDENCE, COUNTING_QUESTION, GRADING_QUESTION, LETTERS, QUADRANTS,
+                               RECOGNITION_QUESTION, build_benchmark, held_out_images, options_of, prompt_for,
+                               read_benchmark, truth_counts, write_benchmark)
+from fundus_engine.mcq_scoring import extract_letter, read_answers, score
+from fundus_engine.report_scoring import (REPORT_FINDINGS, findings_in, report_consistency, score_reports,
+                                          truth_findings)
 from fundus_engine.config import ChainConfig, ExpandConfig, WriteConfig
 from fundus_engine.crop import box_999, region_facts
 from fundus_engine.models import Anatomy, BenchmarkQuestion, ImageRecord, LabelBox, Point, Quality, Region
-from fundus_engine.vocabulary import AMD, BY_NAME, CLASSES, DIAGNOSES, DR, DR_GRADES, GLAUCOMA, LESIONS
+from fundus_engine.vocabulary import (AMD, BY_NAME, CLASSES, DIAGNOSES, DR, DR_GRADES, GLAUCOMA, LESIONS,
+                                      canonical_diagnosis)
 from fundus_engine.write import assign_split
 
 QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")

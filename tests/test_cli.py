@@ -38,7 +38,7 @@ def test_synth_build_inspect(tmp_path):
     assert '"source": "ground_truth"' in result.output
 
     # Reports stating an image's labelled findings, then negating them all: consistency 1/2.
-    from fundus_engine.benchmark import truth_findings
+    from fundus_engine.report_scoring import truth_findings
     from fundus_engine.models import ImageRecord
     from fundus_engine.tables import read_rows
 
@@ -71,7 +71,7 @@ def test_inspect_without_a_build_says_so(tmp_path):
 
 
 def test_score_reports_accuracy_of_an_answers_file(tmp_path):
-    from fundus_engine.benchmark import write_benchmark
+    from fundus_engine.mcq import write_benchmark
     from fundus_engine.models import BenchmarkQuestion
 
     questions = [BenchmarkQuestion(index=i, question="What is the marked part in this fundus image?",

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
 from fundus_engine.config import OpenAIConfig, Prices
 from fundus_engine.expand import expand
-from fundus_engine.expand_openai import CircuitOpen, OpenAIExpander, consistency_flags, mentioned, parse_output
-from fundus_engine.models import ImageFindings, RegionFindings
+from fundus_engine.expand_openai import OpenAIExpander
+from fundus_engine.llm_client import parse_output
+from fundus_engine.llm_consistency import mentioned
+from fundus_engine.llm_ledger import CircuitOpen
+from fundus_engine.models import RegionFindings
 from fundus_engine.prompts import PROMPTS_DIR, load
 from fundus_engine.testing.openai_server import FakeOpenAIServer
 from fundus_engine.testing.shards import prepared_shard
@@ -251,7 +253,7 @@ def test_cache_makes_a_rerun_free_and_a_prompt_edit_recalls_only_its_requests(sh
 
 
 def test_server_urls_lose_their_credentials_before_they_are_written():
-    from fundus_engine.expand_openai import redact_url
+    from fundus_engine.redaction import redact_url
 
     assert redact_url("https://user:sk-secret@llm.example.org:8443/v1?api-key=sk-secret") == \
         "https://llm.example.org:8443/v1"
@@ -277,7 +279,7 @@ def test_a_file_rewritten_in_place_is_not_served_from_the_in_process_caches(tmp_
     import cv2
     import numpy as np
 
-    from fundus_engine.expand_openai import image_data_url
+    from fundus_engine.llm_client import image_data_url
     from fundus_engine.ingest import cached_sha256
 
     path = tmp_path / "r-000.crop.jpg"

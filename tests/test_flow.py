@@ -112,7 +112,7 @@ def test_deleted_stage_files_are_rebuilt_not_served_from_a_stale_cache(source, t
     manifest = build_fundusgen(str(source), str(out), config)
     crop = manifest["stages"]["crop"]
     assert (crop["shards"], crop["computed"], crop["cached"]) == (2, 1, 1) and crop["seconds"] > 0
-    assert len(list((out / "stages" / "crop").glob("00000-*"))) == 2  # anatomy + regions rebuilt
+    assert len(list((out / "stages" / "crop").glob("00000-*"))) == 3  # anatomy, regions and the record rebuilt
 
     shutil.rmtree(out / "crops")  # the crop images live outside the stage's Parquet
     manifest = build_fundusgen(str(source), str(out), config)

@@ -10,7 +10,8 @@ import pytest
 
 from fundus_engine.config import OpenAIConfig
 from fundus_engine.expand import expand
-from fundus_engine.expand_openai import CircuitOpen, OpenAIExpander
+from fundus_engine.expand_openai import OpenAIExpander
+from fundus_engine.llm_ledger import CircuitOpen
 from fundus_engine.models import Reject
 from fundus_engine.tables import read_rows
 from fundus_engine.testing.openai_server import FakeOpenAIServer
@@ -55,7 +56,7 @@ def files_holding(root: Path, secret: str) -> list[Path]:
 # --- the function ------------------------------------------------------------------------
 
 def test_redact_secrets_replaces_the_configured_key_and_anything_shaped_like_a_token(monkeypatch):
-    from fundus_engine.expand_openai import redact_secrets
+    from fundus_engine.redaction import redact_secrets
 
     monkeypatch.setenv(KEY_ENV, "q7Hx2mVb9LpR4tWz")
     opaque = "upstream said: q7Hx2mVb9LpR4tWz is not allowed"
