@@ -14,8 +14,8 @@ of the run (`runner.finish_build`: splits, dataset, card, benchmark, manifest), 
 call. `build wall` is the whole `build_fundusgen` call. images/s = images / seconds; "x detect"
 is that rate over detect alone's.
 
-Where the time goes: every image decode (cv2.imdecode / imdecodemulti: ingest, detect through
-ultralytics, crop) and encode (cv2.imwrite / imencode: crops, box-marked copies) in the build is
+Where the time goes: every image decode (cv2.imdecode / imdecodemulti: ingest, crop; PIL's
+load: detect, as ultralytics opens a list of paths with PIL) and encode (cv2.imwrite / imencode: crops, box-marked copies) in the build is
 counted and timed, by the stage module that asked for it.
 
 Images: `--images` synthetic 512-px photographs (fundus_engine.synth, seed 31337), and the real
@@ -43,7 +43,8 @@ STAGES = ("ingest", "detect", "crop", "expand", "chain")
 class CodecCounter:
     """Counts and times cv2 decodes and encodes, by the fundus_engine module that asked."""
 
-    WRAPPED = {"imdecode": "decode", "imdecodemulti": "decode", "imwrite": "encode", "imencode": "encode"}
+    WRAPPED = {"imdecode": "decode", "imdecodemulti": "decode", "imwrite": "encode", "imencode": "encode",
+               "pil_load": "decode"}
 
     def __init__(self):
         self.calls = collections.Counter()
@@ -62,7 +63,7 @@ class CodecCounter:
 
     @contextlib.contextmanager
     def installed(self):
-        originals = {name: getattr(cv2, name) for name in self.WRAPPED}
+        originals = {name: getattr(cv2, name) for name in self.WRAPPED if name != "pil_load"}
 
         def wrap(name, fn):
             def counted(*args, **kwargs):
@@ -76,13 +77,25 @@ class CodecCounter:
                         self.seconds[key] += time.perf_counter() - started
             return counted
 
+        from PIL import ImageFile
+
+        pil_load = ImageFile.ImageFile.load
+
+        def load(image, *args, **kwargs):  # PIL decodes on load(); a loaded image's load() is free
+            if not getattr(image, "tile", None):
+                return pil_load(image, *args, **kwargs)
+            return pil_decode(image, *args, **kwargs)
+
+        pil_decode = wrap("pil_load", pil_load)
         for name, fn in originals.items():
             setattr(cv2, name, wrap(name, fn))
+        ImageFile.ImageFile.load = load
         try:
             yield self
         finally:
             for name, fn in originals.items():
                 setattr(cv2, name, fn)
+            ImageFile.ImageFile.load = pil_load
 
 
 def build_once(inp: Path, out: Path, config) -> tuple[dict, float, float, CodecCounter]:
