@@ -194,7 +194,7 @@ def inspect(out: Path = typer.Argument(..., help="output folder of a build"),
             max_side: int = typer.Option(1280, help="longest side of an overlay, pixels"),
             overlay_format: str = typer.Option("jpg", help="overlay file format: jpg or png")):
     """Per-stage counts and sample rows; overlays of the boxes and landmarks for a sample."""
-    from fundus_engine import inspect as ins
+    from fundus_engine import inspection as ins
 
     if overlay_format not in ("jpg", "png"):
         console.print(f"[red]error:[/red] --overlay-format {overlay_format!r}: jpg or png")

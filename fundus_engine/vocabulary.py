@@ -155,17 +155,6 @@ def chinese(text: str) -> str:
     return CHINESE.get(text, text)
 
 
-# How text names each lesion, for checking a model's claims against the detections.
-MENTIONS: dict[str, str] = {
-    "microaneurysm": r"micro-?aneurysm",
-    "haemorrhage": r"ha?emorrhag",
-    "hard_exudate": r"hard exudat",
-    "soft_exudate": r"cotton[- ]wool|soft exudat",
-    "drusen": r"\bdrus(?:en|e)\b",
-    "neovascularisation": r"neovasculari[sz]ation|new vessels",
-}
-
-
 def canonical_class(name: str) -> str:
     """Map a dataset's class name onto the vocabulary; unknown names are an error, not a guess."""
     key = name.strip().lower().replace("-", "_")

@@ -16,13 +16,24 @@ from fundus_engine.expand import (GLAUCOMA_CUP_TO_DISC, OfflineExpander, expand,
                                   make_expander)
 from fundus_engine.models import Anatomy, Expansion, ImageRecord, Point, Quality, Region
 from fundus_engine.prompts import PROMPTS_DIR
-from fundus_engine.vocabulary import AMD, BY_NAME, CLASS_NAMES, DR, DR_GRADES, GLAUCOMA, LESIONS, MENTIONS, NORMAL
+from fundus_engine.vocabulary import AMD, BY_NAME, CLASS_NAMES, DR, DR_GRADES, GLAUCOMA, LESIONS, NORMAL
 
 SHA = "ab" * 32
 QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
 # A right eye, 400 x 400 px: disc of 100 px diameter at (350, 250), fovea at (100, 250).
 ANATOMY = Anatomy(sha256=SHA, laterality="OD", laterality_source="label", disc_centre=Point(x=350, y=250),
                   disc_diameter_px=100.0, fovea_centre=Point(x=100, y=250), cup_to_disc=0.35)
+
+# How the findings text names each lesion (the test's own oracle).
+MENTIONS = {
+    "microaneurysm": r"micro-?aneurysm",
+    "haemorrhage": r"ha?emorrhag",
+    "hard_exudate": r"hard exudat",
+    "soft_exudate": r"cotton[- ]wool|soft exudat",
+    "drusen": r"\bdrus(?:en|e)\b",
+    "neovascularisation": r"neovasculari[sz]ation|new vessels",
+}
+
 
 def vouching(lesions) -> DetectorEvidence:
     """A detector validated on every class for both kinds of photograph, reliable for `lesions`."""

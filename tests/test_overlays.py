@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fundus_engine.cli import app
-from fundus_engine.inspect import PALETTE, draw_overlay, write_overlays
+from fundus_engine.inspection import PALETTE, draw_overlay, write_overlays
 from fundus_engine.models import Anatomy, ImageRecord, Point, Quality, Region
 from fundus_engine.synth import render
 from fundus_engine.tables import write_rows
