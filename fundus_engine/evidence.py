@@ -138,7 +138,7 @@ def domain_report(images: list[ImageRecord], anatomies: list[Anatomy], regions: 
     if report["out_of_domain"]:
         localised = report["disc_source"].get("real", {}).get("localiser", 0)
         report["warning"] = (
-            f"The detector is out of its domain on {real} real photograph(s): it was never validated on real "
+            f"The detector is out of its domain on {real} real photograph(s): it is not validated on real "
             f"photographs for {', '.join(unvalidated)}. On those images its lesion boxes of these classes were "
             "dropped, no lesion is stated absent unless the labels annotate it, and no diagnosis is inferred "
             f"without labels; the optic disc came from the image-analysis localiser on {localised} of {real}. "
