@@ -131,7 +131,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
             manifest = _build(RunContext.create(inp, out, config, run_id, no_cache))
         finally:  # the run-wide model ledger is closed however the run ends
             if config.expand.backend == "openai":
-                from fundus_engine.expand_openai import close_run
+                from fundus_engine.llm_ledger import close_run
 
                 close_run(run_id)
     if not manifest["complete"]:  # finished, not whole: a state of its own, the manifest as its result

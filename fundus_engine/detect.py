@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -25,6 +27,8 @@ STAGE = "detect"
 LANDMARKS = {"optic_disc", "fovea"}
 DEMO_WEIGHTS = Path(__file__).parent / "weights" / "demo_detector.pt"
 _predict_lock = threading.Lock()  # a YOLO predictor is not safe to call from two threads at once
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # photographs decoded at once, ahead of the model
+PREFETCH_PIXELS = 120_000_000  # decoded pixels of this chunk and the next, at most (~360 MB as RGB)
 _load_lock = threading.Lock()  # one load (and export) at a time: the threads of a worker share the model
 
 
@@ -150,6 +154,34 @@ def in_domain(predicted: list[Detection], validated: Iterable[str], config: Dete
     return [d for d in predicted if d.label in allowed]
 
 
+def _opened(path: str):
+    """A photograph decoded as ultralytics decodes a path it is given in a list (PIL, turned
+    upright by its EXIF orientation: `ultralytics.data.loaders.autocast_list`), so the model sees
+    the same pixels; done here, on worker threads (PIL releases the GIL), ahead of the model."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        filename = im.filename
+        upright = ImageOps.exif_transpose(im)  # a decoded copy, turned when the EXIF says so
+    upright.filename = filename
+    return upright
+
+
+def _decode(pool: ThreadPoolExecutor, records: list[ImageRecord]) -> list[Future]:
+    return [pool.submit(_opened, r.path) for r in records]
+
+
+def _result_or_error(future: Future):
+    try:
+        return future.result()
+    except Exception as exc:
+        return exc
+
+
+def _pixels(records: list[ImageRecord]) -> int:
+    return sum(r.width * r.height for r in records)
+
+
 def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detection], list[Reject]]:
     """Predicted boxes; with `ground_truth: prefer`, an image's labelled boxes replace the
     predictions of the classes its labels cover, and predictions fill the others (lesion-only
@@ -173,28 +205,43 @@ def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detec
     model = load_model(weights, resolve_backend(config, device), config.imgsz, device)
     options = dict(imgsz=config.imgsz, conf=config.confidence, iou=config.iou, device=device,
                    half=device.startswith("cuda"), batch=config.batch, verbose=False)
-    for start in range(0, len(to_predict), config.batch):
-        batch = to_predict[start:start + config.batch]
-        try:
-            with _predict_lock:
-                results = model.predict([r.path for r in batch], **options)
-        except Exception:  # one unreadable file must not sink the batch: retry one by one
-            results = []
-            for record in batch:
-                try:
-                    with _predict_lock:
-                        results.extend(model.predict(record.path, **options))
-                except Exception as exc:
-                    rejects.append(Reject(stage=STAGE, item=record.path, reason=f"detector failed: {exc}"))
-                    results.append(None)
-        for record, result in zip(batch, results):
-            if result is None:
-                continue
-            predicted = _numbered(record.sha256, in_domain(_from_result(record.sha256, result),
-                                                           validated[image_domain(record)], config))
-            if config.ground_truth == "prefer":
-                covered = covered_by_labels(record)
-                predicted = _numbered(record.sha256, from_labels(record)
-                                      + [d for d in predicted if d.label not in covered])
-            detections.extend(predicted)
+    chunks = [to_predict[start:start + config.batch] for start in range(0, len(to_predict), config.batch)]
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="detect-decode") as pool:
+        pending = _decode(pool, chunks[0])
+        for n, batch in enumerate(chunks):
+            opened = [_result_or_error(f) for f in pending]
+            following = chunks[n + 1] if n + 1 < len(chunks) else None
+            # the next chunk decodes while this one is predicted, when both fit the memory bound
+            ahead = following is not None and _pixels(batch) + _pixels(following) <= PREFETCH_PIXELS
+            pending = _decode(pool, following) if ahead else None
+            for record, image in zip(batch, opened):
+                if isinstance(image, Exception):
+                    rejects.append(Reject(stage=STAGE, item=record.path, reason=f"detector failed: {image}"))
+            batch = [record for record, image in zip(batch, opened) if not isinstance(image, Exception)]
+            images = [image for image in opened if not isinstance(image, Exception)]
+            try:
+                with _predict_lock:
+                    results = model.predict(images, **options) if images else []
+            except Exception:  # one image the model cannot take must not sink the batch: one by one
+                results = []
+                for record, image in zip(batch, images):
+                    try:
+                        with _predict_lock:
+                            results.extend(model.predict(image, **options))
+                    except Exception as exc:
+                        rejects.append(Reject(stage=STAGE, item=record.path, reason=f"detector failed: {exc}"))
+                        results.append(None)
+            del images, opened
+            if following is not None and pending is None:
+                pending = _decode(pool, following)
+            for record, result in zip(batch, results):
+                if result is None:
+                    continue
+                predicted = _numbered(record.sha256, in_domain(_from_result(record.sha256, result),
+                                                               validated[image_domain(record)], config))
+                if config.ground_truth == "prefer":
+                    covered = covered_by_labels(record)
+                    predicted = _numbered(record.sha256, from_labels(record)
+                                          + [d for d in predicted if d.label not in covered])
+                detections.extend(predicted)
     return detections, rejects

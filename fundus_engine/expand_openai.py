@@ -27,10 +27,6 @@ from fundus_engine.prompts import Prompt, load
 from fundus_engine.redaction import redact_secrets
 from fundus_engine.vocabulary import BY_NAME, LESIONS
 
-# Kept until flows/ and runner.py import them from fundus_engine.llm_ledger and fundus_engine.redaction.
-from fundus_engine.llm_ledger import close_run  # noqa: F401
-from fundus_engine.redaction import redact_url  # noqa: F401
-
 STAGE = "expand"
 OUTPUT_MODELS: dict[str, type[BaseModel]] = {"ImageFindings": ImageFindings, "RegionFindings": RegionFindings}
 

@@ -24,12 +24,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 import fundus_engine
-from fundus_engine import benchmark, chain as chain_stage, detect as detect_stage, expand as expand_stage
+from fundus_engine import chain as chain_stage, mcq, detect as detect_stage, expand as expand_stage
 from fundus_engine import ingest as ingest_stage, write as write_stage
 from fundus_engine.card import write_card
 from fundus_engine.config import BuildConfig
 from fundus_engine.evidence import DetectorEvidence, domain_report
-from fundus_engine.expand_openai import redact_url
+from fundus_engine.redaction import redact_url
 from fundus_engine.export import to_vlmevalkit_tsv
 from fundus_engine.ingest import SourceFile
 from fundus_engine.models import Reject
@@ -264,8 +264,8 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
     write_card(build_dir, records, regions, {**about, "detector_domain": domain})
     # The multiple-choice benchmark: held-out (test split) images only, never in train or val.
     held_out = {r.sha256 for r in records if r.split == "test"}
-    questions = benchmark.build_benchmark(images, anatomies, regions, held_out, seed=config.chain.seed)
-    benchmark.write_benchmark(questions, build_dir / "benchmark" / "test.parquet")
+    questions = mcq.build_benchmark(images, anatomies, regions, held_out, seed=config.chain.seed)
+    mcq.write_benchmark(questions, build_dir / "benchmark" / "test.parquet")
     to_vlmevalkit_tsv(questions, build_dir / "benchmark" / "test.tsv", embed_images=True)  # self-contained
 
     unfinished: dict[str, list[int]] = {}
