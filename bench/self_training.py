@@ -17,9 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fundus_engine.importers import from_yolo, write_yolo_dataset
+from fundus_engine.importers import from_yolo
 from fundus_engine.synth import generate
 from fundus_engine.train import self_train, train_detector, validate
+from fundus_engine.training_data import write_yolo_dataset
 
 
 def main() -> int:

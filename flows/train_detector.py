@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fundus_engine import importers, layouts
+from fundus_engine import importers, layouts, training_data
 from fundus_engine import train as training
 from fundus_engine.ingest import IMAGE_EXTENSIONS
 from fundus_engine.synth import generate
@@ -106,7 +106,7 @@ def import_labelled(params: TrainDetectorParams, work: str) -> list[importers.La
         for item in generated:
             item.synthetic, item.dataset = True, "synthetic"
         named.append((f"synthetic (seed {params.synthetic_seed})", generated))
-    items = importers.merge(*(s for _, s in named))
+    items = training_data.merge(*(s for _, s in named))
     if not items:
         raise ValueError("no labelled images: give datasets, yolo, coco, masks or synthetic")
     for name, part in named:
@@ -155,7 +155,7 @@ def hold_out(items: list[importers.LabelledImage], params: TrainDetectorParams
         if params.folds and not synthetic:
             train += part
             continue
-        kept, kept_out = importers.split(part, params.val_fraction, params.seed)
+        kept, kept_out = training_data.split(part, params.val_fraction, params.seed)
         train += kept
         held += kept_out
     return train, held, "held-out split"
@@ -172,12 +172,12 @@ def cross_validate(items: list[importers.LabelledImage], synthetic_train: list[i
     real = [i for i in items if not i.synthetic]
     if not real:
         raise ValueError("folds: cross-validation needs real photographs; every labelled image is synthetic")
-    folds = importers.kfold(real, params.folds, params.seed)
+    folds = training_data.kfold(real, params.folds, params.seed)
     per_fold = []
     for f, held in enumerate(folds):
         fold_dir = Path(work) / f"fold{f}"
         trained_on = [i for g, fold in enumerate(folds) if g != f for i in fold] + synthetic_train
-        data = importers.write_yolo_dataset(trained_on, fold_dir / "data", val_fraction=0, max_side=params.imgsz)
+        data = training_data.write_yolo_dataset(trained_on, fold_dir / "data", val_fraction=0, max_side=params.imgsz)
         weights = training.train_detector(data, fold_dir / "weights.pt", params.epochs, params.imgsz, params.batch,
                                           params.base_model, params.seed)
         per_class = training.validate_items(weights, held, params.imgsz, fold_dir / "val")

@@ -1,13 +1,11 @@
-"""Importers for the public fundus lesion datasets' label formats, and a YOLO dataset writer.
+"""Readers for the public fundus lesion datasets' label formats: YOLO, COCO and per-class masks.
 
 Public datasets label lesions three ways: YOLO text files, COCO JSON, and per-class binary
-masks (IDRiD, DDR, e-ophtha, DiaretDB1). Every importer here returns the same in-memory form,
+masks (IDRiD, DDR, e-ophtha, DiaretDB1). Every reader here returns the same in-memory form,
 `LabelledImage`, with class names already mapped onto the one vocabulary, so that datasets
-can be merged and written as a single ultralytics training set.
-
-Masks become boxes the way FundusExpert's localiser did: connected pixels -> components,
-specks dropped, nearby fragments clustered (single linkage, as DBSCAN with min_samples=1)
-and each cluster -> its enclosing box.
+can be merged and written as a single ultralytics training set (`fundus_engine.training_data`).
+Mask pixels become boxes in `fundus_engine.mask_boxes`; this module only finds, reads and
+matches the mask files.
 
 Conventions: boxes are `[x1, y1, x2, y2]` in pixels with exclusive right/bottom edges
 (a one-pixel blob at (x, y) is `[x, y, x + 1, y + 1]`); `source` says which importer and
@@ -20,11 +18,9 @@ those. The public datasets' folder layouts (IDRiD, DDR, FGADR, e-ophtha, ...) ar
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +30,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from fundus_engine.mask_boxes import mask_to_boxes
 from fundus_engine.models import LabelBox
-from fundus_engine.synth import is_synthetic, write_marked_jpeg
+from fundus_engine.synth import is_synthetic
 from fundus_engine.vocabulary import CLASS_NAMES, canonical_class
 
 log = logging.getLogger(__name__)
@@ -324,68 +321,6 @@ def from_coco(json_path: Path, images_dir: Path | None = None) -> list[LabelledI
 # masks
 
 
-def mask_to_boxes(mask: np.ndarray, min_area: int = 4, merge_distance: float | None = None,
-                  max_boxes: int | None = None) -> list[list[float]]:
-    """Boxes of the lesions in a binary mask: 8-connected components of pixels > 0 (in any
-    channel), components smaller than `min_area` pixels dropped as specks, then, with
-    `merge_distance`, fragments whose boxes are at most that many pixels apart (edge to edge,
-    0 when overlapping) clustered by single linkage and each cluster replaced by its
-    enclosing box; with `max_boxes`, only the largest boxes are kept (FundusExpert keeps the
-    largest N). Boxes are [x1, y1, x2, y2] with exclusive x2/y2, in scan order."""
-    mask = np.asarray(mask)
-    binary = (mask > 0).any(axis=2) if mask.ndim == 3 else mask > 0
-    if binary.ndim != 2:
-        raise ValueError(f"mask must be 2-D (or 2-D with channels), got shape {mask.shape}")
-    if not binary.any():
-        return []
-    _, _, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
-    stats = stats[1:]  # row 0 is the background
-    stats = stats[stats[:, cv2.CC_STAT_AREA] >= min_area]
-    boxes = np.stack([stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP],
-                      stats[:, cv2.CC_STAT_LEFT] + stats[:, cv2.CC_STAT_WIDTH],
-                      stats[:, cv2.CC_STAT_TOP] + stats[:, cv2.CC_STAT_HEIGHT]], 1).astype(np.float64)
-    if merge_distance is not None and len(boxes) > 1:
-        boxes = _merge_close_boxes(boxes, float(merge_distance))
-    if max_boxes is not None and len(boxes) > max_boxes:
-        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        keep = np.sort(np.argsort(-areas, kind="stable")[:max_boxes])  # the largest, still in scan order
-        boxes = boxes[keep]
-    return [[float(v) for v in b] for b in boxes]
-
-
-def _box_gaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Euclidean distance between every box in a and every box in b (0 where they overlap)."""
-    dx = np.maximum(0, np.maximum(a[:, None, 0], b[None, :, 0]) - np.minimum(a[:, None, 2], b[None, :, 2]))
-    dy = np.maximum(0, np.maximum(a[:, None, 1], b[None, :, 1]) - np.minimum(a[:, None, 3], b[None, :, 3]))
-    return np.hypot(dx, dy)
-
-
-def _merge_close_boxes(boxes: np.ndarray, eps: float) -> np.ndarray:
-    """Single-linkage clusters of boxes (union-find over pairs within eps) -> enclosing boxes."""
-    n = len(boxes)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    chunk = 512  # bounds memory to chunk x n distances for masks with thousands of fragments
-    for start in range(0, n, chunk):
-        close = _box_gaps(boxes[start:start + chunk], boxes) <= eps
-        for i, j in zip(*np.nonzero(close)):
-            i, j = find(int(i) + start), find(int(j))
-            if i != j:
-                parent[max(i, j)] = min(i, j)
-    roots = [find(i) for i in range(n)]
-    merged = []
-    for root in dict.fromkeys(roots):  # first-seen order keeps scan order
-        members = boxes[[r == root for r in roots]]
-        merged.append([members[:, 0].min(), members[:, 1].min(), members[:, 2].max(), members[:, 3].max()])
-    return np.array(merged)
-
-
 def _read_mask(path: Path) -> np.ndarray:
     """A mask as an array: cv2 first, PIL for what this cv2 build cannot read (gif in older builds)."""
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -513,167 +448,3 @@ def mask_files_to_boxes(image: Path, size: tuple[int, int], label: str, mask_pat
     if combined is None:
         return []
     return [LabelBox(label=label, xyxy=b) for b in mask_to_boxes(combined, min_area, merge_distance, max_boxes)]
-
-
-# --------------------------------------------------------------------------------------------
-# combining and writing
-
-
-def merge(*sources: list[LabelledImage]) -> list[LabelledImage]:
-    """One entry per image (by resolved path) with the boxes of every source, e.g. one mask
-    import per class, or masks plus a COCO file for the same photographs. Boxes are kept as
-    they are, the annotated classes are the union of the sources'; first-seen order is kept."""
-    merged: dict[Path, LabelledImage] = {}
-    for items in sources:
-        for item in items:
-            key = Path(item.image).resolve()
-            if key not in merged:
-                merged[key] = LabelledImage(item.image, item.width, item.height, list(item.boxes), item.source,
-                                            item.annotated_classes, item.dataset, item.synthetic)
-                continue
-            into = merged[key]
-            if (into.width, into.height) != (item.width, item.height):
-                raise ValueError(f"{item.image}: {into.source} says {into.width}x{into.height} but "
-                                 f"{item.source} says {item.width}x{item.height}")
-            into.boxes += item.boxes
-            if item.source not in into.source.split(" + "):
-                into.source += " + " + item.source
-            into.annotated_classes = (None if into.annotated_classes is None or item.annotated_classes is None
-                                      else tuple(c for c in CLASS_NAMES
-                                                 if c in {*into.annotated_classes, *item.annotated_classes}))
-            into.dataset = into.dataset or item.dataset
-    return list(merged.values())
-
-
-def _split_score(content: bytes, seed: int) -> float:
-    digest = hashlib.sha256(f"{seed}:".encode() + content).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split(items: list[LabelledImage], val_fraction: float, seed: int = 0
-          ) -> tuple[list[LabelledImage], list[LabelledImage]]:
-    """(train, val) by a hash of each image's bytes with the seed, so an image keeps its split
-    however the dataset grows and duplicates never straddle the two; if that leaves val empty
-    (tiny datasets) the lowest-scoring image goes to val so there is something to validate on."""
-    scored = [(_split_score(Path(i.image).read_bytes(), seed), n, i) for n, i in enumerate(items)]
-    val = [(score, n, i) for score, n, i in scored if score < val_fraction]
-    if val_fraction > 0 and len(scored) > 1 and not val:
-        val = [min(scored, key=lambda e: e[0])]
-    val_ids = {n for _, n, _ in val}
-    return [i for _, n, i in scored if n not in val_ids], [i for _, n, i in scored if n in val_ids]
-
-
-def kfold(items: list[LabelledImage], k: int, seed: int = 0) -> list[list[LabelledImage]]:
-    """k folds of the images for cross-validation, by image: ordered by a hash of each image's
-    bytes with the seed and dealt out in turn, so the folds differ in size by at most one, are
-    the same on every run, and duplicate images (same bytes) land in the same fold."""
-    if k < 2:
-        raise ValueError(f"k-fold cross-validation needs k >= 2, got {k}")
-    digests = [hashlib.sha256(Path(i.image).read_bytes()).digest() for i in items]
-    order = sorted(set(digests), key=lambda d: _split_score(d, seed))
-    if len(order) < k:
-        raise ValueError(f"{k}-fold cross-validation needs at least {k} distinct images, got {len(order)}")
-    fold_of = {digest: position % k for position, digest in enumerate(order)}
-    folds: list[list[LabelledImage]] = [[] for _ in range(k)]
-    for digest, item in zip(digests, items):
-        folds[fold_of[digest]].append(item)
-    return folds
-
-
-def _yolo_line(box: LabelBox, width: int, height: int) -> str | None:
-    x1, y1, x2, y2 = box.xyxy
-    x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
-    y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
-    if x2 - x1 <= 0 or y2 - y1 <= 0:
-        return None
-    class_id = CLASS_NAMES.index(canonical_class(box.label))
-    return (f"{class_id} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
-            f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}")
-
-
-_ENCODABLE = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-
-
-def _downscaled(path: Path, content: bytes, max_side: int | None, synthetic: bool) -> bytes:
-    """The image's bytes, re-encoded at most `max_side` pixels on its long side when larger
-    (ultralytics shrinks every image to `imgsz` on loading anyway; a 4288-px photograph costs
-    far more to decode each epoch than a 640-px one). Orientation is kept as stored, as the
-    labels were measured on the stored pixels, and a synthetic image keeps its mark."""
-    suffix = path.suffix.lower()
-    if max_side is None or suffix not in _ENCODABLE:  # kept as it is; ultralytics still shrinks it on loading
-        return content
-    width, height = _image_size(path)
-    if max(width, height) <= max_side:
-        return content
-    image = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-        raise ValueError(f"{path}: cannot decode image to downscale it")
-    scale = max_side / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    if suffix in (".jpg", ".jpeg") and synthetic:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_marked_jpeg(Path(tmp) / "small.jpg", cv2.cvtColor(small, cv2.COLOR_BGR2RGB), quality=95)
-            return (Path(tmp) / "small.jpg").read_bytes()
-    ok, encoded = cv2.imencode(suffix, small, [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix in (".jpg", ".jpeg") else [])
-    if not ok:
-        raise ValueError(f"{path}: cannot re-encode the downscaled image")
-    return encoded.tobytes()
-
-
-def write_yolo_dataset(items: list[LabelledImage], out: Path, val_fraction: float = 0.2, seed: int = 0,
-                       max_side: int | None = None) -> Path:
-    """Write an ultralytics detection dataset and return its dataset.yaml.
-
-    Images are copied to out/images/{train,val} with labels in out/labels/{train,val}; class
-    ids are indices into the vocabulary's CLASS_NAMES. The split hashes each image's bytes
-    with the seed, so an image keeps its split however the dataset grows and duplicates never
-    straddle train and val; if that leaves val empty (tiny datasets) the lowest-scoring image
-    goes to val so ultralytics has something to validate on. Boxes are clipped to the image
-    and boxes with no area dropped. The yaml uses an absolute path and no download key, so
-    training stays offline. With `max_side`, larger images are stored downscaled to that long
-    side (labels are normalised, so they stay as they are); the split still hashes the originals.
-    """
-    if not 0 <= val_fraction <= 1:
-        raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
-    out = Path(out).resolve()
-    for sub in ("images", "labels"):
-        if (out / sub).is_dir() and any((out / sub).iterdir()):
-            raise FileExistsError(f"{out / sub} is not empty; write the dataset to a new folder")
-    items = merge(items)
-    for item in items:
-        path = Path(item.image)
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ValueError(f"{path}: ultralytics cannot train on {path.suffix} images; convert it first")
-        if not path.is_file():
-            raise ValueError(f"{path}: image file not found ({item.source})")
-    train, val = split(items, val_fraction, seed)
-    planned = [(item, Path(item.image).read_bytes(), name,
-                [line for b in item.boxes if (line := _yolo_line(b, item.width, item.height))])
-               for name, part in (("train", train), ("val", val)) for item in part]
-
-    for part in ("train", "val"):
-        (out / "images" / part).mkdir(parents=True, exist_ok=True)
-        (out / "labels" / part).mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    for item, content, part, lines in planned:
-        path = Path(item.image)
-        name = path.name
-        if path.stem.lower() in used:  # same stem from different folders; labels are named by stem
-            name = f"{path.stem}__{hashlib.sha256(content).hexdigest()[:10]}{path.suffix}"
-            counter = 1
-            while Path(name).stem.lower() in used:
-                name = f"{path.stem}__{counter}{path.suffix}"
-                counter += 1
-        used.add(Path(name).stem.lower())
-        (out / "images" / part / name).write_bytes(_downscaled(path, content, max_side, bool(item.synthetic)))
-        (out / "labels" / part / (Path(name).stem + ".txt")).write_text("".join(f"{line}\n" for line in lines))
-
-    dataset_yaml = out / "dataset.yaml"
-    dataset_yaml.write_text(yaml.safe_dump({
-        "path": str(out),
-        "train": "images/train",
-        "val": "images/val" if val_fraction > 0 else "images/train",
-        "names": dict(enumerate(CLASS_NAMES)),
-    }, sort_keys=False))
-    return dataset_yaml

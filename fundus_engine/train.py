@@ -16,9 +16,10 @@ from pathlib import Path
 
 from fundus_engine.config import IMAGE_EXTENSIONS
 from fundus_engine.detect import resolve_device
-from fundus_engine.importers import LabelledImage, write_yolo_dataset
+from fundus_engine.importers import LabelledImage
 from fundus_engine.models import LabelBox
 from fundus_engine.synth import generate
+from fundus_engine.training_data import write_yolo_dataset
 from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 from fundus_engine.yolo import ultralytics
 

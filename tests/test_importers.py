@@ -20,13 +20,11 @@ from fundus_engine.importers import (
     from_coco,
     from_masks,
     from_yolo,
-    kfold,
-    mask_to_boxes,
-    merge,
     unmatched_masks,
-    write_yolo_dataset,
 )
+from fundus_engine.mask_boxes import mask_to_boxes
 from fundus_engine.models import LabelBox
+from fundus_engine.training_data import kfold, merge, write_yolo_dataset
 from fundus_engine.vocabulary import CLASS_NAMES
 
 W, H = 40, 30  # every test image is 40 wide and 30 high

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fundus_engine.importers import mask_to_boxes
+from fundus_engine.mask_boxes import mask_to_boxes
 from fundus_engine.layouts import detect_layout, from_layout
 from fundus_engine.synth import generate
 

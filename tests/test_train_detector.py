@@ -86,7 +86,8 @@ def test_train_detector_flow_imports_masks_trains_and_self_trains(tmp_path):
 
 def test_self_training_pool_leaves_out_labelled_and_held_out_images(tmp_path):
     from flows.train_detector import self_training_pool
-    from fundus_engine.importers import from_yolo, split, write_yolo_dataset
+    from fundus_engine.importers import from_yolo
+    from fundus_engine.training_data import split, write_yolo_dataset
 
     generate(tmp_path / "labelled", 3, seed=31, size=128)
     generate(tmp_path / "held", 2, seed=32, size=128)
