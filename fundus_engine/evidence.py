@@ -136,12 +136,12 @@ def domain_report(images: list[ImageRecord], anatomies: list[Anatomy], regions: 
     report["out_of_domain"] = bool(real and unvalidated)
     report["warning"] = None
     if report["out_of_domain"]:
-        localised = report["disc_source"].get("real", {}).get("localiser", 0)
+        sources = ", ".join(f"{source} {n}" for source, n in sorted(report["disc_source"].get("real", {}).items()))
         report["warning"] = (
             f"The detector is out of its domain on {real} real photograph(s): it is not validated on real "
             f"photographs for {', '.join(unvalidated)}. On those images its lesion boxes of these classes were "
             "dropped, no lesion is stated absent unless the labels annotate it, and no diagnosis is inferred "
-            f"without labels; the optic disc came from the image-analysis localiser on {localised} of {real}. "
+            f"without labels. Where the optic disc came from: {sources}. "
             "Remedy: train a detector on labelled real photographs (`fundus-engine train-detector`, README "
             "'Training on real labelled photographs') and set `detect.weights`.")
     return report

@@ -79,6 +79,6 @@ def test_the_domain_report_warns_plainly_with_the_remedy():
     assert report["disc_source"] == {"real": {"localiser": 1}, "synthetic": {"detector+localiser": 1}}
     assert report["detector_mean_confidence"] == {"real": None, "synthetic": 0.8}
     assert report["out_of_domain"] and "out of its domain on 1 real photograph" in report["warning"]
-    assert "localiser on 1 of 1" in report["warning"] and "train-detector" in report["warning"]
+    assert "Where the optic disc came from: localiser 1." in report["warning"] and "train-detector" in report["warning"]
     synthetic_only = domain_report([synthetic], anatomies[1:], [region], evidence)
     assert not synthetic_only["out_of_domain"] and synthetic_only["warning"] is None
