@@ -16,11 +16,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
-from fundus_engine.config import WriteConfig
 from fundus_engine.models import Anatomy, BenchmarkQuestion, ImageRecord, Region
 from fundus_engine.tables import read_rows, write_rows
 from fundus_engine.vocabulary import ANATOMY, BY_NAME, DIAGNOSES, DR_GRADES, LESIONS, canonical_diagnosis
-from fundus_engine.write import split_images
 
 LETTERS = ("A", "B", "C", "D", "E")
 MIN_OPTIONS = 4  # fewer choices make chance accuracy too high to compare with GMAI-MMBench
@@ -47,12 +45,6 @@ QUADRANTS = ("superotemporal", "inferotemporal", "superonasal", "inferonasal")
 
 
 # ------------------------------------------------------------------ building questions
-
-def held_out_images(records: Iterable[ImageRecord], config: WriteConfig) -> set[str]:
-    """The sha256s of the test split, decided exactly as the write stage decides it (patients and
-    near-duplicates grouped)."""
-    return {sha for sha, split in split_images(list(records), config).items() if split == "test"}
-
 
 def _rng(seed: int, *parts: str) -> random.Random:
     return random.Random(hashlib.sha256(":".join([str(seed), *parts]).encode()).digest())

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from fundus_engine.mcq import (BOX_MIN_CONFIDENCE, COUNTING_QUESTION, GRADING_QUESTION, LETTERS, QUADRANTS,
-                               RECOGNITION_QUESTION, build_benchmark, held_out_images, options_of, prompt_for,
+                               RECOGNITION_QUESTION, build_benchmark, options_of, prompt_for,
                                read_benchmark, truth_counts, write_benchmark)
 from fundus_engine.mcq_scoring import extract_letter, read_answers, score
 from fundus_engine.report_scoring import (REPORT_FINDINGS, findings_in, report_consistency, score_reports,
@@ -20,7 +20,6 @@ from fundus_engine.crop import box_999, region_facts
 from fundus_engine.models import Anatomy, BenchmarkQuestion, ImageRecord, LabelBox, Point, Quality, Region
 from fundus_engine.vocabulary import (AMD, BY_NAME, CLASSES, DIAGNOSES, DR, DR_GRADES, GLAUCOMA, LESIONS,
                                       canonical_diagnosis)
-from fundus_engine.write import assign_split
 
 QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
 DISPLAYS = {c.display for c in CLASSES}
@@ -96,14 +95,6 @@ def test_only_held_out_images_are_used(images, bench):
     assert build_benchmark(*_rows(images.values()), held_out=set()) == []
     # Rows of held-out images alone give exactly the same questions: others are never consulted.
     assert build_benchmark(*_rows([images["A"], images["B"], images["C"]]), held_out={A, B, C}) == bench
-
-
-def test_held_out_images_is_the_chain_test_split(images):
-    records = [_image(f"{n:064x}")[0].model_copy(update={"patient_id": f"P{n % 7}"}) for n in range(40)]
-    config = WriteConfig(test_fraction=0.3)
-    held = held_out_images(records, config)
-    assert held == {r.sha256 for r in records if assign_split(r.patient_id, config) == "test"}
-    assert 0 < len(held) < 40
 
 
 def _recognition(questions):
