@@ -12,12 +12,11 @@ import hashlib
 import random
 from collections import Counter, defaultdict
 
-from fundus_engine.config import ChainConfig, WriteConfig
+from fundus_engine.config import ChainConfig
 from fundus_engine.models import (Anatomy, Expansion, GroundedBox, ImageRecord, InstructionRecord, Region,
                                   Reject, Turn)
 from fundus_engine.prompts import Prompt, load_dir
 from fundus_engine.vocabulary import ANATOMY, BY_NAME, CLASS_NAMES, DR_GRADES, LESIONS, chinese
-from fundus_engine.write import assign_split
 
 STAGE = "chain"
 
@@ -80,7 +79,7 @@ def group_facts(items: list[Region]) -> dict:
 
 
 def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], expansion: Expansion,
-                config: ChainConfig, split: str, by_task: dict[str, Prompt], language: str = "en"
+                config: ChainConfig, by_task: dict[str, Prompt], language: str = "en"
                 ) -> list[InstructionRecord]:
     image = expansion.image
     groups: dict[str, list[Region]] = defaultdict(list)
@@ -114,7 +113,7 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
             sha256=record.sha256, image_path=image_path or anatomy.upright_path or record.path,
             source_image_path=record.path, task=task,
             language=language, conversations=conversations,
-            boxes=[GroundedBox(label=r.label, box_999=r.box_999) for r in boxes], split=split,
+            boxes=[GroundedBox(label=r.label, box_999=r.box_999) for r in boxes],
             template_id=prompt.id, template_version=prompt.version, diagnosis=image.diagnosis, grade=image.grade,
             provenance=expansion.provenance, flags=expansion.flags))
 
@@ -195,8 +194,9 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
 
 
 def chain(records: list[ImageRecord], anatomies: list[Anatomy], regions: list[Region], expansions: list[Expansion],
-          config: ChainConfig, write_config: WriteConfig, prompts_dir: str | None = None
-          ) -> tuple[list[InstructionRecord], list[Reject]]:
+          config: ChainConfig, prompts_dir: str | None = None) -> tuple[list[InstructionRecord], list[Reject]]:
+    """Records without a split: the write stage decides it for patients and near-duplicate
+    groups across all shards."""
     by_language = {language: templates(prompts_dir, language) for language in config.languages}
     anatomy_of = {a.sha256: a for a in anatomies}
     record_of = {r.sha256: r for r in records}
@@ -206,12 +206,10 @@ def chain(records: list[ImageRecord], anatomies: list[Anatomy], regions: list[Re
     out, rejects = [], []
     for expansion in expansions:
         record = record_of[expansion.sha256]
-        # Provisional: the write stage regroups patients and near-duplicates across all shards.
-        split = assign_split(record.patient_id or record.sha256, write_config)
         try:
             for language, by_task in by_language.items():
                 out.extend(chain_image(record, anatomy_of[record.sha256], regions_of[record.sha256], expansion,
-                                       config, split, by_task, language))
+                                       config, by_task, language))
         except Exception as exc:  # a template error on one image is reported, the rest go on
             rejects.append(Reject(stage=STAGE, item=record.path, reason=f"chain template failed: {exc}"))
     return out, rejects

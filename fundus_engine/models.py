@@ -231,7 +231,7 @@ class InstructionRecord(Row):
     language: str = "en"
     conversations: list[Turn] = Field(min_length=2)
     boxes: list[GroundedBox] = []
-    split: Split
+    split: Split | None = None  # set by the write stage (patients and near-duplicates grouped across shards)
     template_id: str
     template_version: str
     diagnosis: str | None = None

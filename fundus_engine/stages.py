@@ -121,12 +121,11 @@ class Chain(_Stage):
     writes = {"records": InstructionRecord}
 
     def depends_on(self, ctx: RunContext) -> list:
-        return [ctx.config.chain.model_dump(), ctx.config.write.model_dump(include={"val_fraction", "test_fraction"}),
-                ctx.prompt_fingerprints["chain"]]
+        return [ctx.config.chain.model_dump(), ctx.prompt_fingerprints["chain"]]
 
     def run(self, ctx: RunContext, shard: Shard, inputs: dict[str, list]) -> StageResult:
         records, rejects = chain.chain(inputs["images"], inputs["anatomy"], inputs["regions"], inputs["expansions"],
-                                       ctx.config.chain, ctx.config.write, ctx.config.prompts_dir)
+                                       ctx.config.chain, ctx.config.prompts_dir)
         return StageResult({"records": records}, rejects)
 
 

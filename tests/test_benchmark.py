@@ -15,7 +15,7 @@ from fundus_engine.mcq import (BOX_MIN_CONFIDENCE, COUNTING_QUESTION, GRADING_QU
 from fundus_engine.mcq_scoring import extract_letter, read_answers, score
 from fundus_engine.report_scoring import (REPORT_FINDINGS, findings_in, report_consistency, score_reports,
                                           truth_findings)
-from fundus_engine.config import ChainConfig, ExpandConfig, WriteConfig
+from fundus_engine.config import ChainConfig, ExpandConfig
 from fundus_engine.crop import box_999, region_facts
 from fundus_engine.models import Anatomy, BenchmarkQuestion, ImageRecord, LabelBox, Point, Quality, Region
 from fundus_engine.vocabulary import (AMD, BY_NAME, CLASSES, DIAGNOSES, DR, DR_GRADES, GLAUCOMA, LESIONS,
@@ -398,7 +398,7 @@ def test_engine_reports_are_fully_consistent(images):
     normal = _image("f2" * 32, diagnosis="Normal fundus", labelled_classes=every)
     records, anatomies, regions = _rows([dr, normal])
     expansions = expand(OfflineExpander(ExpandConfig()), records, anatomies, regions).expansions
-    out, _ = chain(records, anatomies, regions, expansions, ChainConfig(), WriteConfig())
+    out, _ = chain(records, anatomies, regions, expansions, ChainConfig())
     for sha, truth in (("f1" * 32, {"microaneurysm", "intraretinal haemorrhage", "hard exudate"}), ("f2" * 32, set())):
         (report,) = [r.conversations[1].value for r in out if r.sha256 == sha and r.task == "report_generation"]
         result = report_consistency(report, truth)
@@ -407,7 +407,7 @@ def test_engine_reports_are_fully_consistent(images):
     # Unlabelled and an untrusted detector: the report states only what was found, no absences.
     blind = [r.model_copy(update={"labelled_classes": []}) for r in records]
     expansions = expand(OfflineExpander(ExpandConfig()), blind, anatomies, regions).expansions
-    out, _ = chain(blind, anatomies, regions, expansions, ChainConfig(), WriteConfig())
+    out, _ = chain(blind, anatomies, regions, expansions, ChainConfig())
     (report,) = [r.conversations[1].value for r in out if r.sha256 == "f1" * 32 and r.task == "report_generation"]
     result = report_consistency(report, {"microaneurysm", "intraretinal haemorrhage", "hard exudate"})
     assert (result["score"], result["total"], result["correct_absent"]) == (3, 3, []), report
