@@ -16,7 +16,8 @@ is that rate over detect alone's.
 
 Where the time goes: every image decode (cv2.imdecode / imdecodemulti: ingest, crop; PIL's
 load: detect, as ultralytics opens a list of paths with PIL) and encode (cv2.imwrite / imencode: crops, box-marked copies) in the build is
-counted and timed, by the stage module that asked for it.
+counted and timed, by the stage module that asked for it; `--profile N` adds cProfile tables of
+ingest and crop (run directly on N images, outside the flow).
 
 Images: `--images` synthetic 512-px photographs (fundus_engine.synth, seed 31337), and the real
 photographs in ../shared/real_fundus/images (69, 565 to 4928 px wide, read in place, never copied).
@@ -86,16 +87,21 @@ class CodecCounter:
                 return pil_load(image, *args, **kwargs)
             return pil_decode(image, *args, **kwargs)
 
+        from PIL import TiffImagePlugin
+
         pil_decode = wrap("pil_load", pil_load)
+        libtiff = TiffImagePlugin.TiffImageFile._load_libtiff  # compressed TIFFs bypass ImageFile.load
         for name, fn in originals.items():
             setattr(cv2, name, wrap(name, fn))
         ImageFile.ImageFile.load = load
+        TiffImagePlugin.TiffImageFile._load_libtiff = wrap("pil_load", libtiff)
         try:
             yield self
         finally:
             for name, fn in originals.items():
                 setattr(cv2, name, fn)
             ImageFile.ImageFile.load = pil_load
+            TiffImagePlugin.TiffImageFile._load_libtiff = libtiff
 
 
 def build_once(inp: Path, out: Path, config) -> tuple[dict, float, float, CodecCounter]:
@@ -157,12 +163,51 @@ def table(name: str, images: int, manifest: dict, wall: float, write: float, alo
     return "\n".join(lines)
 
 
+def profile_stages(inp: Path, config, images: int, top: int) -> str:
+    """Where ingest's and crop's own time goes: cProfile of the stage functions on the first
+    `images` photographs, outside the flow (functions by their own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    from fundus_engine import crop as crop_stage
+    from fundus_engine import detect as detect_stage
+    from fundus_engine import ingest as ingest_stage
+    from fundus_engine.evidence import DetectorEvidence
+
+    sources, _ = ingest_stage.scan(inp)
+    sources = sources[:images]
+    out = []
+
+    def profiled(label, fn):
+        profiler = cProfile.Profile()
+        result = profiler.runcall(fn)
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(top)
+        body = [line for line in text.getvalue().splitlines() if line.strip()]
+        total = stats.total_tt
+        out.append(f"{label}: {total:.2f} s profiled for {len(sources)} images ({1000 * total / len(sources):.0f} "
+                   f"ms/image); top {top} by own time:")
+        out.extend("  " + line for line in body[body.index(next(x for x in body if "ncalls" in x)):])
+        return result
+
+    records, _ = profiled("ingest", lambda: ingest_stage.ingest(inp, sources, {}, config.ingest))
+    detections, _ = detect_stage.detect(records, config.detect)
+    evidence = DetectorEvidence.of(detect_stage.weights_path(config.detect), config.expand.negative_min_map50)
+    with tempfile.TemporaryDirectory(prefix="fundus-crop-profile-") as tmp:
+        profiled("crop", lambda: crop_stage.crop(records, detections, Path(tmp), config.crop, evidence))
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="synthetic,real", help="comma-separated: synthetic, real")
     ap.add_argument("--images", type=int, default=256, help="synthetic images")
     ap.add_argument("--real", default=str(REAL), help="folder of real photographs (read in place)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N for detect alone")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile ingest and crop on N images of each set (cProfile, outside the flow)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     logging.getLogger("prefect").setLevel(logging.WARNING)
@@ -195,6 +240,8 @@ def main() -> int:
             manifest, wall, write, counter = build_once(inp, tmp / f"out-{name}", config)
             manifest["_backend"] = f"{identity['backend']} on {identity['device']}"
             tables.append(table(label, manifest["images"], manifest, wall, write, images / alone, counter))
+            if args.profile:
+                tables.append(profile_stages(inp, config, args.profile, 8))
     print("\n\n".join(tables))
     return 0
 

@@ -30,9 +30,10 @@ CPU_PREFERENCE = ("openvino", "onnx", "torch")  # fastest first (bench/detect_th
 # What each backend needs importable to export and to run; the `onnx` extra installs both sets.
 REQUIRES = {"torch": (), "onnx": ("onnx", "onnxruntime"), "openvino": ("openvino",)}
 INSTALL_HINT = "pip install 'fundus-engine[onnx]'"
-# The export recipe: dynamic batch and image size (measured: as fast as a static batch-16 or
-# batch-1 graph on CPU, and it letterboxes non-square photographs to their own aspect as PyTorch
-# does, so the boxes agree with it); float32 (the detector is small; half/int8 move boxes).
+# The export recipe: dynamic batch and image size (on this 2-core CPU, static batch-16 and batch-1
+# exports measured within the machine's noise of it; a dynamic graph letterboxes a non-square
+# photograph to its own aspect, as PyTorch does, so boxes agree and fewer pixels are computed);
+# float32 weights (fp16/int8 exports move boxes and confidences).
 RECIPES = {
     "onnx": {"format": "onnx", "dynamic": True, "simplify": True, "half": False},
     "openvino": {"format": "openvino", "dynamic": True, "half": False, "int8": False},
@@ -136,8 +137,9 @@ def _export_into(weights: Path, backend: str, imgsz: int, scratch: Path, target:
 # How OpenVINO runs on CPU (bench/detect_throughput.py measures the alternatives):
 # hint: LATENCY (one stream, all cores on one request) or THROUGHPUT (a stream per core or two);
 # precision: "f32", or None for the CPU plugin's default, which is bf16 on a CPU with AVX512-BF16
-#   or AMX (this machine's): ~1.8x faster, but confidences move by up to ~0.03, so boxes near the
-#   confidence threshold come and go (labels differed from PyTorch's on 3 of 64 images);
+#   or AMX (this machine's): ~1.7x faster, but confidences move by up to 0.03 and boxes by up to
+#   2.4 px, so boxes near the confidence threshold come and go (labels differed from PyTorch's on
+#   19 of 256 synthetic images; f32: on none, boxes within 0.1 px);
 # requests: parallel inference requests a batch is split over (one thread each; ultralytics sends
 #   one synchronous request per batch).
 OPENVINO_RUNTIME = {"hint": "LATENCY", "precision": "f32", "requests": 1}

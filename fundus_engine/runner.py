@@ -310,7 +310,9 @@ def provenance(ctx: RunContext) -> dict:
         "input_dir": str(ctx.input_dir),
         "output_dir": str(ctx.out),
         "config": _public(ctx.config),
-        "detector": {"weights": ctx.weights, "sha256": ctx.weights_sha256, "validated_on": ctx.evidence.validated,
+        "detector": {"weights": ctx.weights, "sha256": ctx.weights_sha256,
+                     "runs_on": detect_stage.cache_identity(ctx.config.detect),
+                     "validated_on": ctx.evidence.validated,
                      "negatives_stated_for": {domain: [c for c in classes if c in LESIONS]
                                               for domain, classes in ctx.evidence.reliable.items()}},
         "expand_backend": ctx.expand_backend,

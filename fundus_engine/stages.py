@@ -70,7 +70,8 @@ class Detect(_Stage):
     writes = {"detections": Detection}
 
     def depends_on(self, ctx: RunContext) -> list:
-        return [ctx.config.detect.model_dump(exclude={"weights", "batch"}),  # batch changes speed only
+        return [ctx.config.detect.model_dump(exclude={"weights", "batch", "backend", "device"}),  # batch: speed only
+                detect.cache_identity(ctx.config.detect),  # the resolved device and backend: auto differs by machine
                 ctx.weights_sha256, ctx.evidence.model_dump()]
 
     def run(self, ctx: RunContext, shard: Shard, inputs: dict[str, list]) -> StageResult:

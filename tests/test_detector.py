@@ -93,3 +93,33 @@ def test_anatomy_only_labels_still_get_lesions_from_the_model(tmp_path):
     complete = records[0].model_copy(update={"label_boxes": everything, "labelled_classes": list(CLASS_NAMES)})
     detections, _ = detect([complete], DetectConfig(weights=str(tmp_path / "never-loaded.pt")))
     assert len(detections) == len(everything) and {d.source for d in detections} == {"ground_truth"}
+
+
+def test_detect_stage_sees_the_pixels_ultralytics_reads_from_the_paths(tmp_path):
+    """The stage decodes ahead of the model on worker threads; its boxes are those of ultralytics
+    given the paths, EXIF-rotated photographs included."""
+    from PIL import Image
+
+    from fundus_engine.detect import _from_result
+
+    truths = generate(tmp_path, 3, seed=4242)
+    turned = tmp_path / "images" / "turned.jpg"
+    with Image.open(tmp_path / truths[0].image) as im:
+        exif = im.getexif()
+        exif[0x0112] = 6  # stored on its side: shown turned 90 degrees clockwise
+        im.save(turned, exif=exif, quality=95)
+    sources = [SourceFile(t.image, sha256_file(tmp_path / t.image)) for t in truths]
+    sources.append(SourceFile("images/turned.jpg", sha256_file(turned)))
+    records, rejects = ingest(tmp_path, sources, {}, IngestConfig())
+    assert not rejects and len(records) == 4
+    config = DetectConfig(backend="torch", device="cpu", batch=3, ground_truth="ignore", out_of_domain="keep")
+    found, rejects = detect(records, config)
+    assert not rejects
+    model = load_model(DEMO_WEIGHTS)
+    expected = []
+    for start in (0, 3):
+        chunk = records[start:start + 3]
+        results = model.predict([r.path for r in chunk], imgsz=512, conf=config.confidence, iou=config.iou,
+                                device="cpu", batch=3, verbose=False)
+        expected += [d for r, result in zip(chunk, results) for d in _from_result(r.sha256, result)]
+    assert found == expected and len({d.sha256 for d in found}) == 4
