@@ -120,10 +120,7 @@ def draw_overlay(rgb: np.ndarray, regions: list[dict], anatomy: dict | None = No
         x1, y1, x2, y2 = (round(v * scale) for v in r["xyxy"])
         colour = PALETTE.get(r["label"], (200, 200, 200))
         cv2.rectangle(img, (x1, y1), (x2, y2), colour, line)
-        info = BY_NAME.get(r["label"])
-        text = f"{info.display if info else r['label']}: " + (
-            "label" if r["source"] == "ground_truth" else f"detector {r['confidence']:.2f}")
-        _label(img, text, (x1, y1, x2, y2), fs, colour, taken)
+        _label(img, box_caption(r), (x1, y1, x2, y2), fs, colour, taken)
     if dd:  # scale bar, bottom left
         h = _size("Ag", fs)[1]
         x, y = 6, H - 6 - h
@@ -131,6 +128,14 @@ def draw_overlay(rgb: np.ndarray, regions: list[dict], anatomy: dict | None = No
         cv2.line(img, (x, y - 2 * line - 2), (x + round(dd), y - 2 * line - 2), LANDMARK, 2 * line)
         _text(img, f"1 DD = {a['disc_diameter_px']:.0f} px", x - 3, y, fs)
     return img
+
+
+def box_caption(region: dict) -> str:
+    """"Optic disc: localiser 0.81": the class, where the box came from, and how sure it was."""
+    info = BY_NAME.get(region["label"])
+    source = {"ground_truth": "label", "model": "detector", "localiser": "localiser"}[region["source"]]
+    confidence = "" if region["source"] == "ground_truth" else f" {region['confidence']:.2f}"
+    return f"{info.display if info else region['label']}: {source}{confidence}"
 
 
 def write_overlays(out: Path, n: int = 4, max_side: int = 1280, fmt: str = "jpg", quality: int = 90) -> list[Path]:

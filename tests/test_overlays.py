@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fundus_engine.cli import app
-from fundus_engine.inspection import PALETTE, draw_overlay, write_overlays
+from fundus_engine.inspection import PALETTE, box_caption, draw_overlay, write_overlays
 from fundus_engine.models import Anatomy, ImageRecord, Point, Quality, Region
 from fundus_engine.synth import render
 from fundus_engine.tables import write_rows
@@ -138,3 +138,10 @@ def test_header_grows_with_disagreements_and_missing_anatomy_is_fine():
     # Two more header lines below the first: the darkened band reaches further down.
     band = lambda img: int((img[:, 1270] < 100).all(axis=1).sum())  # noqa: E731
     assert band(told) >= 2.5 * band(plain) > 0
+
+
+def test_box_captions_name_the_source_of_each_box():
+    box = {"label": "optic_disc", "confidence": 0.81}
+    assert box_caption({**box, "source": "localiser"}) == "Optic disc: localiser 0.81"
+    assert box_caption({**box, "source": "model"}) == "Optic disc: detector 0.81"
+    assert box_caption({**box, "source": "ground_truth"}) == "Optic disc: label"
