@@ -143,7 +143,7 @@ def anatomy(record: ImageRecord, detections: list[Detection], found: Landmarks |
     if disc_box and cup_box:  # vertical cup-to-disc ratio, as glaucoma screening uses
         cup_to_disc = round((cup_box.xyxy[3] - cup_box.xyxy[1]) / max(1e-6, disc_box.xyxy[3] - disc_box.xyxy[1]), 3)
     laterality, source = record.laterality, "label"
-    seen, _ = _inferred_laterality(disc_centre, fovea_centre, found)
+    seen = _inferred_laterality(disc_centre, fovea_centre, found)
     if laterality == "unknown":
         laterality, source = seen, ("unknown" if seen == "unknown" else "inferred")
     elif seen != "unknown" and seen != laterality:  # a mirrored photograph, or a wrong label
@@ -156,14 +156,14 @@ def anatomy(record: ImageRecord, detections: list[Detection], found: Landmarks |
     return anat, sorted(used + others, key=lambda d: d.region_id)
 
 
-def _inferred_laterality(disc: Point | None, fovea: Point | None, found: Landmarks | None) -> tuple[str, str]:
+def _inferred_laterality(disc: Point | None, fovea: Point | None, found: Landmarks | None) -> str:
     """The disc is nasal to the fovea: on the viewer's right in a right eye. Without a fovea, a
     disc well off the centre of the field of view tells the side too."""
     if disc and fovea and abs(disc.x - fovea.x) > 1:
-        return ("OD" if disc.x > fovea.x else "OS"), "inferred"
+        return "OD" if disc.x > fovea.x else "OS"
     if disc and found and abs(disc.x - found.fov_centre[0]) > 0.2 * found.fov_radius:
-        return ("OD" if disc.x > found.fov_centre[0] else "OS"), "inferred"
-    return "unknown", "unknown"
+        return "OD" if disc.x > found.fov_centre[0] else "OS"
+    return "unknown"
 
 
 def clock_hour(dx: float, dy: float) -> int:

@@ -9,7 +9,6 @@ file the backend loads is resolved here, at load.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor

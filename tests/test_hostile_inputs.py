@@ -11,7 +11,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
-import numpy as np
 import pytest
 
 from fundus_engine import ingest as ingest_module

@@ -1,4 +1,3 @@
-from pathlib import Path
 
 from fundus_engine.schemas import EXPORTED, SCHEMAS_DIR, rendered
 
