@@ -127,13 +127,7 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
         if lock.taken_over:
             get_run_logger().warning("took over the lock of a build that ended without releasing it: %s",
                                      lock.taken_over)
-        try:
-            manifest = _build(RunContext.create(inp, out, config, run_id, no_cache))
-        finally:  # the run-wide model ledger is closed however the run ends
-            if config.expand.backend == "openai":
-                from fundus_engine.llm_ledger import close_run
-
-                close_run(run_id)
+        manifest = _build(RunContext.create(inp, out, config, run_id, no_cache))
     if not manifest["complete"]:  # finished, not whole: a state of its own, the manifest as its result
         return Completed(name="Incomplete", data=manifest,
                          message=f"incomplete: re-run the same build to finish {manifest['incomplete_shards']}")

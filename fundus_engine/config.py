@@ -86,7 +86,7 @@ class OpenAIConfig(Section):
     max_tokens: int | None = Field(None, ge=16, description="overrides the prompt's front matter")
     timeout: float = Field(60.0, gt=0, description="seconds per request attempt")
     max_retries: int = Field(4, ge=0, description="retries on 429 (honouring Retry-After), 5xx, timeouts")
-    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    concurrency: int = Field(8, ge=1, description="requests in flight per expand shard-stage task (the run has as many tasks at once as its runner has workers)")
     image_max_side: int = Field(1024, ge=64, description="images are resized to this longest side before sending")
     response_format: Literal["auto", "json_schema", "json_object", "text"] = Field(
         "auto", description="auto: JSON schema, falling back to JSON mode, then text, as the server allows")

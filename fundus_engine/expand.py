@@ -160,8 +160,11 @@ def make_expander(config: ExpandConfig, prompts_dir: str | None = None, out: Pat
     if config.backend == "openai":
         from fundus_engine.expand_openai import OpenAIExpander
 
+        from fundus_engine.llm_ledger import ledger_path
+
         cache_dir = Path(out) / ".cache" / "llm" if out else None
-        return OpenAIExpander(config.openai, prompts_dir, cache_dir=cache_dir, run_id=run_id, evidence=evidence)
+        return OpenAIExpander(config.openai, prompts_dir, cache_dir=cache_dir, run_id=run_id, evidence=evidence,
+                              ledger_path=ledger_path(out) if out else None)
     raise ValueError(f"unknown expand backend {config.backend!r}")
 
 

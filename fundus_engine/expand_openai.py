@@ -20,7 +20,7 @@ from fundus_engine.ingest import cached_sha256
 from fundus_engine.llm_cache import ResponseCache
 from fundus_engine.llm_client import LLMClient, Request, RequestFailed
 from fundus_engine.llm_consistency import consistency_flags
-from fundus_engine.llm_ledger import BudgetExhausted, CircuitOpen, ledger_for, usage_delta
+from fundus_engine.llm_ledger import BudgetExhausted, CircuitOpen, Ledger
 from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageFindings, ImageRecord, Provenance,
                                   Region, RegionDescription, RegionFindings, Reject)
 from fundus_engine.prompts import Prompt, load
@@ -51,13 +51,16 @@ class OpenAIExpander:
     name = "openai"
 
     def __init__(self, config: OpenAIConfig, prompts_dir: str | None = None, cache_dir: Path | None = None,
-                 run_id: str | None = None, evidence: DetectorEvidence = DetectorEvidence()):
+                 run_id: str | None = None, evidence: DetectorEvidence = DetectorEvidence(),
+                 ledger_path: Path | None = None):
+        """`ledger_path`: the run's ledger file, shared by every process of the run (`run_id`);
+        without it the budget and breaker span this expander only."""
         self.config = config
         self.evidence = evidence
         self.image_prompt = load("expand/openai_image", prompts_dir)
         self.region_prompt = load("expand/openai_region", prompts_dir)
         self.prompts = [self.image_prompt, self.region_prompt]
-        self.ledger = ledger_for(run_id, config)
+        self.ledger = Ledger(config, ledger_path, run_id)
         cache = ResponseCache(Path(config.cache_dir or cache_dir or ".fundus-llm-cache"), read=config.cache)
         self.llm = LLMClient(config, self.ledger, cache)
 
@@ -99,13 +102,14 @@ class OpenAIExpander:
     # the shard ----------------------------------------------------------------------------
 
     def expand_shard(self, items: list[tuple[ImageRecord, Anatomy, list[Region]]]):
-        with self.ledger.shard_lock:  # shards take turns; `concurrency` bounds the whole run
-            before = self.ledger.snapshot()
-            if self.ledger.circuit_open:
-                raise CircuitOpen(self.llm.circuit_message())
-            result = asyncio.run(self._expand_all(items))
-            result.usage = usage_delta(self.ledger.snapshot(), before)
-            return result
+        """Shards run side by side, in threads and processes: `concurrency` bounds the requests in
+        flight per shard, the ledger binds budget and breaker for the whole run."""
+        if self.ledger.circuit_open:
+            raise CircuitOpen(self.llm.circuit_message())
+        self.llm.reset_usage()
+        result = asyncio.run(self._expand_all(items))
+        result.usage = self.llm.usage_report()
+        return result
 
     async def _expand_all(self, items):
         from fundus_engine.expand import ExpandResult

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import cv2
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from fundus_engine.config import OpenAIConfig
 from fundus_engine.ingest import file_version
 from fundus_engine.llm_cache import ResponseCache
-from fundus_engine.llm_ledger import CircuitOpen, Ledger
+from fundus_engine.llm_ledger import USAGE_KEYS, BudgetExhausted, CircuitOpen, Ledger
 from fundus_engine.prompts import Prompt
 from fundus_engine.redaction import redact_secrets, redact_url
 
@@ -60,6 +61,8 @@ def _image_data_url(path: str, max_side: int, version: tuple[int, int]) -> str:
     if scale < 1:
         image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:  # never send an empty image: the model would describe nothing as if it were the photograph
+        raise RequestFailed(f"{path}: image could not be encoded for sending")
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode()
 
 
@@ -83,10 +86,21 @@ class Request:
 
 class LLMClient:
     """Sends requests to the configured server and returns validated answers, against the run's
-    ledger and the response cache."""
+    ledger and the response cache; counts what it spent (`usage`) for the shard it serves."""
 
     def __init__(self, config: OpenAIConfig, ledger: Ledger, cache: ResponseCache):
         self.config, self.ledger, self.cache = config, ledger, cache
+        self.reset_usage()
+
+    def reset_usage(self) -> None:
+        self.usage: Counter = Counter({k: 0 for k in USAGE_KEYS})
+        self.http_status: Counter = Counter()
+        self.cost_usd = 0.0
+
+    def usage_report(self) -> dict:
+        """What this client spent since `reset_usage`: the shard's usage in its completion record."""
+        return {**{k: self.usage[k] for k in USAGE_KEYS}, "cost_usd": self.cost_usd,
+                "http_status": dict(self.http_status)}
 
     def cache_key(self, request: Request, image_hashes: list[str]) -> str:
         """Everything that decides the answer: server, model, prompt text, images, sampling, schema."""
@@ -97,14 +111,13 @@ class LLMClient:
 
     def connect(self) -> openai.AsyncOpenAI:
         """The openai client for one event loop (one shard); used as an async context manager."""
-        self._calibrating = asyncio.Lock()  # bound to this event loop
+        self._format: str | None = None  # the response format, learnt from the run's ledger on first use
         api_key = os.environ.get(self.config.api_key_env)
         if not api_key:
             log.warning("%s is not set; sending requests without an API key", self.config.api_key_env)
 
         async def count_status(response):
-            with self.ledger.lock:
-                self.ledger.http_status[str(response.status_code)] += 1
+            self.http_status[str(response.status_code)] += 1
 
         http = openai.DefaultAsyncHttpxClient(event_hooks={"response": [count_status]})
         return openai.AsyncOpenAI(base_url=self.config.base_url, api_key=api_key or "not-needed",
@@ -120,11 +133,11 @@ class LLMClient:
         """One chat completion, stepping down json_schema -> json_object -> text if the server
         refuses a response format (remembered for the rest of the run)."""
         modes = ["json_schema", "json_object", "text"]
-        if self.ledger.response_format is None:
-            self.ledger.response_format = "json_schema" if self.config.response_format == "auto" \
-                else self.config.response_format
+        if self._format is None:  # what the run has learnt so far, else what the config asks for
+            self._format = self.ledger.response_format or (
+                "json_schema" if self.config.response_format == "auto" else self.config.response_format)
         while True:
-            mode = self.ledger.response_format
+            mode = self._format
             # Passed as extra_body: the same JSON on the wire, but the client does not walk the whole
             # schema through its type transforms on every request (measured: ~30% of client CPU).
             kwargs = {"extra_body": {"response_format": rf}} if (rf := self._response_format(request.output, mode)) else {}
@@ -136,29 +149,44 @@ class LLMClient:
                 refused = "response_format" in str(exc) or "json_schema" in str(exc)
                 if not (refused and self.config.response_format == "auto" and mode != "text"):
                     raise
-                self.ledger.response_format = modes[modes.index(mode) + 1]
-                log.warning("server refused response_format %s; using %s", mode, self.ledger.response_format)
+                self._format = self.ledger.response_format = modes[modes.index(mode) + 1]
+                log.warning("server refused response_format %s; using %s", mode, self._format)
 
     async def _send(self, client, request: Request, messages: list[dict]) -> tuple[str, str | None]:
-        if self.config.max_cost is not None and not self.ledger.calibrated:
-            async with self._calibrating:  # under a budget, one request first: it shows how the server bills
-                if not self.ledger.calibrated:
+        """Under a budget, the run's first request goes alone, in whichever process: its answer
+        shows how the server bills an image before other reservations are made."""
+        while self.config.max_cost is not None and not self.ledger.calibrated:
+            if self.ledger.take_calibration(lease_seconds=self.config.timeout * (self.config.max_retries + 1) + 60):
+                try:
                     return await self._send_now(client, request, messages)
+                finally:
+                    self.ledger.end_calibration()
+            await asyncio.sleep(0.05)
         return await self._send_now(client, request, messages)
 
     async def _send_now(self, client, request: Request, messages: list[dict]) -> tuple[str, str | None]:
         text_tokens, images, completion_tokens = request.estimate_tokens()
-        estimate = self.ledger.reserve(text_tokens, images, completion_tokens)
+        try:
+            estimate = self.ledger.reserve(text_tokens, images, completion_tokens)
+        except BudgetExhausted:
+            self.usage["not_sent_budget"] += 1
+            raise
         try:
             response = await self._complete(client, request, messages)
         except openai.APIError as exc:
             self.ledger.release(estimate)
             reason = redact_secrets(f"request failed after {self.config.max_retries} retries: {api_error(exc)}",
                                     self.config.api_key_env)
+            self.usage["failed"] += 1
             self.ledger.failure(reason)
             raise RequestFailed(reason) from None  # the original (unredacted) error goes no further
-        self.ledger.settle(estimate, text_tokens, images, response.usage)
-        self.ledger.success()
+        self.cost_usd += self.ledger.settle(estimate, text_tokens, images, response.usage)
+        self.usage["requests"] += 1
+        if response.usage is None:
+            self.usage["usage_missing"] += 1
+        else:
+            self.usage["prompt_tokens"] += response.usage.prompt_tokens
+            self.usage["completion_tokens"] += response.usage.completion_tokens
         # Redacted on receipt: the answer is parsed, cached, repaired and rejected from here on.
         return (redact_secrets(response.choices[0].message.content or "", self.config.api_key_env),
                 response.choices[0].finish_reason)
@@ -172,8 +200,7 @@ class LLMClient:
         except (KeyError, ValidationError):
             answer = None
         if answer is not None:
-            with self.ledger.lock:
-                self.ledger.usage["cache_hits"] += 1
+            self.usage["cache_hits"] += 1
             return answer
         urls = await asyncio.gather(*(asyncio.to_thread(image_data_url, p, self.config.image_max_side)
                                       for p in request.images))
@@ -191,8 +218,7 @@ class LLMClient:
                     break
                 except ValueError as error:
                     cut_off = finish_reason == "length"  # a repair would be cut off the same way
-                    with self.ledger.lock:
-                        self.ledger.usage["invalid" if cut_off or not repairs_left else "repairs"] += 1
+                    self.usage["invalid" if cut_off or not repairs_left else "repairs"] += 1
                     if cut_off:
                         raise RequestFailed(f"answer cut off at max_tokens={request.sampling['max_tokens']}; "
                                             "raise expand.openai.max_tokens", raw)
@@ -208,9 +234,10 @@ class LLMClient:
 
     def circuit_message(self) -> str:
         """Raised, so logged and stored by Prefect: redacted like everything else from the server."""
-        message = (f"circuit breaker open: {self.ledger.consecutive_failures} consecutive failed requests to "
+        state = self.ledger.snapshot()
+        message = (f"circuit breaker open: {state['consecutive_failures']} consecutive failed requests to "
                    f"{redact_url(self.config.base_url)} (model {self.config.model}); last error: "
-                   f"{self.ledger.last_error}. Everything already answered is kept in the response cache; "
+                   f"{state['last_error']}. Everything already answered is kept in the response cache; "
                    "re-run to continue.")
         return redact_secrets(message, self.config.api_key_env)
 

@@ -18,10 +18,11 @@ from fundus_engine.tables import read_rows
 CLI = [sys.executable, "-m", "fundus_engine.cli"]
 
 
-def _build(source: Path, out: Path, kill_when=None, timeout: float = 300) -> int | None:
+def _build(source: Path, out: Path, kill_when=None, timeout: float = 300, config: Path | None = None) -> int | None:
     """Run `fundus-engine build`; with `kill_when`, SIGKILL it as soon as that holds."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(out.parent / "prefect")}
-    proc = subprocess.Popen([*CLI, "build", "--input", str(source), "--out", str(out), "--workers", "1"],
+    options = ["--config", str(config)] if config else []
+    proc = subprocess.Popen([*CLI, "build", "--input", str(source), "--out", str(out), "--workers", "1", *options],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
@@ -68,3 +69,39 @@ def test_killed_builds_resume_to_exactly_the_uninterrupted_records(tmp_path):
     got = _records(out)
     assert got.keys() == expected.keys()
     assert got == expected
+
+
+def _answers_kept(out: Path) -> int:
+    return len(list((out / ".cache" / "llm").rglob("*.json")))
+
+
+@pytest.mark.timeout(900)
+def test_a_build_killed_mid_expand_resends_no_answered_request(tmp_path):
+    """With the openai backend: killed while the model server answers, the next run sends only
+    what had not been answered (and kept) and ends with the uninterrupted build's records."""
+    import json
+
+    from fundus_engine.testing.openai_server import FakeOpenAIServer
+
+    source = tmp_path / "in"
+    generate(source, 6, seed=37, size=256)
+    with FakeOpenAIServer(latency=0.15) as server:
+        config = tmp_path / "openai.json"
+        config.write_text(json.dumps({"expand": {"backend": "openai", "openai": {
+            "base_url": server.base_url, "model": "fake-fundus-vl", "concurrency": 2, "max_retries": 0}}}))
+        whole = tmp_path / "whole" / "out"
+        assert _build(source, whole, config=config) == 0
+        expected, answered_whole = _records(whole), server.count("ok")
+        assert answered_whole > 8
+
+        server.reset()
+        out = tmp_path / "killed" / "out"
+        assert _build(source, out, config=config, kill_when=lambda: _answers_kept(out) >= 4) is None
+        kept, sent_before_kill = _answers_kept(out), server.count()
+        assert kept < answered_whole and _files(out, "expand") == 0  # killed inside the expand stage
+        server.reset()
+        assert _build(source, out, config=config) == 0
+        assert _records(out) == expected
+        # Every answer kept before the kill is served from the cache; only the rest is sent again.
+        assert server.count() == answered_whole - kept
+        assert sent_before_kill + server.count() <= answered_whole + 2  # + at most what was in flight
