@@ -1,6 +1,8 @@
 """JSON Schemas of the row models, exported to `schemas/` for consumers that do not run Python.
 
-`python -m fundus_engine.schemas` rewrites them; a test fails when the files drift from the models.
+`python -m fundus_engine.schemas [DIR]` writes them to DIR (default `schemas/` in the current
+folder: the repository's, when run by `make schemas`; never into an installed package); a test
+fails when the repository's files drift from the models.
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ EXPORTED: dict[str, type[BaseModel]] = {
     "benchmark_question": BenchmarkQuestion,
     "build_config": BuildConfig,
 }
-SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 
 def rendered() -> dict[str, str]:
@@ -35,7 +36,7 @@ def rendered() -> dict[str, str]:
             for name, model in EXPORTED.items()}
 
 
-def export(target: Path = SCHEMAS_DIR) -> list[Path]:
+def export(target: Path) -> list[Path]:
     target.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in rendered().items():
@@ -45,5 +46,5 @@ def export(target: Path = SCHEMAS_DIR) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for path in export(Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMAS_DIR):
+    for path in export(Path(sys.argv[1] if len(sys.argv) > 1 else "schemas")):
         print(path)

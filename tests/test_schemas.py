@@ -1,5 +1,8 @@
+from pathlib import Path
 
-from fundus_engine.schemas import EXPORTED, SCHEMAS_DIR, rendered
+from fundus_engine.schemas import EXPORTED, rendered
+
+SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"  # the repository's copy
 
 
 def test_exported_json_schemas_match_the_models():
