@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only, no display; matplotlib bundles its fonts (n
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fundus_engine.models import InstructionRecord, Region  # noqa: E402
+from fundus_engine.vocabulary import LESIONS  # noqa: E402
 from fundus_engine.vocabulary import CLASS_NAMES  # noqa: E402
 
 
@@ -103,8 +104,8 @@ def write_card(out: Path, records: list[InstructionRecord], regions: list[Region
                   if classes) or "nothing (no validation in its metadata)"),
               "- Absent findings stated where the labels annotate a class exhaustively, and from the detector only "
               "for (held-out mAP50 on that kind of photograph at or above `expand.negative_min_map50`): "
-              + "; ".join(f"{domain} photographs: {', '.join(classes) or 'no class'}"
-                          for domain, classes in detector.get("negatives_stated_for", {}).items()),
+              + "; ".join(f"{domain} photographs: {', '.join(c for c in classes if c in LESIONS) or 'no class'}"
+                          for domain, classes in detector.get("trusted_on", {}).items()),
               f"- Expand backend: {about.get('expand_backend')}"]
     lines += [f"- Prompt `{p['id']}` version {p['version']} sha256 `{p['sha256'][:16]}`" for p in about.get("prompts", [])]
     if domain:

@@ -148,7 +148,7 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
             key=label, boxes=items)
 
     # Presence: as many absent lesions as present ones, so "no" is learnt from evidence, not habit;
-    # absent only where labels or a reliable detector vouch for it (expansion.assessed_lesions).
+    # absent only where labels or a detector trusted on the class say so (expansion.assessed_lesions).
     present = [label for label in LESIONS if label in groups]
     absent = [label for label in expansion.assessed_lesions if label not in groups]
     half = config.max_finding_questions // 2

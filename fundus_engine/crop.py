@@ -298,7 +298,7 @@ def crop(records: list[ImageRecord], detections: list[Detection], out_dir: Path,
     anatomies, regions, rejects = [], [], []
     for record in records:
         try:
-            trusted = ANATOMY if evidence is None else evidence.reliable_for(record)
+            trusted = ANATOMY if evidence is None else evidence.trusted_for(record)
             anat, found = crop_image(record, by_image.get(record.sha256, []), out_dir, config, trusted)
         except (ValueError, OSError) as exc:
             rejects.append(Reject(stage=STAGE, item=record.path, reason=str(exc)))

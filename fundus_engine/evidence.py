@@ -43,10 +43,10 @@ def validations(weights: Path) -> list[dict]:
     return found
 
 
-def reliable_classes(weights: Path, min_map50: float) -> dict[str, list[str]]:
+def trusted_classes(weights: Path, min_map50: float) -> dict[str, list[str]]:
     """Per image domain, the classes whose mAP50 measured on that domain reaches `min_map50`:
     only their silence is evidence of absence there. A detector validated on synthetic images
-    only vouches for nothing on a real photograph; weights without metrics vouch for nothing."""
+    is trusted on nothing on a real photograph; weights without metrics are trusted on nothing."""
     out: dict[str, set[str]] = {domain: set() for domain in DOMAINS}
     for v in validations(weights):
         for name, ap in (v.get("per_class_mAP50") or {}).items():
@@ -58,7 +58,7 @@ def reliable_classes(weights: Path, min_map50: float) -> dict[str, list[str]]:
 def validated_classes(weights: Path) -> dict[str, list[str]]:
     """Per image domain, the classes the detector was measured on and found at all (mAP50 at or
     above MIN_PRESENCE_MAP50); its boxes of other classes are out of its domain for such an image."""
-    return reliable_classes(weights, MIN_PRESENCE_MAP50)
+    return trusted_classes(weights, MIN_PRESENCE_MAP50)
 
 
 class DetectorEvidence(BaseModel):
@@ -66,14 +66,14 @@ class DetectorEvidence(BaseModel):
     from the weights metadata."""
 
     validated: dict[str, list[str]] = {}  # classes measured on that domain at all
-    reliable: dict[str, list[str]] = {}  # classes whose silence there means absent
+    trusted: dict[str, list[str]] = {}  # classes it places, and whose silence there means absent
 
     @classmethod
     def of(cls, weights: Path, negative_min_map50: float) -> "DetectorEvidence":
-        return cls(validated=validated_classes(weights), reliable=reliable_classes(weights, negative_min_map50))
+        return cls(validated=validated_classes(weights), trusted=trusted_classes(weights, negative_min_map50))
 
-    def reliable_for(self, record: ImageRecord) -> list[str]:
-        return self.reliable.get(image_domain(record), [])
+    def trusted_for(self, record: ImageRecord) -> list[str]:
+        return self.trusted.get(image_domain(record), [])
 
     def grounds_diagnosis(self, record: ImageRecord) -> bool:
         """A diagnosis may be inferred from detections only when the detector was validated on
@@ -104,8 +104,8 @@ def implied_lesions(record: ImageRecord) -> set[str]:
 def counted_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:
     """Lesion classes whose boxes on this image are complete: annotated exhaustively by its
     labels, or found reliably by the detector on this kind of photograph. Only these are counted."""
-    vouched = set(record.labelled_classes) | set(evidence.reliable_for(record))
-    return [label for label in LESIONS if label in vouched]
+    assessed = set(record.labelled_classes) | set(evidence.trusted_for(record))
+    return [label for label in LESIONS if label in assessed]
 
 
 def assessed_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:

@@ -38,7 +38,6 @@ from fundus_engine.publish import new_build_dir, publish
 from fundus_engine.shards import assign_shards, load_assignment, save_assignment
 from fundus_engine.stages import BY_NAME, STAGES, WRITTEN_BY, Stage
 from fundus_engine.tables import read_rows, write_rows
-from fundus_engine.vocabulary import LESIONS
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -313,8 +312,8 @@ def provenance(ctx: RunContext) -> dict:
         "detector": {"weights": ctx.weights, "sha256": ctx.weights_sha256,
                      "runs_on": detect_stage.cache_identity(ctx.config.detect),
                      "validated_on": ctx.evidence.validated,
-                     "negatives_stated_for": {domain: [c for c in classes if c in LESIONS]
-                                              for domain, classes in ctx.evidence.reliable.items()}},
+                     # per kind of photograph: the classes it places and whose silence means absent
+                     "trusted_on": ctx.evidence.trusted},
         "expand_backend": ctx.expand_backend,
         "prompts": ctx.prompts,
     }

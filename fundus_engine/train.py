@@ -154,7 +154,7 @@ def export_onnx(weights: Path, imgsz: int = 512) -> Path:
     """An ONNX copy of the weights for onnxruntime inference (the `onnx` extra); ultralytics
     writes the class names into its metadata, so `detect.weights: x.onnx` just works. The
     metadata JSON (what the detector was validated on) is copied beside it: the same model
-    vouches for the same classes."""
+    is trusted on the same classes."""
     ul = ultralytics()
     exported = Path(ul.YOLO(str(weights)).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False,
                                                  device="cpu", verbose=False))

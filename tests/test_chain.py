@@ -29,10 +29,10 @@ BOX = r"\[\d{1,3}, \d{1,3}, \d{1,3}, \d{1,3}\]"
 GROUNDED = re.compile(rf"<ref>([^<>]+)</ref><box>(\[{BOX}(?:, {BOX})*\])</box>")
 
 
-def vouching(lesions) -> DetectorEvidence:
-    """A detector validated on every class for both kinds of photograph, reliable for `lesions`."""
+def trusting(lesions) -> DetectorEvidence:
+    """A detector validated on every class for both kinds of photograph, trusted on `lesions`."""
     return DetectorEvidence(validated={d: list(CLASS_NAMES) for d in DOMAINS},
-                            reliable={d: list(lesions) for d in DOMAINS})
+                            trusted={d: list(lesions) for d in DOMAINS})
 
 
 def _image(sha: str, patient: str, laterality: str, **labels):
@@ -75,7 +75,7 @@ def _run(images, config=ChainConfig(), prompts_dir=None):
     anatomies = [a for _, a, _ in images]
     regions = [x for _, _, rs in images for x in rs]
     # A detector trusted for every lesion class (its silence is stated as absence).
-    expansions = expand(OfflineExpander(ExpandConfig(), evidence=vouching(LESIONS)), records, anatomies, regions).expansions
+    expansions = expand(OfflineExpander(ExpandConfig(), evidence=trusting(LESIONS)), records, anatomies, regions).expansions
     return chain(records, anatomies, regions, expansions, config, prompts_dir)
 
 

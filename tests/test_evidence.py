@@ -6,7 +6,7 @@ import shutil
 
 from fundus_engine.config import DetectConfig
 from fundus_engine.detect import DEMO_WEIGHTS, in_domain
-from fundus_engine.evidence import (DetectorEvidence, assessed_lesions, domain_report, reliable_classes,
+from fundus_engine.evidence import (DetectorEvidence, assessed_lesions, domain_report, trusted_classes,
                                     validated_classes)
 from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Quality, Region
 from fundus_engine.vocabulary import CLASS_NAMES, LESIONS
@@ -19,14 +19,14 @@ def _record(sha="ab", **kw) -> ImageRecord:
                                  quality=QUALITY), **kw})
 
 
-def test_the_demo_detector_vouches_only_for_synthetic_photographs():
-    reliable = reliable_classes(DEMO_WEIGHTS, 0.5)
-    assert reliable == {"synthetic": ["drusen", "fovea", "haemorrhage", "optic_disc", "soft_exudate"], "real": []}
-    assert reliable_classes(DEMO_WEIGHTS, 0.995) == {"synthetic": ["optic_disc"], "real": []}
+def test_the_demo_detector_is_trusted_only_on_synthetic_photographs():
+    trusted = trusted_classes(DEMO_WEIGHTS, 0.5)
+    assert trusted == {"synthetic": ["drusen", "fovea", "haemorrhage", "optic_disc", "soft_exudate"], "real": []}
+    assert trusted_classes(DEMO_WEIGHTS, 0.995) == {"synthetic": ["optic_disc"], "real": []}
     assert validated_classes(DEMO_WEIGHTS) == {"synthetic": sorted(CLASS_NAMES), "real": []}
 
 
-def test_a_real_validation_vouches_for_real_photographs_per_class(tmp_path):
+def test_a_real_validation_makes_it_trusted_on_real_photographs_per_class(tmp_path):
     weights = tmp_path / "w.pt"
     shutil.copy(DEMO_WEIGHTS, weights)
     meta = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
@@ -36,7 +36,7 @@ def test_a_real_validation_vouches_for_real_photographs_per_class(tmp_path):
     weights.with_suffix(".json").write_text(json.dumps(meta))
     evidence = DetectorEvidence.of(weights, 0.5)
     real, synthetic = _record(), _record(synthetic=True)
-    assert evidence.reliable_for(real) == ["hard_exudate", "optic_disc"]
+    assert evidence.trusted_for(real) == ["hard_exudate", "optic_disc"]
     # drusen at 0.01: measured, but not found at all, so its boxes are out of domain too
     assert evidence.validated["real"] == ["haemorrhage", "hard_exudate", "optic_disc"]
     assert assessed_lesions(real, evidence) == ["hard_exudate"]
@@ -46,14 +46,14 @@ def test_a_real_validation_vouches_for_real_photographs_per_class(tmp_path):
     assert evidence.grounds_diagnosis(real.model_copy(update={"labelled_classes": list(LESIONS)}))
     bare = tmp_path / "bare.pt"
     bare.write_bytes(b"")
-    assert DetectorEvidence.of(bare, 0.5).reliable == {"synthetic": [], "real": []}  # no metrics, no vouching
+    assert DetectorEvidence.of(bare, 0.5).trusted == {"synthetic": [], "real": []}  # no metrics, no trust
 
 
 def test_legacy_validation_counts_as_synthetic(tmp_path):
     weights = tmp_path / "old.pt"
     weights.write_bytes(b"")
     weights.with_suffix(".json").write_text(json.dumps({"validation": {"per_class_mAP50": {"drusen": 0.8}}}))
-    assert reliable_classes(weights, 0.5) == {"synthetic": ["drusen"], "real": []}
+    assert trusted_classes(weights, 0.5) == {"synthetic": ["drusen"], "real": []}
 
 
 def test_out_of_domain_boxes_are_dropped_except_the_landmarks():

@@ -35,10 +35,10 @@ MENTIONS = {
 }
 
 
-def vouching(lesions) -> DetectorEvidence:
-    """A detector validated on every class for both kinds of photograph, reliable for `lesions`."""
+def trusting(lesions) -> DetectorEvidence:
+    """A detector validated on every class for both kinds of photograph, trusted on `lesions`."""
     return DetectorEvidence(validated={d: list(CLASS_NAMES) for d in DOMAINS},
-                            reliable={d: list(lesions) for d in DOMAINS})
+                            trusted={d: list(lesions) for d in DOMAINS})
 
 
 
@@ -69,8 +69,8 @@ def _lesions() -> list[Region]:
 
 @pytest.fixture(scope="module")
 def expander() -> OfflineExpander:
-    """As with a detector whose held-out mAP50 vouches for every lesion class."""
-    return OfflineExpander(ExpandConfig(), evidence=vouching(LESIONS))
+    """As with a detector whose held-out mAP50 makes it trusted on every lesion class."""
+    return OfflineExpander(ExpandConfig(), evidence=trusting(LESIONS))
 
 
 # ------------------------------------------------------------------ infer_diagnosis
@@ -194,14 +194,14 @@ def test_labelled_diagnosis_wins_and_is_supported_by_relevant_findings(expander)
 def test_a_weak_detector_states_no_absence_and_labels_do(expander):
     """Only classes the detector finds reliably (or the labels annotate) are stated absent, and a
     lesion the labelled diagnosis implies is never stated absent."""
-    weak = OfflineExpander(ExpandConfig(), evidence=vouching(["haemorrhage", "drusen"]))
+    weak = OfflineExpander(ExpandConfig(), evidence=trusting(["haemorrhage", "drusen"]))
     exp = weak.expand(_record(), ANATOMY, _anatomy_regions())
     assert exp.assessed_lesions == ["haemorrhage", "drusen"]
     assert exp.image.negative_findings == ["intraretinal haemorrhage", "drusen"]
     assert exp.image.evidence == ["the absence of intraretinal haemorrhage and drusen"]
     blind = OfflineExpander(ExpandConfig()).expand(_record(), ANATOMY, _anatomy_regions())
     assert blind.image.negative_findings == [] and blind.assessed_lesions == []
-    # a detector that vouches for nothing grounds no diagnosis either: never "normal" from silence
+    # a detector trusted on nothing grounds no diagnosis either: never "normal" from silence
     assert (blind.image.diagnosis, blind.image.diagnosis_source, blind.image.evidence) == (None, "undetermined", [])
 
     labelled = _record(labelled_classes=["hard_exudate", "microaneurysm", "optic_disc"])
@@ -228,7 +228,7 @@ def test_an_edited_template_changes_text_and_provenance(tmp_path, expander):
     shutil.copytree(PROMPTS_DIR, prompts)
     path = prompts / "expand" / "offline.j2"
     path.write_text(path.read_text().replace("A colour fundus photograph", "A colour fundus image"))
-    edited = OfflineExpander(ExpandConfig(), prompts_dir=str(prompts), evidence=vouching(LESIONS)).expand(_record(), ANATOMY, [])
+    edited = OfflineExpander(ExpandConfig(), prompts_dir=str(prompts), evidence=trusting(LESIONS)).expand(_record(), ANATOMY, [])
     assert edited.image.overview.startswith("A colour fundus image of the right eye")
     assert edited.provenance.prompt_sha256 != expander.provenance().prompt_sha256
 

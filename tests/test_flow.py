@@ -152,8 +152,8 @@ def test_benchmark_comes_from_held_out_images_only_and_the_card_describes_the_bu
     assert f"{manifest['records']} instruction records from {manifest['images']} images" in card
     assert (out / "card" / "box_positions.png").is_file()
     # lesion classes the demo detector finds with held-out mAP50 >= 0.5
-    # (measured on synthetic images only: it vouches for nothing on a real photograph)
-    assert manifest["detector"]["negatives_stated_for"] == {"synthetic": ["drusen", "haemorrhage", "soft_exudate"],
-                                                            "real": []}
+    # (measured on synthetic images only: it is trusted on nothing on a real photograph)
+    assert manifest["detector"]["trusted_on"] == {"synthetic": ["drusen", "fovea", "haemorrhage", "optic_disc",
+                                                                 "soft_exudate"], "real": []}
     assert "synthetic photographs: drusen, haemorrhage, soft_exudate; real photographs: no class" in card
     assert manifest["detector_domain"]["images"] == {"synthetic": 6} and not manifest["detector_domain"]["warning"]

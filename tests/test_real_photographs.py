@@ -93,4 +93,4 @@ def test_the_build_says_the_demo_detector_is_out_of_its_domain(build):
     assert sum(domain["disc_source"]["real"].values()) == 69
     assert "Remedy: train a detector on labelled real photographs" in domain["warning"]
     assert domain["warning"] in (out / "card" / "README.md").read_text()
-    assert manifest["detector"]["negatives_stated_for"]["real"] == []
+    assert manifest["detector"]["trusted_on"]["real"] == []
