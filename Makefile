@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast schemas bench bench-expand bench-detect bench-self-training bench-real-anatomy clean
+.PHONY: install demo test test-fast schemas bench bench-expand bench-detect bench-self-training bench-real-anatomy bench-build clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# Pinned: pip takes these two from local disk here; a bare `torch` is a multi-GB download.
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet -e '.[test,onnx]'
+	$(PIP) install --quiet -e '.[test,onnx,scale]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,7 +27,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 
-bench: bench-expand bench-detect bench-real-anatomy
+bench: bench-expand bench-detect bench-real-anatomy bench-build
 
 bench-self-training: install
 	$(PY) bench/self_training.py
@@ -38,8 +38,15 @@ bench-real-anatomy: install
 bench-detect: install
 	$(PY) bench/detect_throughput.py
 
+# A whole build per stage against detect alone: 256 synthetic 512-px images and ../shared/real_fundus.
+bench-build: install
+	$(PY) bench/build_throughput.py
+
 bench-expand: install
 	$(PY) bench/expand_throughput.py
+
+bench-scale: install
+	$(PY) bench/scale.py
 
 schemas: install
 	$(PY) -m fundus_engine.schemas

@@ -1,6 +1,6 @@
 """End-to-end build throughput against detect alone, per stage, for synthetic and real photographs.
 
-Run: `python bench/build_throughput.py` (both image sets), or `--sets synthetic --images 64`.
+Run: `make bench-build` (both image sets), or `python bench/build_throughput.py --sets synthetic --images 64`.
 
 For each image set, one whole build (`flows.build_fundusgen.build_fundusgen`, in Prefect's local
 test harness as tests/test_flow.py runs it; default config, so `detect.backend: auto`) into a
@@ -8,16 +8,21 @@ temporary folder, and detect alone (`fundus_engine.detect.detect` on the same in
 same config and backend). The detector is loaded (exported if need be) and warm before both.
 
 Per-stage seconds are the runner's task seconds (`manifest["stages"][stage]["seconds"]`: each
-shard-stage from reading its inputs to writing its tables, summed over shards; shards run on
-Prefect's thread pool, so they overlap and their sum can exceed the wall time). `write` is the end
-of the run (`runner.finish_build`: splits, dataset, card, benchmark, manifest), timed around the
-call. `build wall` is the whole `build_fundusgen` call. images/s = images / seconds; "x detect"
-is that rate over detect alone's.
+shard-stage from reading its inputs to writing its tables, summed over shards). Shards may run at
+once on Prefect's thread pool, but with its default size (the CPU count) a task waiting for the
+stage before it holds a worker, so in practice the stages run one after another and their sum is
+close to the wall time; `--workers N` adds a build with `runner.workers: N` threads, where the
+stages of different shards overlap. `write` is the end of the run (`runner.finish_build`: splits,
+dataset, card, benchmark, manifest), timed around the call. `whole build` is the whole
+`build_fundusgen` call. images/s = images / seconds; "x detect alone" is that rate over detect
+alone's. "CPU s" is the process's CPU time (user + system, every thread) over the same span: on a
+shared machine it moves less than the wall time, and CPU / wall says how many cores were busy.
 
-Where the time goes: every image decode (cv2.imdecode / imdecodemulti: ingest, crop; PIL's
-load: detect, as ultralytics opens a list of paths with PIL) and encode (cv2.imwrite / imencode: crops, box-marked copies) in the build is
-counted and timed, by the stage module that asked for it; `--profile N` adds cProfile tables of
-ingest and crop (run directly on N images, outside the flow).
+Where the time goes: every image decode (cv2.imdecode: ingest, crop, "1/2" etc. for a JPEG decoded
+at reduced scale; PIL's load: detect, as ultralytics opens a list of paths with PIL) and encode
+(cv2.imwrite / imencode: crops, box-marked copies) in the build is counted and timed, by the stage
+module that asked for it; `--profile N` adds cProfile tables of ingest and crop (run directly on N
+images, outside the flow).
 
 Images: `--images` synthetic 512-px photographs (fundus_engine.synth, seed 31337), and the real
 photographs in ../shared/real_fundus/images (69, 565 to 4928 px wide, read in place, never copied).
@@ -28,6 +33,7 @@ import argparse
 import collections
 import contextlib
 import logging
+import resource
 import sys
 import tempfile
 import threading
@@ -52,12 +58,16 @@ class CodecCounter:
         self.seconds = collections.Counter()
         self.lock = threading.Lock()
 
-    @staticmethod
-    def asker() -> str:
+    HELPERS = ("decoding",)  # modules that decode for a stage: the stage that called them is named
+    REDUCED = {16: "decode 1/2", 32: "decode 1/4", 64: "decode 1/8"}  # IMREAD_REDUCED_COLOR_* bits
+
+    @classmethod
+    def asker(cls) -> str:
         frame = sys._getframe(2)
         while frame:
             path = frame.f_code.co_filename
-            if "/fundus_engine/" in path and frame.f_code.co_name not in ("decode", "_write_jpeg"):
+            if ("/fundus_engine/" in path and Path(path).stem not in cls.HELPERS
+                    and frame.f_code.co_name not in ("_write_jpeg", "_write_marked")):
                 return Path(path).stem
             frame = frame.f_back
         return "other"
@@ -72,7 +82,10 @@ class CodecCounter:
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    key = (self.asker(), self.WRAPPED[name])
+                    what = self.WRAPPED[name]
+                    if name == "imdecode" and len(args) > 1:
+                        what = self.REDUCED.get(int(args[1]) & 0x70, what)
+                    key = (self.asker(), what)
                     with self.lock:
                         self.calls[key] += 1
                         self.seconds[key] += time.perf_counter() - started
@@ -104,7 +117,12 @@ class CodecCounter:
             TiffImagePlugin.TiffImageFile._load_libtiff = libtiff
 
 
-def build_once(inp: Path, out: Path, config) -> tuple[dict, float, float, CodecCounter]:
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def build_once(inp: Path, out: Path, config) -> tuple[dict, float, float, float, CodecCounter]:
     import flows.build_fundusgen as flow_module
 
     finish = flow_module.finish_build
@@ -121,45 +139,50 @@ def build_once(inp: Path, out: Path, config) -> tuple[dict, float, float, CodecC
     flow_module.finish_build = timed_finish
     try:
         with counter.installed():
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), cpu_seconds()
             manifest = flow_module.build_fundusgen(str(inp), str(out), config)
-            wall = time.perf_counter() - started
+            wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     finally:
         flow_module.finish_build = finish
-    return manifest, wall, timing["write"], counter
+    return manifest, wall, cpu, timing["write"], counter
 
 
-def detect_alone(inp: Path, config, repeats: int) -> tuple[int, float]:
+def detect_alone(inp: Path, config, repeats: int) -> tuple[int, float, float]:
+    """(images, seconds, CPU seconds) of the detect stage alone on the ingested photographs, best of `repeats`."""
     from fundus_engine import detect as detect_stage
-    from fundus_engine import ingest as ingest_stage
+    from fundus_engine.ingest import ingest
+    from fundus_engine.labels import labels_for, load_labels
+    from fundus_engine.photo_files import scan
 
-    labels, _ = ingest_stage.load_labels(inp, config.ingest)
-    sources, _ = ingest_stage.scan(inp, labelled=lambda rel: ingest_stage.labels_for(rel, labels) is not None)
-    matched = {s.relpath: entry for s in sources if (entry := ingest_stage.labels_for(s.relpath, labels))}
-    records, _ = ingest_stage.ingest(inp, sources, matched, config.ingest)
+    labels, _ = load_labels(inp, config.ingest)
+    sources, _ = scan(inp, labelled=lambda rel: labels_for(rel, labels) is not None)
+    matched = {s.relpath: entry for s in sources if (entry := labels_for(s.relpath, labels))}
+    records, _ = ingest(inp, sources, matched, config.ingest)
     detect_stage.detect(records[: config.detect.batch], config.detect)  # loaded (exported) and warm
-    best = float("inf")
+    best = (float("inf"), 0.0)
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         detect_stage.detect(records, config.detect)
-        best = min(best, time.perf_counter() - started)
-    return len(records), best
+        best = min(best, (time.perf_counter() - started, cpu_seconds() - cpu))
+    return len(records), *best
 
 
-def table(name: str, images: int, manifest: dict, wall: float, write: float, alone_rate: float,
-          counter: CodecCounter) -> str:
-    alone = images / alone_rate
-    rows = [(stage, manifest["stages"][stage]["seconds"]) for stage in STAGES] + [("write", write)]
-    lines = [f"{name}: {images} images, {manifest['records']} records; backend {manifest.get('_backend')}",
-             f"{'':<14} {'seconds':>9} {'images/s':>9} {'x detect':>9}"]
-    for label, seconds in [("detect alone", alone), *rows]:
+def table(name: str, images: int, manifest: dict, wall: float, cpu: float, write: float, alone: float,
+          alone_cpu: float, counter: CodecCounter) -> str:
+    alone_rate = images / alone
+    rows = [(stage, manifest["stages"][stage]["seconds"]) for stage in STAGES] + [("write (end of run)", write)]
+    lines = [f"{name}: {images} images, {manifest['records']} records; detect backend {manifest.get('_backend')}",
+             "", "| | seconds | images/s | x detect alone | CPU s |", "|---|---|---|---|---|",
+             f"| detect alone | {alone:.2f} | {alone_rate:.1f} | 1.00 | {alone_cpu:.1f} |"]
+    for label, seconds in rows:
         rate = images / seconds if seconds else float("inf")
-        lines.append(f"{label:<14} {seconds:9.2f} {rate:9.1f} {rate / alone_rate:9.2f}")
-    lines.append(f"{'stages summed':<14} {sum(s for _, s in rows):9.2f}")
-    lines.append(f"{'build wall':<14} {wall:9.2f} {images / wall:9.1f} {images / wall / alone_rate:9.2f}")
-    lines.append("codec calls in the build (per image), seconds, by the stage that asked:")
+        lines.append(f"| {label} | {seconds:.2f} | {rate:.1f} | {rate / alone_rate:.2f} | |")
+    lines.append(f"| stages + write summed | {sum(s for _, s in rows):.2f} | | | |")
+    lines.append(f"| **whole build (wall)** | {wall:.2f} | {images / wall:.1f} | **{images / wall / alone_rate:.2f}** "
+                 f"| {cpu:.1f} |")
+    lines += ["", "codec calls in the build (per image), seconds, by the stage that asked:"]
     for (who, what), calls in sorted(counter.calls.items()):
-        lines.append(f"  {who:<10} {what:<7} {calls:6d} ({calls / images:4.1f}/image) {counter.seconds[who, what]:8.2f} s")
+        lines.append(f"  {who:<10} {what:<10} {calls:6d} ({calls / images:4.1f}/image) {counter.seconds[who, what]:8.2f} s")
     return "\n".join(lines)
 
 
@@ -172,10 +195,11 @@ def profile_stages(inp: Path, config, images: int, top: int) -> str:
 
     from fundus_engine import crop as crop_stage
     from fundus_engine import detect as detect_stage
-    from fundus_engine import ingest as ingest_stage
     from fundus_engine.evidence import DetectorEvidence
+    from fundus_engine.ingest import ingest
+    from fundus_engine.photo_files import scan
 
-    sources, _ = ingest_stage.scan(inp)
+    sources, _ = scan(inp)
     sources = sources[:images]
     out = []
 
@@ -192,7 +216,7 @@ def profile_stages(inp: Path, config, images: int, top: int) -> str:
         out.extend("  " + line for line in body[body.index(next(x for x in body if "ncalls" in x)):])
         return result
 
-    records, _ = profiled("ingest", lambda: ingest_stage.ingest(inp, sources, {}, config.ingest))
+    records, _ = profiled("ingest", lambda: ingest(inp, sources, {}, config.ingest))
     detections, _ = detect_stage.detect(records, config.detect)
     evidence = DetectorEvidence.of(detect_stage.weights_path(config.detect), config.expand.negative_min_map50)
     with tempfile.TemporaryDirectory(prefix="fundus-crop-profile-") as tmp:
@@ -208,6 +232,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="best of N for detect alone")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile ingest and crop on N images of each set (cProfile, outside the flow)")
+    ap.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="also build with `runner.workers: N` threads (default: the CPU count), so that the "
+                         "stages of different shards can overlap")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     logging.getLogger("prefect").setLevel(logging.WARNING)
@@ -236,10 +263,17 @@ def main() -> int:
                 label = f"real photographs ({inp})"
             else:
                 raise SystemExit(f"unknown set {name!r}")
-            images, alone = detect_alone(inp, config, args.repeats)
-            manifest, wall, write, counter = build_once(inp, tmp / f"out-{name}", config)
+            images, alone, alone_cpu = detect_alone(inp, config, args.repeats)
+            manifest, wall, cpu, write, counter = build_once(inp, tmp / f"out-{name}", config)
             manifest["_backend"] = f"{identity['backend']} on {identity['device']}"
-            tables.append(table(label, manifest["images"], manifest, wall, write, images / alone, counter))
+            assert manifest["images"] == images, (manifest["images"], images)
+            tables.append(table(label, images, manifest, wall, cpu, write, alone, alone_cpu, counter))
+            if args.workers:
+                more = config.model_copy(update={"runner": config.runner.model_copy(update={"workers": args.workers})})
+                manifest, wall, cpu, write, counter = build_once(inp, tmp / f"out-{name}-workers", more)
+                manifest["_backend"] = f"{identity['backend']} on {identity['device']}"
+                tables.append(table(f"{label}, runner.workers {args.workers}", images, manifest, wall, cpu, write,
+                                    alone, alone_cpu, counter))
             if args.profile:
                 tables.append(profile_stages(inp, config, args.profile, 8))
     print("\n\n".join(tables))

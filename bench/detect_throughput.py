@@ -33,7 +33,8 @@ from pathlib import Path
 from fundus_engine import backends
 from fundus_engine import detect as detect_stage
 from fundus_engine.config import DetectConfig, IngestConfig
-from fundus_engine.ingest import SourceFile, ingest, sha256_file
+from fundus_engine.ingest import ingest
+from fundus_engine.photo_files import SourceFile, sha256_file
 from fundus_engine.synth import generate
 from fundus_engine.train import validate
 from fundus_engine.yolo import ultralytics

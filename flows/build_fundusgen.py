@@ -6,17 +6,24 @@ chained through their futures, so Prefect's task runner schedules shards in para
 the run (`runner.finish_build`) publishes the dataset, card, benchmark and manifest in one step.
 What Prefect adds: the deployment, task runners, per-shard task runs, artifacts and logs.
 
+The task runner is `config.runner` (thread, dask or ray; `flows/runners.py`): callers pick it
+with `build_fundusgen.with_options(task_runner=task_runner_for(config.runner))`, and a run whose
+runner is not the one its config names (a deployment run with `config={"runner": ...}`) runs
+this same flow again as a subflow on that runner.
+
 No `from __future__ import annotations` here: a served flow validates its parameters from
 the real annotation, and a string "BuildConfig" is left undefined in the runner.
 """
 
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed
@@ -30,10 +37,14 @@ from fundus_engine.publish import BuildLock
 from fundus_engine.runner import (STAGE_NAMES, Completion, Plan, RunContext, Shard, StageOutcome, finish_build,
                                   plan_build, run_shard_stage)
 
+from flows.runners import check_same_code, detect_resources, runs_on, task_runner_for, this_process
+
 
 @task(task_run_name="{stage}-{shard.number:05d}", cache_policy=NO_CACHE)
-def shard_stage_task(stage: str, ctx: RunContext, shard: Shard, upstream: dict) -> Completion:
-    """One stage on one shard; `upstream` holds the completions (futures) of the stages before."""
+def shard_stage_task(stage: str, ctx: RunContext, shard: Shard, upstream: dict, flow_process: str = "") -> Completion:
+    """One stage on one shard; `upstream` holds the completions (futures) of the stages before.
+    In another process than the flow's (`flow_process`), the code must be the flow's."""
+    check_same_code(stage, ctx, flow_process or this_process())
     return run_shard_stage(stage, ctx, shard, upstream)
 
 
@@ -56,6 +67,10 @@ def _follow(futures: dict[str, list], progress: BuildProgress, logger) -> list[S
         if state.is_completed():
             done = future.result()
             outcomes[stage, shard] = StageOutcome(stage=stage, shard=shard, completion=done)
+        elif not state.is_final():  # the task runner gave it up: its worker died (past Dask's or Ray's retries)
+            outcomes[stage, shard] = StageOutcome(stage=stage, shard=shard, state="crashed",
+                                                  failure=f"lost by the task runner: {_runner_error(future)}")
+            logger.warning("%s-%05d %s; the next run finishes it", stage, shard, outcomes[stage, shard].failure)
         else:
             outcomes[stage, shard] = StageOutcome(stage=stage, shard=shard, failure=state.message,
                                                   state="failed" if state.is_failed() else state.name.lower())
@@ -66,6 +81,16 @@ def _follow(futures: dict[str, list], progress: BuildProgress, logger) -> list[S
             last_line[stage] = time.monotonic()
             logger.info(line)
     return [outcomes[stage, shard] for stage in STAGE_NAMES for shard in shards]
+
+
+def _runner_error(future) -> str:
+    """Why a cluster's future ended without a task run state (e.g. Dask's KilledWorker)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    try:
+        error = wrapped.exception(timeout=1) if hasattr(wrapped, "exception") else None
+    except Exception as exc:  # the engine's own error, raised instead of returned
+        error = exc
+    return f"{type(error).__name__}: {error}" if error else "no result"
 
 
 def _stage_rows(outcomes: list[StageOutcome]) -> dict[str, list[dict]]:
@@ -121,6 +146,12 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
     `no_cache` recomputes every stage and sends every model request again (the fresh answers
     still replace the cached ones).
     """
+    if not runs_on(FlowRunContext.get().task_runner, config.runner):  # e.g. a deployment run asking for dask
+        get_run_logger().info("running the build on the %s runner %s", config.runner.kind,
+                              config.runner.address or "(a local cluster)")
+        on_runner = build_fundusgen.with_options(task_runner=task_runner_for(config.runner, config.detect),
+                                                 flow_run_name=f"{flow_run.get_name()}-on-{config.runner.kind}")
+        return _ended(on_runner(input_dir, output_dir, config, no_cache))
     inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
     run_id = str(flow_run.get_id())
     with BuildLock(out, run=run_id) as lock:  # a second build into OUT stops here, naming this one
@@ -128,6 +159,10 @@ def build_fundusgen(input_dir: str, output_dir: str, config: BuildConfig = Build
             get_run_logger().warning("took over the lock of a build that ended without releasing it: %s",
                                      lock.taken_over)
         manifest = _build(RunContext.create(inp, out, config, run_id, no_cache))
+    return _ended(manifest)
+
+
+def _ended(manifest: dict):
     if not manifest["complete"]:  # finished, not whole: a state of its own, the manifest as its result
         return Completed(name="Incomplete", data=manifest,
                          message=f"incomplete: re-run the same build to finish {manifest['incomplete_shards']}")
@@ -142,10 +177,13 @@ def _build(ctx: RunContext) -> dict:
                 sum(len(s.sources) for s in plan.shards), ctx.input_dir, len(plan.shards), len(plan.rejects),
                 plan.label_entries)
     futures: dict[str, list] = {stage: [] for stage in STAGE_NAMES}
+    task_runner = FlowRunContext.get().task_runner
     for shard in plan.shards:
         upstream: dict = {}
         for stage in STAGE_NAMES:
-            upstream[stage] = shard_stage_task.submit(stage, ctx, shard, dict(upstream))
+            # detect asks the cluster for a GPU when its device is CUDA (nothing on the CPU)
+            with detect_resources(task_runner, ctx.config.detect) if stage == "detect" else nullcontext():
+                upstream[stage] = shard_stage_task.submit(stage, ctx, shard, dict(upstream), this_process())
             futures[stage].append(upstream[stage])
     outcomes = _follow(futures, BuildProgress.start(ctx.out, STAGE_NAMES, {s.number: len(s.sources)
                                                                            for s in plan.shards}), logger)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fundus_engine import importers, layouts, training_data
 from fundus_engine import train as training
-from fundus_engine.ingest import IMAGE_EXTENSIONS
+from fundus_engine.config import IMAGE_EXTENSIONS
 from fundus_engine.synth import generate
 from fundus_engine.vocabulary import CLASS_NAMES
 

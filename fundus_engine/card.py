@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 import matplotlib
+import numpy as np
+import pyarrow as pa
 
 matplotlib.use("Agg")  # files only, no display; matplotlib bundles its fonts (nothing downloaded)
 import matplotlib.pyplot as plt  # noqa: E402
@@ -14,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fundus_engine.models import InstructionRecord, Region  # noqa: E402
 from fundus_engine.vocabulary import LESIONS  # noqa: E402
 from fundus_engine.vocabulary import CLASS_NAMES  # noqa: E402
+from fundus_engine.write import RecordStats  # noqa: E402
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
@@ -21,13 +25,59 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
         ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
 
 
-def plot_box_sizes(regions: list[Region], path: Path) -> Path:
+class BoxStats:
+    """The card's box figures, added a shard at a time in fixed-size histograms: boxes per class
+    and source, box sizes per class (bins of SIZE_BIN disc diameters, with the exact range), and
+    box centres per class on a GRID-unit grid over the 0-999 frame. Memory does not grow with the
+    number of boxes."""
+
+    SIZE_BIN = 0.01  # disc diameters
+    GRID = 5  # 0-999 units per cell: 200 x 200 cells
+
+    def __init__(self):
+        self.per_class: Counter = Counter()
+        self.sources: Counter = Counter()  # (class, source)
+        self.sizes: dict[str, Counter] = {}  # class -> {bin: boxes}
+        self.size_range: dict[str, tuple[float, float]] = {}
+        self.centres: dict[str, np.ndarray] = {}  # class -> boxes per cell (y, x)
+
+    @classmethod
+    def of(cls, regions: Iterable[Region]) -> "BoxStats":
+        stats = cls()
+        stats.add_rows((r.label, r.source, r.size_dd, r.box_999) for r in regions)
+        return stats
+
+    def add_table(self, table: pa.Table) -> None:
+        """Regions (an Arrow table with the Region columns)."""
+        self.add_rows(zip(*(table.column(c).to_pylist() for c in ("label", "source", "size_dd", "box_999"))))
+
+    def add_rows(self, rows: Iterable[tuple]) -> None:
+        cells = 1000 // self.GRID
+        for label, source, size_dd, box in rows:
+            self.per_class[label] += 1
+            self.sources[label, source] += 1
+            if size_dd is not None:
+                self.sizes.setdefault(label, Counter())[int(size_dd // self.SIZE_BIN)] += 1
+                lo, hi = self.size_range.get(label, (size_dd, size_dd))
+                self.size_range[label] = (min(lo, size_dd), max(hi, size_dd))
+            grid = self.centres.get(label)
+            if grid is None:
+                grid = self.centres[label] = np.zeros((cells, cells), np.int32)
+            x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            grid[min(cells - 1, max(0, int(y // self.GRID))), min(cells - 1, max(0, int(x // self.GRID)))] += 1
+
+
+def plot_box_sizes(boxes: BoxStats, path: Path) -> Path:
     """Box size in disc diameters per class: shows whether small lesions are represented."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for label in CLASS_NAMES:
-        sizes = [r.size_dd for r in regions if r.label == label and r.size_dd is not None]
-        if sizes:
-            ax.hist(sizes, bins=30, alpha=0.5, label=f"{label} ({len(sizes)})")
+        counts = boxes.sizes.get(label)
+        if counts:
+            lo, hi = boxes.size_range[label]
+            bins = np.array(sorted(counts))
+            centres = np.clip((bins + 0.5) * boxes.SIZE_BIN, lo, hi)
+            ax.hist(centres, bins=30, range=(lo, hi) if hi > lo else None, weights=[counts[b] for b in bins],
+                    alpha=0.5, label=f"{label} ({sum(counts.values())})")
     ax.set_xlabel("box size (disc diameters)")
     ax.set_ylabel("boxes")
     if ax.get_legend_handles_labels()[0]:  # a build with no boxes plots an empty chart, no legend
@@ -38,15 +88,14 @@ def plot_box_sizes(regions: list[Region], path: Path) -> Path:
     return path
 
 
-def plot_box_positions(regions: list[Region], path: Path) -> Path:
+def plot_box_positions(boxes: BoxStats, path: Path) -> Path:
     """Box centres on the 0-999 grid the answers use, per class: shows positional bias."""
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for label in CLASS_NAMES:
-        centres = [((r.box_999[0] + r.box_999[2]) / 2, (r.box_999[1] + r.box_999[3]) / 2)
-                   for r in regions if r.label == label]
-        if centres:
-            xs, ys = zip(*centres)
-            ax.scatter(xs, ys, s=6, alpha=0.6, label=label)
+        grid = boxes.centres.get(label)
+        if grid is not None and grid.any():
+            ys, xs = np.nonzero(grid)
+            ax.scatter((xs + 0.5) * boxes.GRID, (ys + 0.5) * boxes.GRID, s=6, alpha=0.6, label=label)
     ax.set_xlim(0, 999)
     ax.set_ylim(999, 0)
     ax.set_aspect("equal")
@@ -63,17 +112,22 @@ def plot_box_positions(regions: list[Region], path: Path) -> Path:
 def write_card(out: Path, records: list[InstructionRecord], regions: list[Region], about: dict) -> Path:
     """OUT/card/README.md with counts per task, class, split and language, the box plots, and
     the config, models and prompt versions (`about`: the manifest's provenance part)."""
+    stats = RecordStats.of(records)
+    return render_card(out, stats, BoxStats.of(r for r in regions if r.sha256 in stats.images), about)
+
+
+def render_card(out: Path, stats: RecordStats, boxes: BoxStats, about: dict) -> Path:
+    """The card from counts alone (`stats`: the records; `boxes`: the regions of the images
+    that have records), as the end of a run gathers them shard by shard."""
     card = Path(out) / "card"
     card.mkdir(parents=True, exist_ok=True)
-    used = {r.sha256 for r in records}
-    regions = [r for r in regions if r.sha256 in used]
-    sizes = plot_box_sizes(regions, card / "box_sizes.png")
-    positions = plot_box_positions(regions, card / "box_positions.png")
+    sizes = plot_box_sizes(boxes, card / "box_sizes.png")
+    positions = plot_box_positions(boxes, card / "box_positions.png")
 
-    tasks = Counter((r.task, r.split) for r in records)
+    tasks = stats.task_split
     splits = ("train", "val", "test")
     lines = [f"# FundusGen dataset card", "",
-             f"{len(records)} instruction records from {len(used)} images, built by Fundus-Engine "
+             f"{stats.records} instruction records from {len(stats.images)} images, built by Fundus-Engine "
              f"{about.get('engine_version')} on {about.get('created_at')}.", ""]
     detector = about.get("detector", {})
     domain = about.get("detector_domain") or {}
@@ -82,20 +136,17 @@ def write_card(out: Path, records: list[InstructionRecord], regions: list[Region
     lines += ["## Records per task and split", ""]
     lines += _table(("task", *splits, "all"), [(t, *(tasks[(t, s)] for s in splits), sum(tasks[(t, s)] for s in splits))
                                                for t in sorted({t for t, _ in tasks})])
-    images_per_split = Counter(s for _, s in {(r.sha256, r.split) for r in records})
+    images_per_split = stats.images_per_split()
     lines += ["", "## Images per split", ""] + _table(splits, [tuple(images_per_split[s] for s in splits)])
     lines += ["", "Splits hold at the patient level and keep near-duplicate photographs (perceptual hash) together.",
               "", "## Records per language", ""]
-    lines += _table(("language", "records"), sorted(Counter(r.language for r in records).items()))
+    lines += _table(("language", "records"), sorted(stats.languages.items()))
     lines += ["", "## Boxes per class", ""]
-    per_class = Counter(r.label for r in regions)
-    sources = Counter((r.label, r.source) for r in regions)
+    per_class, sources = boxes.per_class, boxes.sources
     lines += _table(("class", "boxes", "from labels", "from the detector", "from the localiser"),
                     [(c, per_class[c], sources[(c, "ground_truth")], sources[(c, "model")], sources[(c, "localiser")])
                      for c in CLASS_NAMES if per_class[c]])
-    diagnoses = Counter(r.diagnosis or "not determined from the evidence available" for r in records
-                        if r.task == "cognitive_chain" and r.language == "en")
-    lines += ["", "## Diagnoses (images)", ""] + _table(("diagnosis", "images"), sorted(diagnoses.items()))
+    lines += ["", "## Diagnoses (images)", ""] + _table(("diagnosis", "images"), sorted(stats.diagnoses.items()))
     lines += ["", "## Box sizes and positions", "", f"![box sizes]({sizes.name})", f"![box positions]({positions.name})",
               "", "## How it was made", "",
               f"- Detector: `{detector.get('weights')}` sha256 `{detector.get('sha256', '')[:16]}`",

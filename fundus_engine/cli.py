@@ -42,23 +42,34 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 1, 2, 3  # `build`: 0 complete
 def build(input: Path = typer.Option(..., "--input", help="folder of fundus images (+ labels.json/csv)"),
           out: Path = typer.Option(..., "--out", help="output folder"),
           config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON build config"),
-          workers: Optional[int] = typer.Option(None, help="shards processed at once (default: CPU count)"),
+          workers: Optional[int] = typer.Option(None, help="shards processed at once: threads, or the worker processes "
+                                                "of a local dask/ray cluster (default: CPU count)"),
+          runner: Optional[str] = typer.Option(None, "--runner", help="thread (default), dask or ray (needs the "
+                                               "`scale` extra); overrides the config's runner.kind"),
+          address: Optional[str] = typer.Option(None, "--address", help="an existing cluster: Dask scheduler "
+                                                "tcp://HOST:8786 or Ray HOST:6379 / ray://HOST:10001 (default: a "
+                                                "local cluster for the run)"),
           no_cache: bool = typer.Option(False, "--no-cache", help="recompute every stage and re-send every model request"),
           verbose: bool = typer.Option(False, "--verbose", help="Prefect's log lines on the console (default: OUT/logs/build.log)")):
-    """Run the build-fundusgen flow here, without a server (Prefect's ephemeral mode)."""
-    from prefect.task_runners import ThreadPoolTaskRunner
-
+    """Run the build-fundusgen flow here (Prefect's ephemeral mode unless PREFECT_API_URL names a server),
+    its shard-stages on threads, or on a Dask or Ray cluster (`--runner`)."""
     from flows.build_fundusgen import build_fundusgen
-    from fundus_engine.config import BuildConfig
+    from flows.runners import api_for_workers, check_api_reachable
+    from fundus_engine.config import BuildConfig, RunnerConfig
 
     try:
         cfg = BuildConfig.load(config)
-    except (ValueError, OSError) as exc:
+        overrides = {k: v for k, v in {"kind": runner, "address": address, "workers": workers}.items() if v is not None}
+        if overrides:
+            cfg = cfg.model_copy(update={"runner": RunnerConfig.model_validate({**cfg.runner.model_dump(), **overrides})})
+        task_runner = _task_runner(cfg)
+        check_api_reachable(cfg.runner.address)
+    except (ValueError, OSError, ImportError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_USAGE)
-    flow = build_fundusgen.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers)) if workers else build_fundusgen
+    flow = build_fundusgen.with_options(task_runner=task_runner)
     try:
-        with _progress_display(out, quiet_logs=not verbose):
+        with _progress_display(out, quiet_logs=not verbose), api_for_workers(cfg.runner.kind):
             manifest = flow(input_dir=str(input), output_dir=str(out), config=cfg, no_cache=no_cache)
     except Exception as exc:  # the flow has written what finished; say why it is not whole
         console.print(f"[red]build failed:[/red] {exc}")
@@ -69,6 +80,17 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
                       "the dataset holds what finished. Re-run the same command to finish them (finished work and "
                       "model answers are reused).")
         raise typer.Exit(EXIT_INCOMPLETE)
+
+
+def _task_runner(cfg):
+    """The task runner the config names; a missing `scale` extra is said plainly."""
+    from flows.runners import task_runner_for
+
+    try:
+        return task_runner_for(cfg.runner, cfg.detect)
+    except ImportError as exc:
+        raise ImportError(f"runner {cfg.runner.kind} needs the scale extra: pip install 'fundus-engine[scale]' "
+                          f"({exc})") from exc
 
 
 @app.command()

@@ -147,6 +147,21 @@ class WriteConfig(Section):
     rows_per_file: int = Field(20000, ge=100)
 
 
+class RunnerConfig(Section):
+    """What runs the shard-stages: it never changes the result, so it is in no stage's cache key."""
+
+    kind: Literal["thread", "dask", "ray"] = Field(
+        "thread", description="thread: a thread pool in the flow's process; dask: Prefect's DaskTaskRunner "
+                              "(prefect-dask), worker processes on one machine or many; ray: Prefect's "
+                              "RayTaskRunner (prefect-ray). dask and ray need the `scale` extra")
+    address: str | None = Field(
+        None, description="an existing cluster: a Dask scheduler (tcp://host:8786) or a Ray cluster address "
+                          "(host:6379, ray://host:10001, auto); None: a local cluster started for the run")
+    workers: int | None = Field(
+        None, ge=1, description="thread: threads; dask/ray with no address: worker processes of the local "
+                                "cluster (default: the CPU count)")
+
+
 class BuildConfig(Section):
     shard_size: int = Field(64, ge=1, description="images per unit of work")
     prompts_dir: str | None = Field(None, description="prompt templates folder; default: the project's prompts/")
@@ -156,6 +171,7 @@ class BuildConfig(Section):
     expand: ExpandConfig = ExpandConfig()
     chain: ChainConfig = ChainConfig()
     write: WriteConfig = WriteConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     @classmethod
     def load(cls, path: str | Path | None) -> "BuildConfig":

@@ -2,11 +2,15 @@
 the measured facts a clinician would state (size and distance in disc diameters, clock hour
 and quadrant relative to the fovea, colour).
 
-The geometry is pure functions of boxes and points; only `crop_image` touches files.
+The geometry is pure functions of boxes and points; only `crop_image` touches files. A
+photograph is decoded once, as BGR (what OpenCV's encoder takes: crops and marked copies are
+written from it without a conversion), and read as RGB through a view of it.
 """
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -15,13 +19,14 @@ import numpy as np
 from PIL import Image
 
 from fundus_engine.config import CropConfig
-from fundus_engine.ingest import decode
+from fundus_engine.decoding import decode_bgr
 from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Region, Reject
 from fundus_engine.evidence import DetectorEvidence
 from fundus_engine.landmarks import Landmarks, locate_landmarks
 from fundus_engine.vocabulary import ANATOMY, BY_NAME
 
 STAGE = "crop"
+THREADS = min(4, os.cpu_count() or 1)  # photographs cropped at once (OpenCV and NumPy release the GIL)
 
 
 def centre(xyxy: list[float]) -> Point:
@@ -238,19 +243,42 @@ def mean_colour(rgb: np.ndarray, xyxy: list[float]) -> list[int]:
     return [int(v) for v in patch.reshape(-1, 3).mean(axis=0)] if patch.size else [0, 0, 0]
 
 
-def _write_jpeg(path: Path, rgb: np.ndarray, quality: int) -> str:
+def _write_jpeg(path: Path, bgr: np.ndarray, quality: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]):
+    if not cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, quality]):
         raise OSError(f"{path}: could not write image")
     return str(path)
 
 
+def _thickness(image: np.ndarray) -> int:
+    return max(2, round(max(image.shape[:2]) / 300))
+
+
+def _draw_box(image: np.ndarray, xyxy: list[float]) -> None:
+    x1, y1, x2, y2 = (int(round(v)) for v in xyxy)
+    cv2.rectangle(image, (x1, y1), (x2, y2), (0, 255, 0), _thickness(image))  # green in RGB and BGR alike
+
+
 def mark(rgb: np.ndarray, xyxy: list[float]) -> np.ndarray:
     marked = rgb.copy()
-    thickness = max(2, round(max(rgb.shape[:2]) / 300))
-    x1, y1, x2, y2 = (int(round(v)) for v in xyxy)
-    cv2.rectangle(marked, (x1, y1), (x2, y2), (0, 255, 0), thickness)
+    _draw_box(marked, xyxy)
     return marked
+
+
+def _write_marked(path: Path, bgr: np.ndarray, xyxy: list[float], quality: int) -> str:
+    """The photograph with the box drawn, written: drawn on the photograph itself and undrawn after
+    (what `mark` draws, without a copy of the whole photograph)."""
+    height, width = bgr.shape[:2]
+    margin = _thickness(bgr) + 2  # a thick line reaches half its thickness past the box's edge
+    x1, y1, x2, y2 = (int(round(v)) for v in xyxy)
+    left, top = max(0, min(x1, x2) - margin), max(0, min(y1, y2) - margin)
+    right, bottom = min(width, max(x1, x2) + margin + 1), min(height, max(y1, y2) + margin + 1)
+    under = bgr[top:bottom, left:right].copy()
+    try:
+        _draw_box(bgr, xyxy)
+        return _write_jpeg(path, bgr, quality)
+    finally:
+        bgr[top:bottom, left:right] = under
 
 
 def exif_rotated(path: Path) -> bool:
@@ -264,20 +292,21 @@ def exif_rotated(path: Path) -> bool:
 
 def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, config: CropConfig,
                trusted: Iterable[str] = ANATOMY) -> tuple[Anatomy, list[Region]]:
-    rgb = decode(Path(record.path))
+    bgr = decode_bgr(Path(record.path))
+    rgb = bgr[..., ::-1]  # a view: the localiser and the colours read RGB
     anat, detections = anatomy(record, detections, locate_landmarks(rgb), trusted)
     regions = []
     marked_labels = set()
     image_dir = Path(out_dir) / record.sha256[:16]
     if exif_rotated(Path(record.path)):
-        anat.upright_path = _write_jpeg(image_dir / "upright.jpg", rgb, max(config.jpeg_quality, 95))
+        anat.upright_path = _write_jpeg(image_dir / "upright.jpg", bgr, max(config.jpeg_quality, 95))
     for d in sorted(detections, key=lambda d: -d.confidence):
         left, top, right, bottom = context_window(d.xyxy, record.width, record.height, config)
-        crop_path = _write_jpeg(image_dir / f"{d.region_id}.crop.jpg", rgb[top:bottom, left:right], config.jpeg_quality)
+        crop_path = _write_jpeg(image_dir / f"{d.region_id}.crop.jpg", bgr[top:bottom, left:right], config.jpeg_quality)
         marked_path = None
         if d.label not in marked_labels:  # one marked copy per class bounds the disk cost
             marked_labels.add(d.label)
-            marked_path = _write_jpeg(image_dir / f"{d.region_id}.marked.jpg", mark(rgb, d.xyxy), config.jpeg_quality)
+            marked_path = _write_marked(image_dir / f"{d.region_id}.marked.jpg", bgr, d.xyxy, config.jpeg_quality)
         colour = mean_colour(rgb, d.xyxy)
         regions.append(Region(
             sha256=record.sha256, region_id=d.region_id, label=d.label, display=BY_NAME[d.label].display,
@@ -295,14 +324,20 @@ def crop(records: list[ImageRecord], detections: list[Detection], out_dir: Path,
     by_image: dict[str, list[Detection]] = {}
     for d in detections:
         by_image.setdefault(d.sha256, []).append(d)
-    anatomies, regions, rejects = [], [], []
-    for record in records:
+
+    def one(record: ImageRecord) -> tuple[Anatomy, list[Region]] | Reject:
         try:
             trusted = ANATOMY if evidence is None else evidence.trusted_for(record)
-            anat, found = crop_image(record, by_image.get(record.sha256, []), out_dir, config, trusted)
+            return crop_image(record, by_image.get(record.sha256, []), out_dir, config, trusted)
         except (ValueError, OSError) as exc:
-            rejects.append(Reject(stage=STAGE, item=record.path, reason=str(exc)))
-            continue
-        anatomies.append(anat)
-        regions.extend(found)
+            return Reject(stage=STAGE, item=record.path, reason=str(exc))
+
+    anatomies, regions, rejects = [], [], []
+    with ThreadPoolExecutor(THREADS, thread_name_prefix="crop") as pool:
+        for result in pool.map(one, records):  # in order: the same rows whatever the threads
+            if isinstance(result, Reject):
+                rejects.append(result)
+                continue
+            anatomies.append(result[0])
+            regions.extend(result[1])
     return anatomies, regions, rejects

@@ -18,7 +18,8 @@ from typing import Iterable
 from fundus_engine import backends
 from fundus_engine.config import DetectConfig
 from fundus_engine.evidence import image_domain, validated_classes
-from fundus_engine.ingest import cached_sha256, file_version, fit_box
+from fundus_engine.boxes import fit_box
+from fundus_engine.photo_files import cached_sha256, file_version
 from fundus_engine.models import Detection, ImageRecord, Reject
 from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 

@@ -115,22 +115,66 @@ def assessed_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[st
     return [label for label in counted_lesions(record, evidence) if label not in implied]
 
 
+class DomainReport:
+    """`domain_report` gathered a shard at a time: each image's kind of photograph (keys only),
+    then counters of where its disc and fovea came from and a running sum of the detector's box
+    confidences, per kind of photograph. Rows are never kept."""
+
+    def __init__(self, evidence: DetectorEvidence):
+        self.evidence = evidence
+        self.domain_of: dict[str, str] = {}
+        self.disc_source: dict[str, Counter] = {}
+        self.fovea_source: dict[str, Counter] = {}
+        self.confidence: dict[str, list] = {}  # domain -> [sum, boxes]
+
+    def add_image(self, sha256: str, synthetic: bool) -> None:
+        self.domain_of[sha256] = "synthetic" if synthetic else "real"
+
+    def add_anatomy(self, sha256: str, disc_source: str | None, fovea_source: str | None) -> None:
+        """After the image's `add_image`; an anatomy row of an unknown image is not counted."""
+        domain = self.domain_of.get(sha256)
+        if domain is not None:
+            self.disc_source.setdefault(domain, Counter())[disc_source or "not found"] += 1
+            self.fovea_source.setdefault(domain, Counter())[fovea_source or "not found"] += 1
+
+    def add_region(self, sha256: str, source: str, confidence: float) -> None:
+        domain = self.domain_of.get(sha256)
+        if source == "model" and domain is not None:
+            total = self.confidence.setdefault(domain, [0, 0])
+            total[0] += confidence  # in row order, as sum() over the rows would
+            total[1] += 1
+
+    def report(self) -> dict:
+        return _report(self.evidence, Counter(self.domain_of.values()), self.disc_source, self.fovea_source,
+                       self.confidence)
+
+
 def domain_report(images: list[ImageRecord], anatomies: list[Anatomy], regions: list[Region],
                   evidence: DetectorEvidence) -> dict:
     """How far the build's detector was inside its domain: per kind of photograph, where the disc
     and fovea came from, how confident its boxes were, and a plain warning with the remedy when
     real photographs met a detector never validated on them."""
-    domain_of = {i.sha256: image_domain(i) for i in images}
-    report: dict = {"images": dict(Counter(domain_of.values())), "validated_on": evidence.validated,
+    report = DomainReport(evidence)
+    for i in images:
+        report.add_image(i.sha256, i.synthetic)
+    for a in anatomies:
+        report.add_anatomy(a.sha256, a.disc_source, a.fovea_source)
+    for r in regions:
+        report.add_region(r.sha256, r.source, r.confidence)
+    return report.report()
+
+
+def _report(evidence: DetectorEvidence, images: Counter, disc_source: dict[str, Counter],
+            fovea_source: dict[str, Counter], confidence: dict[str, list]) -> dict:
+    report: dict = {"images": dict(images), "validated_on": evidence.validated,
                     "disc_source": {}, "fovea_source": {}, "detector_mean_confidence": {}}
     for domain in DOMAINS:
-        mine = [a for a in anatomies if domain_of.get(a.sha256) == domain]
-        if not mine:
+        if domain not in disc_source:  # no anatomy row of this kind of photograph
             continue
-        report["disc_source"][domain] = dict(Counter(a.disc_source or "not found" for a in mine))
-        report["fovea_source"][domain] = dict(Counter(a.fovea_source or "not found" for a in mine))
-        confidences = [r.confidence for r in regions if r.source == "model" and domain_of.get(r.sha256) == domain]
-        report["detector_mean_confidence"][domain] = round(sum(confidences) / len(confidences), 3) if confidences else None
+        report["disc_source"][domain] = dict(disc_source[domain])
+        report["fovea_source"][domain] = dict(fovea_source[domain])
+        total, boxes = confidence.get(domain, (0, 0))
+        report["detector_mean_confidence"][domain] = round(total / boxes, 3) if boxes else None
     real = report["images"].get("real", 0)
     unvalidated = [c for c in LESIONS if c not in evidence.validated.get("real", [])]
     report["out_of_domain"] = bool(real and unvalidated)

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from fundus_engine import __version__
 from fundus_engine.config import OpenAIConfig
 from fundus_engine.evidence import DetectorEvidence, assessed_lesions, counted_lesions
-from fundus_engine.ingest import cached_sha256
+from fundus_engine.photo_files import cached_sha256
 from fundus_engine.llm_cache import ResponseCache
 from fundus_engine.llm_client import LLMClient, Request, RequestFailed
 from fundus_engine.llm_consistency import consistency_flags

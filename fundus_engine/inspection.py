@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pyarrow.dataset as ds
 
-from fundus_engine.ingest import decode
+from fundus_engine.decoding import decode
 from fundus_engine.vocabulary import BY_NAME
 
 STAGE_DIRS = ("ingest", "detect", "crop", "expand", "chain")

@@ -26,7 +26,7 @@ import openai
 from pydantic import BaseModel, ValidationError
 
 from fundus_engine.config import OpenAIConfig
-from fundus_engine.ingest import file_version
+from fundus_engine.photo_files import file_version
 from fundus_engine.llm_cache import ResponseCache
 from fundus_engine.llm_ledger import USAGE_KEYS, BudgetExhausted, CircuitOpen, Ledger
 from fundus_engine.prompts import Prompt

@@ -21,18 +21,21 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
 import fundus_engine
 from fundus_engine import chain as chain_stage, mcq, detect as detect_stage, expand as expand_stage
 from fundus_engine import ingest as ingest_stage, write as write_stage
-from fundus_engine.card import write_card
+from fundus_engine import tables
+from fundus_engine.card import BoxStats, render_card
 from fundus_engine.config import BuildConfig
-from fundus_engine.evidence import DetectorEvidence, domain_report
+from fundus_engine.evidence import DetectorEvidence, DomainReport
 from fundus_engine.redaction import redact_url
 from fundus_engine.export import to_vlmevalkit_tsv
-from fundus_engine.ingest import SourceFile
-from fundus_engine.models import Reject
+from fundus_engine.photo_files import SourceFile
+from fundus_engine.models import Anatomy, ImageRecord, InstructionRecord, Region, Reject
 from fundus_engine.prompts import fingerprint
 from fundus_engine.publish import new_build_dir, publish
 from fundus_engine.shards import assign_shards, load_assignment, save_assignment
@@ -233,7 +236,14 @@ def run_local(ctx: RunContext, plan: Plan) -> list[StageOutcome]:
 
 def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], started: float) -> dict:
     """Splits, dataset, rejects, card, benchmark and manifest written into a new build folder and
-    published in one step; stage files no shard uses any more are dropped. Returns the manifest."""
+    published in one step; stage files no shard uses any more are dropped. Returns the manifest.
+
+    Streams, a shard at a time, so memory does not grow with the dataset: splits from the image
+    keys alone (hash, patient, perceptual hash: `write.read_image_keys`), then each chain shard's
+    records given their split and passed to the dataset writer (an external sort, `write.DatasetWriter`)
+    and the counters of the manifest and card (`write.RecordStats`), then each crop shard's rows
+    counted for the card's box figures and the detector-domain report, keeping only the held-out
+    (test split) images' rows, which are all the benchmark reads."""
     out, config = ctx.out, ctx.config
     build_dir = new_build_dir(out, f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{ctx.run_id[:8]}")
     done = {(o.stage, o.shard): o.completion for o in outcomes if o.completion}
@@ -245,25 +255,58 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
             rejects.append(Reject(stage=o.stage, item=f"shard {o.shard:05d}",
                                   reason=f"{o.stage} failed for the whole shard: {o.failure}"))
 
-    def rows(stage: str, table: str) -> list:
-        return [r for (s, _), c in sorted(done.items()) if s == stage
-                for r in read_rows(Path(c.files[table]), BY_NAME[stage].writes[table])]
+    def files(stage: str, table: str) -> list[Path]:  # one per shard, in shard order
+        return [Path(c.files[table]) for (s, _), c in sorted(done.items()) if s == stage]
 
-    images, anatomies, regions = rows("ingest", "images"), rows("crop", "anatomy"), rows("crop", "regions")
-    split_of = write_stage.split_images(images, config.write)  # patients and near-duplicates, across shards
-    records = [r.model_copy(update={"split": split_of[r.sha256]}) for r in rows("chain", "records")]
-    flagged = [r for r in records if r.flags]
-    if config.expand.drop_flagged:
-        records = [r for r in records if not r.flags]
-    files = write_stage.write_dataset(records, build_dir, config.write)
+    # Splits: patients and near-duplicates grouped across shards, from the image keys alone.
+    keys = [k for path in files("ingest", "images") for k in write_stage.read_image_keys(path)]
+    split_of = write_stage.split_images(keys, config.write)
+    domain_stats = DomainReport(ctx.evidence)
+    for k in keys:
+        domain_stats.add_image(k.sha256, k.synthetic)
+    del keys
+
+    # The dataset, a chain shard at a time.
+    stats = write_stage.RecordStats()
+    writer = write_stage.DatasetWriter(build_dir, config.write,
+                                       expected_rows=sum(c.rows for (s, _), c in done.items() if s == "chain"))
+    for path in files("chain", "records"):
+        records = write_stage.with_splits(tables.read_table(path, InstructionRecord), split_of)
+        stats.add_flags(records.column("flags").to_pylist())
+        if config.expand.drop_flagged:
+            records = write_stage.unflagged(records)
+        stats.add_table(records)
+        writer.add(records)
+        del records
+    dataset_files = writer.close()
     write_stage.write_rejects(rejects, build_dir)
+
+    # Images, anatomy and regions, a shard at a time: counted for the card and the domain report;
+    # the held-out images' rows kept for the benchmark (never in train or val).
+    used, held_out = pa.array(sorted(stats.images), pa.string()), pa.array(sorted(stats.held_out), pa.string())
+    held: dict[str, list] = {"images": [], "anatomy": [], "regions": []}
+    boxes = BoxStats()
+    for path in files("ingest", "images"):
+        held["images"] += _held_rows(tables.read_table(path, ImageRecord), held_out, ImageRecord)
+    for path in files("crop", "anatomy"):
+        anatomy = tables.read_table(path, Anatomy)
+        for row in zip(*(anatomy.column(c).to_pylist() for c in ("sha256", "disc_source", "fovea_source"))):
+            domain_stats.add_anatomy(*row)
+        held["anatomy"] += _held_rows(anatomy, held_out, Anatomy)
+    for path in files("crop", "regions"):
+        regions = tables.read_table(path, Region)
+        for row in zip(*(regions.column(c).to_pylist() for c in ("sha256", "source", "confidence"))):
+            domain_stats.add_region(*row)
+        boxes.add_table(regions.filter(pc.is_in(regions.column("sha256"), value_set=used)))
+        held["regions"] += _held_rows(regions, held_out, Region)
+        del regions
     about = provenance(ctx)
     # Where the detector stood on these photographs: said plainly when it was out of its domain.
-    domain = domain_report(images, anatomies, regions, ctx.evidence)
-    write_card(build_dir, records, regions, {**about, "detector_domain": domain})
+    domain = domain_stats.report()
+    render_card(build_dir, stats, boxes, {**about, "detector_domain": domain})
     # The multiple-choice benchmark: held-out (test split) images only, never in train or val.
-    held_out = {r.sha256 for r in records if r.split == "test"}
-    questions = mcq.build_benchmark(images, anatomies, regions, held_out, seed=config.chain.seed)
+    questions = mcq.build_benchmark(held["images"], held["anatomy"], held["regions"], stats.held_out,
+                                    seed=config.chain.seed)
     mcq.write_benchmark(questions, build_dir / "benchmark" / "test.parquet")
     to_vlmevalkit_tsv(questions, build_dir / "benchmark" / "test.tsv", embed_images=True)  # self-contained
 
@@ -288,10 +331,10 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
         # what finished, and the next run completes it from the stage files and response cache.
         "complete": not unfinished,
         "incomplete_shards": unfinished,
-        "files": files, **write_stage.summarise(records, rejects),
-        "consistency": {"flagged_records": len(flagged),
-                        "dropped_records": len(flagged) if config.expand.drop_flagged else 0,
-                        "flags": dict(sorted(Counter(f.split(":")[0] for r in flagged for f in r.flags).items()))},
+        "files": dataset_files, **stats.summary(rejects),
+        "consistency": {"flagged_records": stats.flagged,
+                        "dropped_records": stats.flagged if config.expand.drop_flagged else 0,
+                        "flags": dict(sorted(stats.flags.items()))},
         "detector_domain": domain,
         "benchmark": {"questions": len(questions), "images": len({q.sha256 for q in questions}),
                       "per_task": dict(sorted(Counter(q.clinical_task for q in questions).items()))},
@@ -300,6 +343,11 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
     publish(out, build_dir)  # dataset, manifest, card, benchmark and rejects switch together
     _prune(out, {Path(f).name.split(".")[0] for c in done.values() for f in c.files.values()})
     return manifest
+
+
+def _held_rows(table: pa.Table, held_out: pa.Array, model: type) -> list:
+    """The rows of the held-out images, validated; the rest of the shard is let go."""
+    return tables.rows_of(table.filter(pc.is_in(table.column("sha256"), value_set=held_out)), model)
 
 
 def provenance(ctx: RunContext) -> dict:

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from fundus_engine.ingest import SourceFile
+from fundus_engine.photo_files import SourceFile
 
 
 def assign_shards(sources: list[SourceFile], previous: dict[str, int], shard_size: int

@@ -13,7 +13,8 @@ from fundus_engine import backends
 from fundus_engine import detect as detect_stage
 from fundus_engine.config import DetectConfig, IngestConfig
 from fundus_engine.detect import DEMO_WEIGHTS, detect
-from fundus_engine.ingest import SourceFile, ingest, sha256_file
+from fundus_engine.ingest import ingest
+from fundus_engine.photo_files import SourceFile, sha256_file
 from fundus_engine.synth import generate
 
 EXPORTED = [b for b in ("onnx", "openvino") if backends.available(b)]

@@ -13,7 +13,7 @@ def test_code_fingerprints_follow_each_stage_modules_imports():
     # modules a hand-kept list once missed: the consistency flags' report_scoring.py, the prompt renderer
     assert {"expand", "expand_openai", "llm_client", "llm_ledger", "llm_cache", "llm_consistency", "report_scoring",
             "redaction", "prompts", "evidence", "models", "vocabulary"} <= _import_closure("expand", ROOT)
-    assert {"crop", "landmarks", "evidence", "ingest", "models"} <= _import_closure("crop", ROOT)
+    assert {"crop", "landmarks", "evidence", "decoding", "models"} <= _import_closure("crop", ROOT)
     assert {"ingest", "fundus_check", "synth"} <= _import_closure("ingest", ROOT)
     assert "yolo" not in _import_closure("crop", ROOT)  # a detector change does not re-run crop by code
 

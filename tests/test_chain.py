@@ -14,7 +14,9 @@ from fundus_engine.crop import box_999, crop, region_facts
 from fundus_engine.detect import from_labels
 from fundus_engine.evidence import DOMAINS, DetectorEvidence
 from fundus_engine.expand import OfflineExpander, expand
-from fundus_engine.ingest import ingest, load_labels, scan
+from fundus_engine.ingest import ingest
+from fundus_engine.labels import load_labels
+from fundus_engine.photo_files import scan
 from fundus_engine.models import Anatomy, ImageRecord, InstructionRecord, Point, Quality, Region
 from fundus_engine.prompts import PROMPTS_DIR
 from fundus_engine.synth import generate

@@ -14,7 +14,9 @@ from fundus_engine.landmarks import Landmarks
 from fundus_engine.crop import (anatomy, centre, box_999, clock_hour, colour_name, context_window, crop, crop_image,
                                 mark, mean_colour, quadrant, region_facts)
 from fundus_engine.detect import from_labels
-from fundus_engine.ingest import ingest, load_labels, scan
+from fundus_engine.ingest import ingest
+from fundus_engine.labels import load_labels
+from fundus_engine.photo_files import scan
 from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Quality, Reject
 from fundus_engine.synth import generate, render
 
@@ -291,6 +293,41 @@ def test_mark_draws_a_green_box_on_a_copy():
     assert tuple(marked[130, 100]) == (100, 100, 100)  # inside untouched
 
 
+@pytest.mark.parametrize("side", [256, 1500])  # thickness 2 and 5
+@pytest.mark.parametrize("xyxy", [[50.4, 60.6, 150.5, 200.2], [0.0, 0.0, 12.0, 9.0], [3.0, 7.0, 255.9, 256.0]])
+def test_a_marked_copy_written_in_place_has_the_bytes_of_a_marked_copy_and_leaves_the_photograph(tmp_path, side,
+                                                                                                 xyxy):
+    """crop draws the box on the photograph itself, writes it, and undraws it: no copy of a
+    4000-px photograph per marked class, and the very JPEG `mark` gives."""
+    from fundus_engine.crop import _write_jpeg, _write_marked
+
+    rgb = render(3, 0, side)[0]
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    before = bgr.copy()
+    box = [v * side / 256 for v in xyxy]
+    _write_marked(tmp_path / "in_place.jpg", bgr, box, 92)
+    _write_jpeg(tmp_path / "copy.jpg", np.ascontiguousarray(mark(rgb, box)[..., ::-1]), 92)
+    assert np.array_equal(bgr, before)
+    assert (tmp_path / "in_place.jpg").read_bytes() == (tmp_path / "copy.jpg").read_bytes()
+
+
+def test_crop_gives_the_same_rows_and_files_on_one_thread_as_on_several(synthetic, tmp_path, monkeypatch):
+    import fundus_engine.crop as crop_module
+
+    detections = [d for r in synthetic for d in from_labels(r)]
+    many = crop(synthetic, detections, tmp_path / "many", CropConfig())
+    monkeypatch.setattr(crop_module, "THREADS", 1)
+    one = crop(synthetic, detections, tmp_path / "one", CropConfig())
+
+    def plain(result, folder):
+        anatomies, regions, rejects = result
+        files = sorted(p.relative_to(folder) for p in folder.rglob("*.jpg"))
+        return ([a.model_dump() for a in anatomies], [r.model_dump(exclude={"crop_path", "marked_path"}) for r in regions],
+                rejects, files, [(folder / f).read_bytes() for f in files])
+
+    assert plain(many, tmp_path / "many") == plain(one, tmp_path / "one")
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("crop-src")
@@ -375,7 +412,8 @@ def test_an_exif_rotated_photograph_gets_an_upright_copy_that_trainers_read_in_t
     The records must point at pixels in the frame their boxes were measured in."""
     from PIL import Image
 
-    from fundus_engine.ingest import SourceFile, ingest_image, sha256_file
+    from fundus_engine.ingest import ingest_image
+    from fundus_engine.photo_files import SourceFile, sha256_file
 
     stored = np.zeros((300, 500, 3), np.uint8)  # a fundus photograph on the right of a wide frame
     stored[:, 200:] = render(0, 0, 300)[0]

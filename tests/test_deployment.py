@@ -66,3 +66,57 @@ def test_served_deployment_runs_and_writes_the_dataset(prefect_server, tmp_path)
                                      check=True).stdout)
     assert {"fundusgen-summary", "fundusgen-ingest", "fundusgen-detect", "fundusgen-crop", "fundusgen-expand",
             "fundusgen-chain", "fundusgen-rejects"} <= set(keys)
+
+
+@pytest.mark.slow
+def test_a_deployment_run_can_ask_for_a_dask_cluster_in_its_config(prefect_server, tmp_path):
+    """`-p config='{"runner": {"kind": "dask", "address": ...}}'`: the served flow runs the build as a
+    subflow on that Dask cluster (a real scheduler and two worker processes, started here without
+    PREFECT_API_URL: the task runs reach the server through the settings Prefect sends with them)."""
+    from test_runners import dask_cluster
+
+    env = prefect_server
+    source, out = tmp_path / "input", tmp_path / "output"
+    generate(source, 4, seed=322, size=256)
+    serve_log = tmp_path / "serve.log"
+    with dask_cluster(tmp_path / "dask", env=env) as address:
+        with serve_log.open("w") as log:
+            served = subprocess.Popen([str(BIN / "fundus-engine"), "serve"], env=env, cwd=ROOT, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            prefect = str(BIN / "prefect")
+            wait_for(lambda: subprocess.run([prefect, "deployment", "inspect", "build-fundusgen/build-fundusgen"],
+                                            env=env, capture_output=True).returncode == 0, 120, "deployment",
+                     serve_log)
+            config = json.dumps({"shard_size": 2, "runner": {"kind": "dask", "address": address}})
+            run = subprocess.run([prefect, "deployment", "run", "build-fundusgen/build-fundusgen",
+                                  "-p", f"input_dir={source}", "-p", f"output_dir={out}", "-p", f"config={config}",
+                                  "--watch"], env=env, capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, run.stdout + run.stderr + serve_log.read_text()[-3000:]
+            assert "Completed" in run.stdout
+        finally:
+            os.killpg(served.pid, signal.SIGTERM)
+            served.wait(30)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["images"] == 4 and manifest["complete"] and manifest["config"]["runner"]["kind"] == "dask"
+    assert manifest["stages"]["detect"] == {**manifest["stages"]["detect"], "shards": 2, "computed": 2}
+    assert ds.dataset(out / "dataset", format="parquet").to_table().num_rows == manifest["records"] > 0
+    assert "running the build on the dask runner" in serve_log.read_text()
+
+    code = ("import asyncio, json\n"
+            "from prefect.client.orchestration import get_client\n"
+            "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterId\n"
+            "async def main():\n"
+            "    async with get_client() as c:\n"
+            "        [sub] = await c.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_='-on-dask')))\n"
+            "        tasks = await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sub.id])))\n"
+            "        print(json.dumps({'subflow': sub.state.type.value, 'parent': bool(sub.parent_task_run_id),\n"
+            "                          'tasks': sorted((t.name, t.state.type.value) for t in tasks)}))\n"
+            "asyncio.run(main())\n")
+    seen = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                     check=True).stdout)
+    assert seen["subflow"] == "COMPLETED" and seen["parent"]
+    expected = sorted([[f"{stage}-{n:05d}", "COMPLETED"] for stage in ("ingest", "detect", "crop", "expand", "chain")
+                       for n in range(2)] + [["write", "COMPLETED"]])
+    assert seen["tasks"] == expected

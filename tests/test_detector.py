@@ -7,7 +7,8 @@ import pytest
 
 from fundus_engine.config import DetectConfig, IngestConfig
 from fundus_engine.detect import DEMO_WEIGHTS, detect, load_model
-from fundus_engine.ingest import SourceFile, ingest, sha256_file
+from fundus_engine.ingest import ingest
+from fundus_engine.photo_files import SourceFile, sha256_file
 from fundus_engine.synth import generate
 from fundus_engine.train import evaluate_detector, train_detector
 from fundus_engine.vocabulary import CLASS_NAMES

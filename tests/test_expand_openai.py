@@ -280,7 +280,7 @@ def test_a_file_rewritten_in_place_is_not_served_from_the_in_process_caches(tmp_
     import numpy as np
 
     from fundus_engine.llm_client import image_data_url
-    from fundus_engine.ingest import cached_sha256
+    from fundus_engine.photo_files import cached_sha256
 
     path = tmp_path / "r-000.crop.jpg"
     cv2.imwrite(str(path), np.full((32, 32, 3), 40, np.uint8))

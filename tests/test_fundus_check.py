@@ -17,7 +17,9 @@ import pytest
 
 from fundus_engine.config import IngestConfig
 from fundus_engine.fundus_check import SIDE, downscale, measure, not_a_fundus_photograph
-from fundus_engine.ingest import SourceFile, decode, ingest_image
+from fundus_engine.decoding import decode
+from fundus_engine.ingest import ingest_image
+from fundus_engine.photo_files import SourceFile
 from fundus_engine.models import ImageRecord, Reject
 from fundus_engine.synth import generate, render
 

@@ -16,7 +16,9 @@ import pytest
 from fundus_engine import ingest as ingest_module
 from fundus_engine.config import IngestConfig, WriteConfig
 from fundus_engine.detect import _from_result
-from fundus_engine.ingest import SourceFile, ingest, ingest_image, load_labels, scan, sha256_file
+from fundus_engine.ingest import ingest, ingest_image
+from fundus_engine.labels import load_labels
+from fundus_engine.photo_files import SourceFile, scan, sha256_file
 from fundus_engine.models import ImageRecord, InstructionRecord, LabelBox, Point, Region, Reject
 from fundus_engine.synth import generate
 from fundus_engine.tables import read_rows, write_rows
@@ -189,7 +191,7 @@ def test_a_csv_row_over_the_field_limit_is_rejected_alone(tmp_path):
 def test_an_image_over_max_pixels_is_rejected_from_its_header_before_decoding(root, monkeypatch):
     big = cv2.resize(cv2.imread(str(_images(root)[0])), (600, 500))
     cv2.imwrite(str(root / "images" / "big.png"), big)
-    monkeypatch.setattr(ingest_module, "decode", lambda path: pytest.fail(f"decoded {path}"))
+    monkeypatch.setattr(ingest_module, "decode_for_measures", lambda path: pytest.fail(f"decoded {path}"))
     result = ingest_image(root, SourceFile("images/big.png", "0" * 64), None, IngestConfig(max_pixels=299_999))
     assert result == Reject(stage="ingest", item=str(root / "images" / "big.png"),
                             reason="too large: 600x500 = 300000 pixels, limit 299999 (ingest.max_pixels)")

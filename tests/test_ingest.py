@@ -1,4 +1,5 @@
-"""fundus_engine.ingest: scanning and hashing, duplicates, bad files, label manifests, quality."""
+"""The ingest stage and what it is made of: scanning and hashing (photo_files), duplicates, bad files
+(decoding), label manifests (labels), quality (quality)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,11 @@ import numpy as np
 import pytest
 
 from fundus_engine.config import IngestConfig
-from fundus_engine.ingest import (SourceFile, decode, field_of_view, ingest, ingest_image, labels_for, load_labels,
-                                  measure_quality, scan, sha256_file)
+from fundus_engine.decoding import decode
+from fundus_engine.ingest import ingest, ingest_image
+from fundus_engine.labels import labels_for, load_labels
+from fundus_engine.photo_files import SourceFile, scan, sha256_file
+from fundus_engine.quality import field_of_view, measure_quality
 from fundus_engine.models import ImageRecord, LabelBox, Point, Reject
 from fundus_engine.synth import generate, render
 from fundus_engine.vocabulary import DR
@@ -364,7 +368,7 @@ def test_exif_orientation_is_applied_like_every_other_reader(tmp_path):
 
 
 def test_a_bare_name_shared_by_two_images_labels_neither(tmp_path):
-    from fundus_engine.ingest import ambiguous_keys, labels_for
+    from fundus_engine.labels import ambiguous_keys
 
     labels = {"001.jpg": {"diagnosis": "Glaucoma"}, "b/002.jpg": {"diagnosis": "Normal fundus"}, "003": {}}
     relpaths = ["a/001.jpg", "b/001.jpg", "b/002.jpg", "c/003.png"]

@@ -173,3 +173,12 @@ def test_plausible_disc_fovea():
     assert not plausible_disc_fovea((100, 100), 40, (150, 100))  # 1.25 DD: too close
     assert not plausible_disc_fovea((100, 100), 40, (100, 200))  # straight below
     assert not plausible_disc_fovea(None, 40, (200, 110))
+
+
+def test_a_channel_reversed_view_of_bgr_pixels_is_read_as_rgb():
+    """crop hands the localiser `bgr[..., ::-1]` (no copy of the photograph): the same landmarks."""
+    from fundus_engine.synth import render
+
+    for rgb in (render(5, 0, 512)[0], load_rgb(REAL / "images" / "IDRiD" / "IDRiD_03.jpg")):
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        assert dataclasses.astuple(locate_landmarks(bgr[..., ::-1])) == dataclasses.astuple(locate_landmarks(rgb))

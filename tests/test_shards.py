@@ -8,7 +8,7 @@ import pytest
 
 from flows.build_fundusgen import build_fundusgen
 from fundus_engine.config import BuildConfig
-from fundus_engine.ingest import SourceFile
+from fundus_engine.photo_files import SourceFile
 from fundus_engine.shards import assign_shards
 from fundus_engine.synth import generate
 

@@ -16,7 +16,8 @@ from flows.train_detector import TrainDetectorParams, train_detector
 from fundus_engine.cli import app
 from fundus_engine.config import DetectConfig, IngestConfig
 from fundus_engine.detect import DEMO_WEIGHTS, detect
-from fundus_engine.ingest import SourceFile, ingest, sha256_file
+from fundus_engine.ingest import ingest
+from fundus_engine.photo_files import SourceFile, sha256_file
 from fundus_engine.importers import LabelledImage, from_yolo
 from fundus_engine.synth import generate, is_synthetic
 from fundus_engine.train import domain_validations, export_onnx, pseudo_labels, validate_items

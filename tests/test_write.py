@@ -251,7 +251,8 @@ def test_near_duplicate_pairs_by_hamming_distance():
 def test_near_duplicates_and_patients_share_one_split(tmp_path):
     import cv2
 
-    from fundus_engine.ingest import decode, perceptual_hash
+    from fundus_engine.decoding import decode
+    from fundus_engine.quality import perceptual_hash
     from fundus_engine.synth import generate
     from fundus_engine.write import split_images
 
