@@ -293,8 +293,8 @@ def report(rows: list[dict], drawn: dict, cores: int) -> str:
              + ", ".join(f"{r['label']}@{r['n']}: {r['load'][0]:.1f}/{r['load'][1]:.1f}" for r in ok),
              "photographs drawn: " + ", ".join(f"{n} in {s:.0f} s" for n, s in drawn.items() if s > 0.5),
              "",
-             f"| runner | N | images | records | images/s | stages images/s | finish s | flow wall s | "
-             f"peak RSS MB (tree) | main MB | finish +MB | server MB | processes | cores busy |",
+             "| runner | N | images | records | images/s | stages images/s | finish s | flow wall s | "
+             "peak RSS MB (tree) | main MB | finish +MB | server MB | processes | cores busy |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

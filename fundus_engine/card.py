@@ -126,7 +126,7 @@ def render_card(out: Path, stats: RecordStats, boxes: BoxStats, about: dict) -> 
 
     tasks = stats.task_split
     splits = ("train", "val", "test")
-    lines = [f"# FundusGen dataset card", "",
+    lines = ["# FundusGen dataset card", "",
              f"{stats.records} instruction records from {len(stats.images)} images, built by Fundus-Engine "
              f"{about.get('engine_version')} on {about.get('created_at')}.", ""]
     detector = about.get("detector", {})

@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 import cv2
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 

@@ -303,7 +303,7 @@ def test_dataset_card_counts_and_plots(tmp_path):
     assert "| haemorrhage | 12 | 0 | 12 | 0 |" in text  # boxes: all, from labels, detector, localiser
     assert "| en | 36 |" in text and "Prompt `chain.report` version 1.0" in text
     per_task = Counter(r.task for r in records)
-    assert f"| disease_diagnosis | " in text and f"| {per_task['disease_diagnosis']} |" in text
+    assert "| disease_diagnosis | " in text and f"| {per_task['disease_diagnosis']} |" in text
     for png in ("box_sizes.png", "box_positions.png"):
         assert (tmp_path / "card" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Warning" not in text
