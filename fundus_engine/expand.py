@@ -114,8 +114,11 @@ class OfflineExpander:
             diagnosis, grade, source = record.diagnosis, record.grade, "label"
             evidence = _supporting(diagnosis, counts, anatomy.cup_to_disc)
         elif record.grade and record.dr_grade == 0:
-            diagnosis, grade, source = NORMAL, record.grade, "label"
-            evidence = _supporting(NORMAL, counts, anatomy.cup_to_disc)
+            grade, source = record.grade, "label"
+            if self.evidence.grounds_diagnosis(record):  # every lesion class assessed: normal is measured
+                diagnosis, evidence = NORMAL, _supporting(NORMAL, counts, anatomy.cup_to_disc)
+            else:  # a DR grade says nothing of other diseases: the label's own words ("No DR"), no more
+                diagnosis, evidence = record.grade, []
         elif self.evidence.grounds_diagnosis(record):
             diagnosis, grade, evidence = infer_diagnosis(counts, anatomy.cup_to_disc)
             source = "inferred"

@@ -18,14 +18,8 @@ from conftest import BIN, wait_for
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_served_deployment_runs_and_writes_the_dataset(prefect_server, tmp_path):
-    env = prefect_server
-    source, out = tmp_path / "input", tmp_path / "output"
-    generate(source, 6, seed=321)
-    (source / "images" / "broken.png").write_bytes(b"\x89PNG not really")
-
-    serve_log = tmp_path / "serve.log"
+def run_served_deployment(env: dict, serve_log: Path, *params: str) -> None:
+    """`fundus-engine serve`, then `prefect deployment run ... --watch` with `params`; the run must complete."""
     with serve_log.open("w") as log:
         served = subprocess.Popen([str(BIN / "fundus-engine"), "serve"], env=env, cwd=ROOT, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
@@ -34,13 +28,23 @@ def test_served_deployment_runs_and_writes_the_dataset(prefect_server, tmp_path)
         wait_for(lambda: subprocess.run([prefect, "deployment", "inspect", "build-fundusgen/build-fundusgen"],
                                         env=env, capture_output=True).returncode == 0, 120, "deployment", serve_log)
         run = subprocess.run([prefect, "deployment", "run", "build-fundusgen/build-fundusgen",
-                              "-p", f"input_dir={source}", "-p", f"output_dir={out}", "--watch"],
+                              *(arg for param in params for arg in ("-p", param)), "--watch"],
                              env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout + run.stderr + serve_log.read_text()[-3000:]
         assert "Completed" in run.stdout
     finally:
         os.killpg(served.pid, signal.SIGTERM)
         served.wait(30)
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_and_writes_the_dataset(prefect_server, tmp_path):
+    env = prefect_server
+    source, out = tmp_path / "input", tmp_path / "output"
+    generate(source, 6, seed=321)
+    (source / "images" / "broken.png").write_bytes(b"\x89PNG not really")
+
+    run_served_deployment(env, tmp_path / "serve.log", f"input_dir={source}", f"output_dir={out}")
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images"] == 6
@@ -80,23 +84,8 @@ def test_a_deployment_run_can_ask_for_a_dask_cluster_in_its_config(prefect_serve
     generate(source, 4, seed=322, size=256)
     serve_log = tmp_path / "serve.log"
     with dask_cluster(tmp_path / "dask", env=env) as address:
-        with serve_log.open("w") as log:
-            served = subprocess.Popen([str(BIN / "fundus-engine"), "serve"], env=env, cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            prefect = str(BIN / "prefect")
-            wait_for(lambda: subprocess.run([prefect, "deployment", "inspect", "build-fundusgen/build-fundusgen"],
-                                            env=env, capture_output=True).returncode == 0, 120, "deployment",
-                     serve_log)
-            config = json.dumps({"shard_size": 2, "runner": {"kind": "dask", "address": address}})
-            run = subprocess.run([prefect, "deployment", "run", "build-fundusgen/build-fundusgen",
-                                  "-p", f"input_dir={source}", "-p", f"output_dir={out}", "-p", f"config={config}",
-                                  "--watch"], env=env, capture_output=True, text=True, timeout=600)
-            assert run.returncode == 0, run.stdout + run.stderr + serve_log.read_text()[-3000:]
-            assert "Completed" in run.stdout
-        finally:
-            os.killpg(served.pid, signal.SIGTERM)
-            served.wait(30)
+        config = json.dumps({"shard_size": 2, "runner": {"kind": "dask", "address": address}})
+        run_served_deployment(env, serve_log, f"input_dir={source}", f"output_dir={out}", f"config={config}")
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images"] == 4 and manifest["complete"] and manifest["config"]["runner"]["kind"] == "dask"

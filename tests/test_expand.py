@@ -189,6 +189,11 @@ def test_labelled_diagnosis_wins_and_is_supported_by_relevant_findings(expander)
     assert (aptos0.image.diagnosis, aptos0.image.grade, aptos0.image.diagnosis_source) == (
         NORMAL, DR_GRADES[0], "label")
     assert aptos0.image.evidence[0].startswith("the absence of microaneurysm, ")
+    # Without a detector trusted on every lesion class, a DR grade 0 is "no DR", never "normal".
+    unassessed = OfflineExpander(ExpandConfig()).expand(_record(grade=DR_GRADES[0], dr_grade=0), ANATOMY,
+                                                        _anatomy_regions())
+    assert (unassessed.image.diagnosis, unassessed.image.grade, unassessed.image.evidence) == (
+        DR_GRADES[0], DR_GRADES[0], [])
 
 
 def test_a_weak_detector_states_no_absence_and_labels_do(expander):
