@@ -1,8 +1,8 @@
 """The `build-fundusgen` Prefect flow: thin orchestration of the library's shard runner.
 
 Every shard-stage (`fundus_engine.stages`) is one task running `runner.run_shard_stage`, which
-keys it by content, reuses a whole completion record and writes a new one last; the tasks are
-chained through their futures, so Prefect's task runner schedules shards in parallel. The end of
+keys it by content, reuses a whole completion record and writes a new one last; shards run side
+by side, and on one shard each stage after the one before it (`flows/scheduling.py`). The end of
 the run (`runner.finish_build`) publishes the dataset, card, benchmark and manifest in one step.
 What Prefect adds: the deployment, task runners, per-shard task runs, artifacts and logs.
 
@@ -24,7 +24,6 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
-from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -38,6 +37,7 @@ from fundus_engine.runner import (STAGE_NAMES, Completion, Plan, RunContext, Sha
                                   plan_build, run_shard_stage)
 
 from flows.runners import check_same_code, detect_resources, runs_on, task_runner_for, this_process
+from flows.scheduling import run_shards
 
 
 @task(task_run_name="{stage}-{shard.number:05d}", cache_policy=NO_CACHE)
@@ -51,46 +51,6 @@ def shard_stage_task(stage: str, ctx: RunContext, shard: Shard, upstream: dict, 
 @task(task_run_name="write", cache_policy=NO_CACHE)
 def write_task(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], started: float) -> dict:
     return finish_build(ctx, plan, outcomes, started)
-
-
-def _follow(futures: dict[str, list], progress: BuildProgress, logger) -> list[StageOutcome]:
-    """Wait for every shard-stage as it finishes, reporting progress (a line per stage at most
-    every few seconds, and the progress file the CLI's live display reads); returns how each ended."""
-    shards = list(progress.shard_images)  # futures[stage] follow the shards' order
-    where = {id(f): (stage, shards[n]) for stage, fs in futures.items() for n, f in enumerate(fs)}
-    outcomes: dict[tuple[str, int], StageOutcome] = {}
-    last_line: dict[str, float] = {}
-    for future in as_completed([f for fs in futures.values() for f in fs]):
-        stage, shard = where[id(future)]
-        future.wait()  # as_completed may yield before the future's final state is set
-        state = future.state
-        if state.is_completed():
-            done = future.result()
-            outcomes[stage, shard] = StageOutcome(stage=stage, shard=shard, completion=done)
-        elif not state.is_final():  # the task runner gave it up: its worker died (past Dask's or Ray's retries)
-            outcomes[stage, shard] = StageOutcome(stage=stage, shard=shard, state="crashed",
-                                                  failure=f"lost by the task runner: {_runner_error(future)}")
-            logger.warning("%s-%05d %s; the next run finishes it", stage, shard, outcomes[stage, shard].failure)
-        else:
-            outcomes[stage, shard] = StageOutcome(stage=stage, shard=shard, failure=state.message,
-                                                  state="failed" if state.is_failed() else state.name.lower())
-        done = outcomes[stage, shard].completion
-        line = progress.finished(stage, shard, len(done.rejects) if done else 0, cached=bool(done and done.reused))
-        s = progress.stages[stage]
-        if s.done == s.total or time.monotonic() - last_line.get(stage, 0) > 5:
-            last_line[stage] = time.monotonic()
-            logger.info(line)
-    return [outcomes[stage, shard] for stage in STAGE_NAMES for shard in shards]
-
-
-def _runner_error(future) -> str:
-    """Why a cluster's future ended without a task run state (e.g. Dask's KilledWorker)."""
-    wrapped = getattr(future, "wrapped_future", None)
-    try:
-        error = wrapped.exception(timeout=1) if hasattr(wrapped, "exception") else None
-    except Exception as exc:  # the engine's own error, raised instead of returned
-        error = exc
-    return f"{type(error).__name__}: {error}" if error else "no result"
 
 
 def _stage_rows(outcomes: list[StageOutcome]) -> dict[str, list[dict]]:
@@ -176,17 +136,15 @@ def _build(ctx: RunContext) -> dict:
     logger.info("%d images in %s in %d shards (%d rejected at scan), %d label entries",
                 sum(len(s.sources) for s in plan.shards), ctx.input_dir, len(plan.shards), len(plan.rejects),
                 plan.label_entries)
-    futures: dict[str, list] = {stage: [] for stage in STAGE_NAMES}
     task_runner = FlowRunContext.get().task_runner
-    for shard in plan.shards:
-        upstream: dict = {}
-        for stage in STAGE_NAMES:
-            # detect asks the cluster for a GPU when its device is CUDA (nothing on the CPU)
-            with detect_resources(task_runner, ctx.config.detect) if stage == "detect" else nullcontext():
-                upstream[stage] = shard_stage_task.submit(stage, ctx, shard, dict(upstream), this_process())
-            futures[stage].append(upstream[stage])
-    outcomes = _follow(futures, BuildProgress.start(ctx.out, STAGE_NAMES, {s.number: len(s.sources)
-                                                                           for s in plan.shards}), logger)
+
+    def submit(stage: str, shard: Shard, upstream: dict):
+        # detect asks the cluster for a GPU when its device is CUDA (nothing on the CPU)
+        with detect_resources(task_runner, ctx.config.detect) if stage == "detect" else nullcontext():
+            return shard_stage_task.submit(stage, ctx, shard, upstream, this_process())
+
+    progress = BuildProgress.start(ctx.out, STAGE_NAMES, {s.number: len(s.sources) for s in plan.shards})
+    outcomes = run_shards(plan.shards, submit, task_runner, progress, logger)
     manifest = write_task(ctx, plan, outcomes, started)
     rejects = [*plan.rejects, *(r for o in outcomes if o.completion for r in o.completion.rejects)]
     _publish_artifacts(_stage_rows(outcomes), manifest, ctx.out, rejects, manifest["wall_seconds"])

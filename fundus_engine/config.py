@@ -64,6 +64,11 @@ class CropConfig(Section):
     context: float = Field(0.5, ge=0, le=3, description="padding around a box, as a fraction of its size")
     min_crop_px: int = Field(64, ge=8, description="crops are at least this wide and high")
     jpeg_quality: int = Field(92, ge=50, le=100)
+    localise: Literal["when_needed", "always"] = Field(
+        "when_needed", description="the image-analysis localiser of the optic disc and fovea: `when_needed` runs "
+        "it only on photographs where labels or a detector trusted on that kind of photograph do not already give "
+        "both (there its cross-check would change nothing but the provenance, `detector+localiser`, and ~70 ms of "
+        "CPU per photograph); `always` runs it on every photograph, to record where the two agree")
 
 
 class Prices(Section):

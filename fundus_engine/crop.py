@@ -161,6 +161,17 @@ def anatomy(record: ImageRecord, detections: list[Detection], found: Landmarks |
     return anat, sorted(used + others, key=lambda d: d.region_id)
 
 
+def settled_without_localiser(anat: Anatomy, used: list[Detection]) -> bool:
+    """Whether `anatomy` made without the localiser is what it would make with it, apart from the
+    provenance: the disc and the fovea are both boxes from labels or from a detector trusted here
+    (`anatomy` uses those wherever the localiser puts its own, and checks the fovea's distance from
+    the disc without it), and they are apart enough to tell the side."""
+    boxes = {d.label for d in used if d.label in ("optic_disc", "fovea") and d.source != "localiser"}
+    return (boxes == {"optic_disc", "fovea"} and anat.disc_source in ("label", "detector")
+            and anat.fovea_source in ("label", "detector") and anat.disc_centre is not None
+            and anat.fovea_centre is not None and abs(anat.disc_centre.x - anat.fovea_centre.x) > 1)
+
+
 def _inferred_laterality(disc: Point | None, fovea: Point | None, found: Landmarks | None) -> str:
     """The disc is nasal to the fovea: on the viewer's right in a right eye. Without a fovea, a
     disc well off the centre of the field of view tells the side too."""
@@ -294,7 +305,10 @@ def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, 
                trusted: Iterable[str] = ANATOMY) -> tuple[Anatomy, list[Region]]:
     bgr = decode_bgr(Path(record.path))
     rgb = bgr[..., ::-1]  # a view: the localiser and the colours read RGB
-    anat, detections = anatomy(record, detections, locate_landmarks(rgb), trusted)
+    anat, used = anatomy(record, detections, None, trusted)
+    if config.localise == "always" or not settled_without_localiser(anat, used):
+        anat, used = anatomy(record, detections, locate_landmarks(rgb), trusted)
+    detections = used
     regions = []
     marked_labels = set()
     image_dir = Path(out_dir) / record.sha256[:16]

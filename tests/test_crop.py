@@ -386,6 +386,46 @@ def test_crop_image_writes_crops_and_one_marked_copy_per_class(synthetic, tmp_pa
     assert disc.mean_rgb[0] > disc.mean_rgb[1] > disc.mean_rgb[2] and disc.colour != "red"
 
 
+def test_the_localiser_runs_only_where_its_answer_can_change_the_anatomy(synthetic, tmp_path, monkeypatch):
+    """Where labels or a trusted detector give both the disc and the fovea, the localiser's
+    cross-check could change nothing but the provenance: `localise: when_needed` skips it and every
+    measurement and region is the one `always` gives. Where a landmark is missing or the detector
+    is not trusted on the photograph, it runs."""
+    import fundus_engine.crop as crop_module
+
+    calls = []
+    real = crop_module.locate_landmarks
+    monkeypatch.setattr(crop_module, "locate_landmarks", lambda rgb: calls.append(rgb.shape) or real(rgb))
+    provenance = {"disc_source", "fovea_source", "landmark_disagreement"}
+
+    def rows(result):
+        anatomies, regions, rejects = result
+        assert rejects == []
+        return ([a.model_dump(exclude=provenance) for a in anatomies],
+                [r.model_dump(exclude={"crop_path", "marked_path"}) for r in regions])
+
+    labelled = [d for r in synthetic for d in from_labels(r)]
+    predicted = [d.model_copy(update={"source": "model", "confidence": 0.8}) for d in labelled]
+    unlabelled = [r.model_copy(update={"disc": None, "fovea": None}) for r in synthetic]  # the detector's alone
+    for records, detections in ((synthetic, labelled), (unlabelled, predicted)):
+        lazy = crop(records, detections, tmp_path / "lazy", CropConfig())
+        assert calls == []
+        full = crop(records, detections, tmp_path / "full", CropConfig(localise="always"))
+        assert len(calls) == 2
+        calls.clear()
+        assert rows(lazy) == rows(full)
+    assert {(a.disc_source, a.fovea_source) for a in lazy[0]} == {("detector", "detector")}
+    assert {a.disc_source for a in full[0]} <= {"detector", "detector+localiser"}
+
+    record = unlabelled[0]
+    no_fovea = [d for d in predicted if d.sha256 == record.sha256 and d.label != "fovea"]
+    crop_image(record, no_fovea, tmp_path / "no-fovea", CropConfig())
+    assert len(calls) == 1
+    untrusted = [d for d in predicted if d.sha256 == record.sha256]
+    anat, _ = crop_image(record, untrusted, tmp_path / "untrusted", CropConfig(), trusted=())
+    assert len(calls) == 2 and anat.disc_source in ("localiser", "detector+localiser")
+
+
 def test_crop_rejects_an_unreadable_image_and_goes_on(synthetic, tmp_path):
     good = synthetic[1]
     missing = good.model_copy(update={"sha256": "cd" * 32, "path": str(tmp_path / "gone.jpg")})

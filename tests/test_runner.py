@@ -2,6 +2,7 @@
 records decide what is reused, and what a stage depends on is in its key."""
 from __future__ import annotations
 
+import json
 import time
 
 from fundus_engine.config import BuildConfig
@@ -64,3 +65,28 @@ def test_a_failing_shard_stage_costs_only_its_shard(tmp_path, monkeypatch):
     assert states[("chain", 1)] == "completed"
     assert not manifest["complete"] and manifest["incomplete_shards"] == {"crop": [0], "expand": [0], "chain": [0]}
     assert manifest["images"] == 2 and manifest["rejects_per_stage"] == {"crop": 1}
+
+
+def test_skipping_the_localiser_where_it_can_change_nothing_leaves_every_record_as_it_was(tmp_path):
+    """`crop.localise: when_needed` (the default) against `always`, on photographs where the detector
+    (trusted on synthetic photographs) finds the disc and fovea: the same dataset records and the
+    same anatomy apart from its provenance."""
+    from fundus_engine.models import Anatomy
+
+    source = tmp_path / "in"
+    generate(source, 8, seed=23, size=384)
+    built = {}
+    for localise in ("when_needed", "always"):
+        config = BuildConfig(shard_size=4, crop={"localise": localise})
+        outcomes, manifest = _build(source, tmp_path / localise, config)
+        assert manifest["complete"]
+        anatomy = read_rows(sorted((tmp_path / localise / "stages" / "crop").glob("*.anatomy.parquet")), Anatomy)
+        records = read_rows(sorted((tmp_path / localise / "dataset").glob("*.parquet")), InstructionRecord)
+        out_dir = json.dumps(str(tmp_path / localise))[1:-1]
+        built[localise] = anatomy, [json.loads(r.model_dump_json().replace(out_dir, "OUT")) for r in records]
+    (lazy, lazy_records), (full, full_records) = built["when_needed"], built["always"]
+    assert lazy_records == full_records and len(lazy_records) > 50
+    provenance = {"disc_source", "fovea_source", "landmark_disagreement"}
+    assert [a.model_dump(exclude=provenance) for a in lazy] == [a.model_dump(exclude=provenance) for a in full]
+    skipped = [a for a in lazy if (a.disc_source, a.fovea_source) == ("detector", "detector")]
+    assert len(skipped) >= 4 and all("localiser" in (a.disc_source or "") for a in full)

@@ -442,3 +442,13 @@ def test_a_shard_whose_worker_keeps_dying_is_left_for_the_next_run(source, on_th
     assert again["complete"] and records(out) == records(thread_out)
     assert {s: (again["stages"][s]["computed"], again["stages"][s]["cached"]) for s in ("detect", "chain")} == {
         "detect": (len(lost), 3 - len(lost)), "chain": (len(lost), 3 - len(lost))}
+
+
+@pytest.mark.slow
+def test_a_local_dask_cluster_leaves_glibc_its_own_trim_threshold():
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, which made crop twice as slow."""
+    import os
+
+    with task_runner_for(RunnerConfig(kind="dask", workers=1)) as runner:
+        environ = runner.client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
+    assert list(environ.values()) == [{"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}]
