@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from fundus_engine.landmarks import brightest_channel
+
 SIDE = 256  # features are measured on a copy this long
 
 # A pixel is dark (outside the field of view) below 0.3 x the frame's 99th-percentile
@@ -79,7 +81,7 @@ def measure(rgb: np.ndarray) -> FundusFeatures:
     """The features not_a_fundus_photograph decides on (RGB uint8 in)."""
     small = downscale(rgb)
     h, w = small.shape[:2]
-    brightness = small.max(axis=2).astype(np.float32)
+    brightness = brightest_channel(small).astype(np.float32)
     dark_level = float(np.clip(DARK_FRACTION_OF_P99 * np.percentile(brightness, 99), DARK_MIN, DARK_MAX))
     dark = brightness < dark_level
     bright = cv2.morphologyEx((~dark).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
@@ -108,8 +110,9 @@ def measure(rgb: np.ndarray) -> FundusFeatures:
         inner = np.ones((h, w), bool)
     pixels = small[inner].astype(np.float32)
     r, g, b = (float(v) for v in pixels.mean(axis=0))
-    peak = pixels.max(axis=1)
-    chroma = float(((peak - pixels.min(axis=1)) / np.maximum(peak, 1)).mean())
+    peak = brightest_channel(pixels)
+    least = np.minimum(np.minimum(pixels[..., 0], pixels[..., 1]), pixels[..., 2])  # as brightest_channel
+    chroma = float(((peak - least) / np.maximum(peak, 1)).mean())
     hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
     white_fraction = float(((hsv[..., 1] < 0.15 * 255) & (hsv[..., 2] > 0.7 * 255)).mean())
 

@@ -60,7 +60,7 @@ def _shrink(image: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
-def _brightest_channel(image: np.ndarray) -> np.ndarray:
+def brightest_channel(image: np.ndarray) -> np.ndarray:
     """The largest of the three channels per pixel (`image.max(axis=2)`, several times faster)."""
     return np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
 
@@ -88,7 +88,7 @@ def field_of_view(rgb: np.ndarray) -> tuple[tuple[float, float], float, float] |
     a frame with no contrast at all (blank, uniform) gets None."""
     h, w = rgb.shape[:2]
     scale = min(1.0, 256 / max(h, w))
-    small = _brightest_channel(_shrink(rgb, scale))
+    small = brightest_channel(_shrink(rgb, scale))
     border = np.concatenate([small[:3].ravel(), small[-3:].ravel(), small[:, :3].ravel(), small[:, -3:].ravel()])
     background, bright = float(np.median(border)), float(np.percentile(small, 95))
     if bright - float(np.percentile(small, 5)) < 20:  # no contrast anywhere: a blank frame
@@ -201,7 +201,7 @@ def _prepare(rgb: np.ndarray, fov_centre: tuple[float, float], fov_radius: float
     cx, cy = (fcx - x0 + 0.5) / sx - 0.5, (fcy - y0 + 0.5) / sy - 0.5
     xs, ys = np.arange(work.shape[1], dtype=np.float32), np.arange(work.shape[0], dtype=np.float32)
     radial = np.hypot((xs - cx)[None, :], (ys - cy)[:, None])
-    fov = (radial < 0.97 * WORK_RADIUS) & (_brightest_channel(work) > threshold)
+    fov = (radial < 0.97 * WORK_RADIUS) & (brightest_channel(work) > threshold)
     fov = _inset(fov, 2)
     depth, weights = _depth(fov), {}
     # outside the field, continue the field's own values so the dark rim reads as no vessel
