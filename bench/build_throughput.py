@@ -8,11 +8,10 @@ temporary folder, and detect alone (`fundus_engine.detect.detect` on the same in
 same config and backend). The detector is loaded (exported if need be) and warm before both.
 
 Per-stage seconds are the runner's task seconds (`manifest["stages"][stage]["seconds"]`: each
-shard-stage from reading its inputs to writing its tables, summed over shards). Shards may run at
-once on Prefect's thread pool, but with its default size (the CPU count) a task waiting for the
-stage before it holds a worker, so in practice the stages run one after another and their sum is
-close to the wall time; `--workers N` adds a build with `runner.workers: N` threads, where the
-stages of different shards overlap. `write` is the end of the run (`runner.finish_build`: splits,
+shard-stage from reading its inputs to writing its tables, summed over shards). On Prefect's thread
+pool the shard-stages of different shards run side by side (`flows/scheduling.py`), so the stage
+sums add up to more than the wall time; `--workers N` adds a build with `runner.workers: N` threads.
+`write` is the end of the run (`runner.finish_build`: splits,
 dataset, card, benchmark, manifest), timed around the call. `whole build` is the whole
 `build_fundusgen` call. images/s = images / seconds; "x detect alone" is that rate over detect
 alone's. "CPU s" is the process's CPU time (user + system, every thread) over the same span: on a
@@ -188,15 +187,16 @@ def table(name: str, images: int, manifest: dict, wall: float, cpu: float, write
 
 def profile_stages(inp: Path, config, images: int, top: int) -> str:
     """Where ingest's and crop's own time goes: cProfile of the stage functions on the first
-    `images` photographs, outside the flow (functions by their own time)."""
+    `images` photographs, outside the flow, on one thread each (cProfile sees only the thread it
+    runs in; functions by their own time)."""
     import cProfile
     import io
     import pstats
 
     from fundus_engine import crop as crop_stage
     from fundus_engine import detect as detect_stage
+    from fundus_engine import ingest as ingest_stage
     from fundus_engine.evidence import DetectorEvidence
-    from fundus_engine.ingest import ingest
     from fundus_engine.photo_files import scan
 
     sources, _ = scan(inp)
@@ -216,11 +216,16 @@ def profile_stages(inp: Path, config, images: int, top: int) -> str:
         out.extend("  " + line for line in body[body.index(next(x for x in body if "ncalls" in x)):])
         return result
 
-    records, _ = profiled("ingest", lambda: ingest(inp, sources, {}, config.ingest))
-    detections, _ = detect_stage.detect(records, config.detect)
-    evidence = DetectorEvidence.of(detect_stage.weights_path(config.detect), config.expand.negative_min_map50)
-    with tempfile.TemporaryDirectory(prefix="fundus-crop-profile-") as tmp:
-        profiled("crop", lambda: crop_stage.crop(records, detections, Path(tmp), config.crop, evidence))
+    threads = ingest_stage.THREADS, crop_stage.THREADS
+    ingest_stage.THREADS = crop_stage.THREADS = 1
+    try:
+        records, _ = profiled("ingest", lambda: ingest_stage.ingest(inp, sources, {}, config.ingest))
+        detections, _ = detect_stage.detect(records, config.detect)
+        evidence = DetectorEvidence.of(detect_stage.weights_path(config.detect), config.expand.negative_min_map50)
+        with tempfile.TemporaryDirectory(prefix="fundus-crop-profile-") as tmp:
+            profiled("crop", lambda: crop_stage.crop(records, detections, Path(tmp), config.crop, evidence))
+    finally:
+        ingest_stage.THREADS, crop_stage.THREADS = threads
     return "\n".join(out)
 
 
