@@ -187,8 +187,8 @@ def table(name: str, images: int, manifest: dict, wall: float, cpu: float, write
 
 def profile_stages(inp: Path, config, images: int, top: int) -> str:
     """Where ingest's and crop's own time goes: cProfile of the stage functions on the first
-    `images` photographs, outside the flow, on one thread each (cProfile sees only the thread it
-    runs in; functions by their own time)."""
+    `images` photographs, outside the flow, on this thread (cProfile sees only the thread it runs
+    in; functions by their own time)."""
     import cProfile
     import io
     import pstats
@@ -216,16 +216,16 @@ def profile_stages(inp: Path, config, images: int, top: int) -> str:
         out.extend("  " + line for line in body[body.index(next(x for x in body if "ncalls" in x)):])
         return result
 
-    threads = ingest_stage.THREADS, crop_stage.THREADS
-    ingest_stage.THREADS = crop_stage.THREADS = 1
-    try:
-        records, _ = profiled("ingest", lambda: ingest_stage.ingest(inp, sources, {}, config.ingest))
-        detections, _ = detect_stage.detect(records, config.detect)
-        evidence = DetectorEvidence.of(detect_stage.weights_path(config.detect), config.expand.negative_min_map50)
-        with tempfile.TemporaryDirectory(prefix="fundus-crop-profile-") as tmp:
-            profiled("crop", lambda: crop_stage.crop(records, detections, Path(tmp), config.crop, evidence))
-    finally:
-        ingest_stage.THREADS, crop_stage.THREADS = threads
+    from fundus_engine.models import ImageRecord
+
+    # photograph by photograph on this thread (the stage functions spread them over a thread pool)
+    measured = profiled("ingest", lambda: [ingest_stage.ingest_image(inp, s, None, config.ingest) for s in sources])
+    records = [r for r in measured if isinstance(r, ImageRecord)]
+    detections, _ = detect_stage.detect(records, config.detect)
+    evidence = DetectorEvidence.of(detect_stage.weights_path(config.detect), config.expand.negative_min_map50)
+    with tempfile.TemporaryDirectory(prefix="fundus-crop-profile-") as tmp:
+        profiled("crop", lambda: [crop_stage.crop_image(r, [d for d in detections if d.sha256 == r.sha256], Path(tmp),
+                                                        config.crop, evidence.trusted_for(r)) for r in records])
     return "\n".join(out)
 
 
