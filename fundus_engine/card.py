@@ -14,7 +14,6 @@ import pyarrow as pa
 matplotlib.use("Agg")  # files only, no display; matplotlib bundles its fonts (nothing downloaded)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fundus_engine.models import InstructionRecord, Region  # noqa: E402
 from fundus_engine.vocabulary import LESIONS  # noqa: E402
 from fundus_engine.vocabulary import CLASS_NAMES  # noqa: E402
 from fundus_engine.write import RecordStats  # noqa: E402
@@ -40,12 +39,6 @@ class BoxStats:
         self.sizes: dict[str, Counter] = {}  # class -> {bin: boxes}
         self.size_range: dict[str, tuple[float, float]] = {}
         self.centres: dict[str, np.ndarray] = {}  # class -> boxes per cell (y, x)
-
-    @classmethod
-    def of(cls, regions: Iterable[Region]) -> "BoxStats":
-        stats = cls()
-        stats.add_rows((r.label, r.source, r.size_dd, r.box_999) for r in regions)
-        return stats
 
     def add_table(self, table: pa.Table) -> None:
         """Regions (an Arrow table with the Region columns)."""
@@ -107,13 +100,6 @@ def plot_box_positions(boxes: BoxStats, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def write_card(out: Path, records: list[InstructionRecord], regions: list[Region], about: dict) -> Path:
-    """OUT/card/README.md with counts per task, class, split and language, the box plots, and
-    the config, models and prompt versions (`about`: the manifest's provenance part)."""
-    stats = RecordStats.of(records)
-    return render_card(out, stats, BoxStats.of(r for r in regions if r.sha256 in stats.images), about)
 
 
 def render_card(out: Path, stats: RecordStats, boxes: BoxStats, about: dict) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from fundus_engine.models import Anatomy, ImageRecord, Region
+from fundus_engine.models import ImageRecord
 from fundus_engine.vocabulary import AMD, DR_GRADES, LESIONS, canonical_class
 
 DOMAINS = ("synthetic", "real")
@@ -116,8 +116,8 @@ def assessed_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[st
 
 
 class DomainReport:
-    """`domain_report` gathered a shard at a time: each image's kind of photograph (keys only),
-    then counters of where its disc and fovea came from and a running sum of the detector's box
+    """How far the build's detector was inside its domain, gathered a shard at a time: each image's
+    kind of photograph (keys only), then counters of where its disc and fovea came from and a running sum of the detector's box
     confidences, per kind of photograph. Rows are never kept."""
 
     def __init__(self, evidence: DetectorEvidence):
@@ -147,21 +147,6 @@ class DomainReport:
     def report(self) -> dict:
         return _report(self.evidence, Counter(self.domain_of.values()), self.disc_source, self.fovea_source,
                        self.confidence)
-
-
-def domain_report(images: list[ImageRecord], anatomies: list[Anatomy], regions: list[Region],
-                  evidence: DetectorEvidence) -> dict:
-    """How far the build's detector was inside its domain: per kind of photograph, where the disc
-    and fovea came from, how confident its boxes were, and a plain warning with the remedy when
-    real photographs met a detector never validated on them."""
-    report = DomainReport(evidence)
-    for i in images:
-        report.add_image(i.sha256, i.synthetic)
-    for a in anatomies:
-        report.add_anatomy(a.sha256, a.disc_source, a.fovea_source)
-    for r in regions:
-        report.add_region(r.sha256, r.source, r.confidence)
-    return report.report()
 
 
 def _report(evidence: DetectorEvidence, images: Counter, disc_source: dict[str, Counter],

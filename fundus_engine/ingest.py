@@ -17,14 +17,11 @@ import cv2
 from fundus_engine.config import IngestConfig
 from fundus_engine.decoding import decode_for_measures, too_large
 from fundus_engine.fundus_check import not_a_fundus_photograph
-from fundus_engine.labels import ambiguous_keys, fit_labels, labels_for, load_labels
+from fundus_engine.labels import fit_labels, labels_for
 from fundus_engine.models import ImageRecord, Reject
-from fundus_engine.photo_files import SourceFile, scan, shown, utf8_path
+from fundus_engine.photo_files import SourceFile, shown, utf8_path
 from fundus_engine.quality import QUALITY_SIDE, downscaled, grade_quality, perceptual_hash
 from fundus_engine.synth import is_synthetic
-
-# What a build's plan takes from ingest (runner.plan_build): the labels and the photographs.
-__all__ = ["ingest", "ingest_image", "load_labels", "scan", "labels_for", "ambiguous_keys", "SourceFile"]
 
 STAGE = "ingest"
 THREADS = min(4, os.cpu_count() or 1)  # photographs measured at once (OpenCV and NumPy release the GIL)

@@ -27,8 +27,10 @@ from pydantic import BaseModel, ConfigDict
 
 import fundus_engine
 from fundus_engine import chain as chain_stage, mcq, detect as detect_stage, expand as expand_stage
-from fundus_engine import ingest as ingest_stage, write as write_stage
+from fundus_engine import write as write_stage
 from fundus_engine import tables
+from fundus_engine.labels import ambiguous_keys, labels_for, load_labels
+from fundus_engine.photo_files import scan
 from fundus_engine.card import BoxStats, render_card
 from fundus_engine.config import BuildConfig
 from fundus_engine.evidence import DetectorEvidence, DomainReport
@@ -187,15 +189,14 @@ def run_shard_stage(stage: Stage | str, ctx: RunContext, shard: Shard, upstream:
 
 def plan_build(ctx: RunContext) -> Plan:
     """Labels, photographs and their shards (membership kept from build to build)."""
-    labels, rejects = ingest_stage.load_labels(ctx.input_dir, ctx.config.ingest)
-    sources, scan_rejects = ingest_stage.scan(ctx.input_dir, exclude=ctx.out,
-                                              labelled=lambda rel: ingest_stage.labels_for(rel, labels) is not None)
+    labels, rejects = load_labels(ctx.input_dir, ctx.config.ingest)
+    sources, scan_rejects = scan(ctx.input_dir, exclude=ctx.out, labelled=lambda rel: labels_for(rel, labels) is not None)
     rejects += scan_rejects
-    ambiguous = ingest_stage.ambiguous_keys([s.relpath for s in sources], labels)
+    ambiguous = ambiguous_keys([s.relpath for s in sources], labels)
     rejects += [Reject(stage="ingest", item=f"labels entry {key}",
                        reason="names several images in the input folder; use the relative path")
                 for key in sorted(ambiguous)]
-    matched = {s.relpath: ingest_stage.labels_for(s.relpath, labels, ambiguous) for s in sources}
+    matched = {s.relpath: labels_for(s.relpath, labels, ambiguous) for s in sources}
     size = ctx.config.shard_size
     shards = assign_shards(sources, load_assignment(ctx.out, size), size)
     save_assignment(ctx.out, size, shards)

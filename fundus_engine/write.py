@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from fundus_engine import tables
 from fundus_engine.config import WriteConfig
 from fundus_engine.models import ImageRecord, InstructionRecord, Reject
-from fundus_engine.tables import RollingWriter, arrow_schema, table_of, write_rows
+from fundus_engine.tables import RollingWriter, arrow_schema, write_rows
 
 SPLITS = ("train", "val", "test")
 
@@ -194,14 +194,6 @@ class DatasetWriter:
         return {split: paths for split, paths in files.items() if paths}
 
 
-def write_dataset(records: list[InstructionRecord], build_dir: Path, config: WriteConfig) -> dict[str, list[str]]:
-    """Write `dataset/{split}-NNNNN.parquet` into a build's own folder (`fundus_engine.publish`
-    makes it visible in one step once everything of the build is written)."""
-    writer = DatasetWriter(build_dir, config, len(records))
-    writer.add(table_of(records, InstructionRecord))
-    return writer.close()
-
-
 def with_splits(table: pa.Table, split_of: dict[str, str]) -> pa.Table:
     """Records (an Arrow table) with their `split` column set from their image's split."""
     splits = pa.array([split_of[sha] for sha in table.column("sha256").to_pylist()], pa.string())
@@ -237,12 +229,6 @@ class RecordStats:
         self.flags: Counter = Counter()
 
     COLUMNS = ("sha256", "task", "split", "language", "diagnosis")
-
-    @classmethod
-    def of(cls, records: Iterable[InstructionRecord]) -> "RecordStats":
-        stats = cls()
-        stats.add_rows((r.sha256, r.task, r.split, r.language, r.diagnosis) for r in records)
-        return stats
 
     def add_flags(self, flags: Iterable[list[str] | None]) -> None:
         """The flags of every record, kept or dropped (`expand.drop_flagged`)."""
@@ -283,10 +269,6 @@ class RecordStats:
             "rejects": len(rejects),
             "rejects_per_stage": dict(sorted(Counter(r.stage for r in rejects).items())),
         }
-
-
-def summarise(records: list[InstructionRecord], rejects: list[Reject]) -> dict:
-    return RecordStats.of(records).summary(rejects)
 
 
 def write_manifest(out: Path, manifest: dict) -> Path:

@@ -6,10 +6,11 @@ import shutil
 
 from fundus_engine.config import DetectConfig
 from fundus_engine.detect import DEMO_WEIGHTS, in_domain
-from fundus_engine.evidence import (DetectorEvidence, assessed_lesions, domain_report, trusted_classes,
+from fundus_engine.evidence import (DetectorEvidence, assessed_lesions, trusted_classes,
                                     validated_classes)
 from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Quality, Region
 from fundus_engine.vocabulary import CLASS_NAMES, LESIONS
+from in_memory import domain_report
 
 QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
 

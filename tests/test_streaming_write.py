@@ -15,13 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from fundus_engine import mcq, runner, tables, write
-from fundus_engine.card import write_card
 from fundus_engine.config import BuildConfig, WriteConfig
-from fundus_engine.evidence import domain_report
 from fundus_engine.models import Anatomy, ImageRecord, InstructionRecord, Region
 from fundus_engine.runner import RunContext, finish_build, plan_build, run_local
 from fundus_engine.synth import generate
 from fundus_engine.tables import read_rows, write_rows
+from in_memory import domain_report, write_card, write_dataset
 
 PROVENANCE_KEYS = ("engine_version", "created_at", "input_dir", "output_dir", "config", "detector", "expand_backend",
                    "prompts")
@@ -214,7 +213,7 @@ def test_dataset_writer_sorts_across_pieces_and_partitions(tmp_path, monkeypatch
         for path, rows in zip(files[split], chunks):
             assert pq.read_table(tmp_path / path).to_pylist() == rows
     assert not (tmp_path / ".sort").exists()
-    assert write.write_dataset(records, tmp_path / "at-once", WriteConfig(rows_per_file=100)) == files
+    assert write_dataset(records, tmp_path / "at-once", WriteConfig(rows_per_file=100)) == files
 
 
 def test_splits_from_image_keys_equal_splits_from_whole_rows(built):

@@ -13,7 +13,8 @@ from fundus_engine.config import WriteConfig
 from fundus_engine.models import GroundedBox, InstructionRecord, Provenance, Reject, Turn
 from fundus_engine.tables import arrow_schema, read_rows
 from fundus_engine.publish import BuildLock, OutputLocked, new_build_dir, publish
-from fundus_engine.write import SPLITS, assign_split, summarise, write_dataset, write_manifest, write_rejects
+from fundus_engine.write import SPLITS, assign_split, write_manifest, write_rejects
+from in_memory import summarise, write_card, write_dataset
 
 PROVENANCE = Provenance(backend="offline", model="knowledge-table", prompt_id="expand.offline", prompt_version="1.0",
                         prompt_sha256="0" * 64, engine_version="0.0.0")
@@ -286,7 +287,6 @@ def test_near_duplicates_and_patients_share_one_split(tmp_path):
 
 
 def test_dataset_card_counts_and_plots(tmp_path):
-    from fundus_engine.card import write_card
     from fundus_engine.models import Region
 
     records = _dataset(patients=6)
