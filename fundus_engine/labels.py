@@ -9,6 +9,7 @@ entry and field); the entry keeps its other fields.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from collections import Counter
@@ -38,6 +39,15 @@ def _numbers(value, n: int) -> list[float]:
     return numbers
 
 
+def patient_pseudonym(patient_id: str) -> str:
+    """What a build keeps of a patient identifier: a one-way digest, the same in every build (so a
+    patient's photographs share a split, and the splits are reproducible), never the identifier,
+    which therefore reaches no Parquet, export or log. An identifier drawn from a small space (a
+    record number) could still be confirmed by hashing candidates: replace such identifiers with
+    secret pseudonyms before the build."""
+    return "pt-" + hashlib.sha256(f"fundus-engine patient {patient_id}".encode()).hexdigest()[:24]
+
+
 def _label_entry(raw: dict) -> tuple[dict, list[tuple[str, str]], set[str | None]]:
     """Normalise one manifest entry (JSON object or CSV row) onto ImageRecord's label fields.
 
@@ -53,6 +63,8 @@ def _label_entry(raw: dict) -> tuple[dict, list[tuple[str, str]], set[str | None
         value = raw.get(key)
         if value not in (None, ""):
             entry[key] = str(value).strip()
+    if "patient_id" in entry:
+        entry["patient_id"] = patient_pseudonym(entry["patient_id"])
     dr, dr_field = raw.get("dr_grade"), "dr_grade"
     # APTOS-style CSVs put the DR grade (0-4) in a column called diagnosis.
     if dr in (None, "") and str(entry.get("diagnosis", "")).isdigit():

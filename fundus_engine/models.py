@@ -62,7 +62,7 @@ class ImageRecord(Row):
     relpath: str  # path relative to the input folder
     width: int
     height: int
-    patient_id: str | None = None
+    patient_id: str | None = None  # `labels.patient_pseudonym` of the labels' identifier, never the identifier
     laterality: Laterality = "unknown"
     diagnosis: str | None = None
     grade: str | None = None

@@ -13,6 +13,7 @@ import pytest
 
 from flows.build_fundusgen import build_fundusgen
 from fundus_engine.config import BuildConfig
+from fundus_engine.labels import patient_pseudonym
 from fundus_engine.models import BenchmarkQuestion, InstructionRecord, Region, Reject
 from fundus_engine.prompts import PROMPTS_DIR
 from fundus_engine.synth import generate
@@ -134,7 +135,7 @@ def test_bad_config_and_missing_input_fail_with_the_path(tmp_path):
 def test_benchmark_comes_from_held_out_images_only_and_the_card_describes_the_build(source, tmp_path):
     out = tmp_path / "out"
     # hold out exactly the patient whose key hashes lowest; the other two train
-    patients = sorted({e["patient_id"] for e in json.loads((source / "labels.json").read_text())["images"]},
+    patients = sorted({patient_pseudonym(e["patient_id"]) for e in json.loads((source / "labels.json").read_text())["images"]},
                       key=split_position)
     cut = (split_position(patients[0]) + split_position(patients[1])) / 2
     config = BuildConfig.model_validate({"write": {"test_fraction": cut, "val_fraction": 0.0}})

@@ -17,7 +17,7 @@ from fundus_engine import ingest as ingest_module
 from fundus_engine.config import IngestConfig, WriteConfig
 from fundus_engine.detect import _from_result
 from fundus_engine.ingest import ingest, ingest_image
-from fundus_engine.labels import load_labels
+from fundus_engine.labels import load_labels, patient_pseudonym
 from fundus_engine.photo_files import SourceFile, scan, sha256_file
 from fundus_engine.models import ImageRecord, InstructionRecord, LabelBox, Point, Region, Reject
 from fundus_engine.synth import generate
@@ -116,7 +116,7 @@ def test_label_boxes_outside_inverted_or_not_finite_are_rejected_alone(root):
     record = records[first]
     assert record.label_boxes == [LabelBox(label="haemorrhage", xyxy=[40, 40, 60, 60]),
                                   LabelBox(label="soft_exudate", xyxy=[0, 10, 60, 256])]
-    assert (record.patient_id, record.dr_grade) == ("P1", 3)  # the entry's other labels are kept
+    assert (record.patient_id, record.dr_grade) == (patient_pseudonym("P1"), 3)  # the entry's other labels are kept
     # A class with a rejected box is no longer annotated exhaustively on that image: its absence
     # is never stated from an incomplete annotation. The other image keeps every class.
     assert record.labelled_classes == ["soft_exudate"]
@@ -133,7 +133,7 @@ def test_disc_and_fovea_must_be_finite_and_inside_the_image(root):
     records, rejects = _ingested(root)
     assert sorted((r.item, r.reason.split(":")[0]) for r in rejects) == [
         (f"{path} entry 1 ({first})", "disc"), (f"{path} entry for {first}", "fovea")]
-    assert records[first].disc is None and records[first].fovea is None and records[first].patient_id == "P1"
+    assert records[first].disc is None and records[first].fovea is None and records[first].patient_id == patient_pseudonym("P1")
     assert records[second].disc == Point(x=256, y=100)  # 1 px over the edge: clipped
     assert records[second].fovea == Point(x=120, y=130)
 
@@ -164,12 +164,12 @@ def test_a_bad_label_field_never_moves_a_patient_to_another_split(root):
     assert sorted(r.reason.split(":")[0] for r in rejects) == ["boxes[0].label", "dr_grade", "laterality"]
     assert {r.item for r in rejects} == {f"{path} entry 2 ({right})"}
     eye = records[right]
-    assert eye.patient_id == "P7" and eye.label_boxes == [LabelBox(label="haemorrhage", xyxy=[10, 10, 40, 40])]
+    assert eye.patient_id == patient_pseudonym("P7") and eye.label_boxes == [LabelBox(label="haemorrhage", xyxy=[10, 10, 40, 40])]
     # An unreadable box could be of any class: none is stated absent from this image.
     assert eye.labelled_classes == []
     # Cut the test split between the patient's hash and the eye's own: an eye that lost its
     # patient would be split on its own hash and land on the other side of the cut.
-    cut = (split_position("P7") + split_position(eye.sha256)) / 2
+    cut = (split_position(patient_pseudonym("P7")) + split_position(eye.sha256)) / 2
     splits = split_images(list(records.values()), WriteConfig(test_fraction=cut, val_fraction=0,
                                                               near_duplicate_bits=0))
     assert splits[records[left].sha256] == splits[eye.sha256]

@@ -14,7 +14,7 @@ import pytest
 from fundus_engine.config import IngestConfig
 from fundus_engine.decoding import decode
 from fundus_engine.ingest import ingest, ingest_image
-from fundus_engine.labels import labels_for, load_labels
+from fundus_engine.labels import labels_for, load_labels, patient_pseudonym
 from fundus_engine.photo_files import SourceFile, scan, sha256_file
 from fundus_engine.quality import field_of_view, measure_quality
 from fundus_engine.models import ImageRecord, LabelBox, Point, Reject
@@ -130,7 +130,7 @@ def test_bad_files_are_rejected_with_name_and_reason_and_good_ones_go_on(workdir
     assert first.path == str((workdir / first.relpath).resolve())
     assert first.sha256 == sha256_file(workdir / first.relpath)
     # Labels from the manifest are attached.
-    assert (first.patient_id, first.laterality) == ("S1-P00000", "OD")
+    assert (first.patient_id, first.laterality) == (patient_pseudonym("S1-P00000"), "OD")
     assert first.diagnosis == "Normal fundus" and first.dr_grade == 0 and first.grade == "No diabetic retinopathy"
     assert first.disc is not None and first.fovea is not None and first.disc.x > first.fovea.x
     assert [b.label for b in first.label_boxes] == ["optic_disc", "optic_cup", "fovea"]
@@ -165,7 +165,7 @@ def test_load_labels_from_the_synthetic_json(source):
     truth = json.loads((source / "labels.json").read_text())["images"]
     for entry in truth:
         got = labels[entry["image"]]
-        assert got["patient_id"] == entry["patient_id"] and got["laterality"] == entry["laterality"]
+        assert got["patient_id"] == patient_pseudonym(entry["patient_id"]) and got["laterality"] == entry["laterality"]
         assert got["dr_grade"] == entry["dr_grade"] and got["grade"] == entry["grade"]
         assert got["disc"] == Point(x=entry["disc"][0], y=entry["disc"][1])
         assert got["label_boxes"] == [LabelBox(label=b["label"], xyxy=b["xyxy"]) for b in entry["boxes"]]
@@ -192,11 +192,11 @@ def test_load_labels_csv_with_laterality_points_and_alias_boxes(tmp_path):
         "b.jpg,P1,L,,,\n")
     labels, rejects = load_labels(tmp_path, IngestConfig(labels="manifest.csv"))
     assert rejects == []
-    assert _fields(labels["a.jpg"]) == {"patient_id": "P1", "laterality": "OD", "dr_grade": 1, "diagnosis": DR,
+    assert _fields(labels["a.jpg"]) == {"patient_id": patient_pseudonym("P1"), "laterality": "OD", "dr_grade": 1, "diagnosis": DR,
                                "grade": "Mild non-proliferative diabetic retinopathy", "disc": Point(x=10, y=20),
                                "label_boxes": [LabelBox(label="hard_exudate", xyxy=[1, 2, 3, 4])],
                                "labelled_classes": ["hard_exudate"]}
-    assert _fields(labels["b.jpg"]) == {"patient_id": "P1", "laterality": "OS", "label_boxes": []}  # no boxes given
+    assert _fields(labels["b.jpg"]) == {"patient_id": patient_pseudonym("P1"), "laterality": "OS", "label_boxes": []}  # no boxes given
 
 
 def test_boxes_field_marks_images_annotated_for_every_class_boxed_in_the_manifest(tmp_path):
@@ -244,7 +244,7 @@ def test_bad_label_fields_are_rejected_alone_naming_file_entry_and_field(tmp_pat
     labels, rejects = load_labels(tmp_path, CONFIG)
     assert list(labels) == ["ok.jpg", "grade.jpg", "eye.jpg", "box.jpg"]
     assert labels["ok.jpg"]["grade"] == "Severe non-proliferative diabetic retinopathy"
-    assert _fields(labels["grade.jpg"]) == {"patient_id": "P2", "label_boxes": []}
+    assert _fields(labels["grade.jpg"]) == {"patient_id": patient_pseudonym("P2"), "label_boxes": []}
     assert labels["eye.jpg"]["dr_grade"] == 1 and "laterality" not in labels["eye.jpg"]
     assert labels["box.jpg"]["label_boxes"] == [] and labels["box.jpg"]["laterality"] == "OS"
     items = [r.item for r in rejects]

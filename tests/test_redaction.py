@@ -1,5 +1,7 @@
-"""An API key that a model server echoes back (in an error body, after retries, or in a model's
-answer) is redacted before it becomes a reject, a log line, a cached response or a result."""
+"""Secrets and patient identifiers stay out of what a build writes. An API key that a model server
+echoes back (in an error body, after retries, or in a model's answer) is redacted before it
+becomes a reject, a log line, a cached response or a result; a patient identifier is kept only
+as a pseudonym."""
 from __future__ import annotations
 
 import json
@@ -151,3 +153,44 @@ def test_the_circuit_breaker_message_carries_no_echoed_key(shard, server, tmp_pa
     assert "last error" in message and REDACTED in message and secret not in message
     assert secret not in expander.ledger.last_error and secret not in caplog.text
     assert files_holding(tmp_path, secret) == []
+
+
+def test_no_patient_identifier_reaches_the_output(tmp_path):
+    """The labels' patient identifiers are kept only as pseudonyms (`labels.patient_pseudonym`):
+    no file a build writes holds one, and a patient's photographs still share a split."""
+    import time
+
+    import pyarrow.parquet as pq
+
+    from fundus_engine.config import BuildConfig
+    from fundus_engine.labels import patient_pseudonym
+    from fundus_engine.runner import RunContext, finish_build, plan_build, run_local
+    from fundus_engine.synth import generate
+
+    source, out = tmp_path / "in", tmp_path / "out"
+    generate(source, 6, seed=3, size=256, full_labels=True)
+    labels = json.loads((source / "labels.json").read_text())
+    identifiers: dict[str, str] = {}
+    for entry in labels["images"]:
+        entry["patient_id"] = identifiers.setdefault(entry["patient_id"], f"MRN-{4821930 + len(identifiers)}")
+    (source / "labels.json").write_text(json.dumps(labels))
+    ctx = RunContext.create(source, out, BuildConfig(shard_size=2), run_id="pseudonyms")
+    plan = plan_build(ctx)
+    manifest = finish_build(ctx, plan, run_local(ctx, plan), time.monotonic())
+    assert manifest["complete"] and len(set(identifiers.values())) == 3
+
+    holding = []
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        text = (json.dumps(pq.read_table(path).to_pylist(), default=str) if path.suffix == ".parquet"
+                else path.read_bytes().decode("latin-1"))
+        holding += [(str(path.relative_to(out)), mrn) for mrn in identifiers.values() if mrn in text]
+    assert holding == []
+
+    from fundus_engine.models import ImageRecord, InstructionRecord
+
+    images = read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)
+    assert {i.patient_id for i in images} == {patient_pseudonym(mrn) for mrn in identifiers.values()}
+    records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
+    split_of = {r.sha256: r.split for r in records}
+    for pseudonym in {i.patient_id for i in images}:
+        assert len({split_of[i.sha256] for i in images if i.patient_id == pseudonym}) == 1

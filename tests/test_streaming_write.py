@@ -41,7 +41,7 @@ def built(tmp_path_factory):
     original = cv2.imread(str(sorted((source / "images").glob("*.jpg"))[2]))
     (source / "copies").mkdir()
     cv2.imwrite(str(source / "copies" / "smaller.jpg"), cv2.resize(original, (300, 300), interpolation=cv2.INTER_AREA))
-    config = BuildConfig(shard_size=3, write=WriteConfig(rows_per_file=100, test_fraction=0.25, val_fraction=0.15))
+    config = BuildConfig(shard_size=3, write=WriteConfig(rows_per_file=100, test_fraction=0.25, val_fraction=0.2))
     ctx = RunContext.create(source, out, config, run_id="streaming-run")
     plan = plan_build(ctx)
     outcomes = run_local(ctx, plan)
