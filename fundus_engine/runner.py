@@ -105,6 +105,7 @@ class Completion(BaseModel):
     usage: dict = {}  # model calls, tokens and cost spent computing it
     complete: bool = True  # False: some model requests failed or were not sent (or upstream was not whole)
     seconds: float | None = None
+    ran_on: dict = {}  # where it ran, where that shapes the rows (detect: resolved device and backend)
     reused: bool = False  # this run found it whole and did not compute it (not stored in the record)
 
 
@@ -180,7 +181,7 @@ def run_shard_stage(stage: Stage | str, ctx: RunContext, shard: Shard, upstream:
     done = Completion(stage=stage.name, shard=shard.number, key=key, files=files,
                       rows=len(next(iter(result.tables.values()))), rejects=result.rejects, usage=result.usage,
                       complete=result.complete and all(u.complete for u in upstream.values()),
-                      seconds=round(time.monotonic() - started, 3))
+                      seconds=round(time.monotonic() - started, 3), ran_on=result.ran_on)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(done.model_dump_json(exclude={"reused"}))
     os.replace(tmp, path)  # last: a shard-stage killed before this point runs again
@@ -301,7 +302,7 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
         boxes.add_table(regions.filter(pc.is_in(regions.column("sha256"), value_set=used)))
         held["regions"] += _held_rows(regions, held_out, Region)
         del regions
-    about = provenance(ctx)
+    about = provenance(ctx, [c.ran_on for (s, _), c in sorted(done.items()) if s == "detect"])
     # Where the detector stood on these photographs: said plainly when it was out of its domain.
     domain = domain_stats.report()
     render_card(build_dir, stats, boxes, {**about, "detector_domain": domain})
@@ -351,7 +352,10 @@ def _held_rows(table: pa.Table, held_out: pa.Array, model: type) -> list:
     return tables.rows_of(table.filter(pc.is_in(table.column("sha256"), value_set=held_out)), model)
 
 
-def provenance(ctx: RunContext) -> dict:
+def provenance(ctx: RunContext, detect_ran_on: list[dict]) -> dict:
+    """What the build was made with. `detect_ran_on`: each detect shard's resolved device and backend,
+    as its worker reported them (a cluster's workers may differ; the flow's process never loads torch)."""
+    ran_on = [json.loads(r) for r in sorted({json.dumps(r, sort_keys=True) for r in detect_ran_on if r})]
     return {
         "engine_version": fundus_engine.__version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -359,7 +363,7 @@ def provenance(ctx: RunContext) -> dict:
         "output_dir": str(ctx.out),
         "config": _public(ctx.config),
         "detector": {"weights": ctx.weights, "sha256": ctx.weights_sha256,
-                     "runs_on": detect_stage.cache_identity(ctx.config.detect),
+                     "runs_on": ran_on[0] if len(ran_on) == 1 else ran_on,
                      "validated_on": ctx.evidence.validated,
                      # per kind of photograph: the classes it places and whose silence means absent
                      "trusted_on": ctx.evidence.trusted},

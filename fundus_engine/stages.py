@@ -28,6 +28,7 @@ class StageResult:
     rejects: list[Reject] = field(default_factory=list)
     usage: dict = field(default_factory=dict)  # model calls, tokens, cost
     complete: bool = True  # False: some model requests failed or were not sent; the next run retries
+    ran_on: dict = field(default_factory=dict)  # where it ran, where that shapes the rows (detect: device, backend)
 
 
 class Stage(Protocol):
@@ -76,7 +77,7 @@ class Detect(_Stage):
 
     def run(self, ctx: RunContext, shard: Shard, inputs: dict[str, list]) -> StageResult:
         detections, rejects = detect.detect(inputs["images"], ctx.config.detect)
-        return StageResult({"detections": detections}, rejects)
+        return StageResult({"detections": detections}, rejects, ran_on=detect.cache_identity(ctx.config.detect))
 
 
 class Crop(_Stage):

@@ -31,6 +31,10 @@ def test_a_plain_loop_builds_and_reuses_by_completion_record(tmp_path):
     assert len(records) == manifest["records"]
     records_done = sorted((out / "stages").glob("*/*.done.json"))
     assert len(records_done) == 10  # one completion record per shard-stage
+    # where detect ran, as each shard's worker reported it (the flow's process never resolves it)
+    ran_on = [json.loads(p.read_text())["ran_on"] for p in records_done if p.parent.name == "detect"]
+    assert ran_on == [{"device": "cpu", "backend": ran_on[0]["backend"]}] * 2
+    assert ran_on[0]["backend"] in ("torch", "onnx", "openvino") and manifest["detector"]["runs_on"] == ran_on[0]
 
     again, manifest2 = _build(source, out)
     assert all(o.completion.reused for o in again) and manifest2["records"] == manifest["records"]
