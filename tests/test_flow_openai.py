@@ -148,8 +148,11 @@ def test_flagged_records_are_counted_and_can_be_dropped(source, server, tmp_path
     config = config_for(server, cache=False)
     config.expand.drop_flagged = True
     dropped = build_fundusgen(str(source), str(tmp_path / "dropped"), config)
-    assert dropped["consistency"]["dropped_records"] == kept["consistency"]["flagged_records"]
-    assert dropped["records"] == kept["records"] - kept["consistency"]["flagged_records"]
+    # the contradiction goes to whichever photograph's description reaches the server first (requests
+    # go out concurrently), so each build is checked against its own flags
+    flagged = dropped["consistency"]["flagged_records"]
+    assert flagged > 0 and dropped["consistency"]["dropped_records"] == flagged
+    assert dropped["records"] == kept["records"] - flagged
 
 
 def test_a_server_that_echoes_the_key_leaves_it_in_no_output_log_artifact_or_run_state(source, server, tmp_path,
