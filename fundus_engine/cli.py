@@ -118,11 +118,14 @@ def train_detector(config: Optional[Path] = typer.Option(None, "--config", help=
                    base_model: Optional[str] = typer.Option(None, help="model .yaml (from scratch) or local .pt weights"),
                    held_out: Optional[Path] = typer.Option(None, help="dataset.yaml to validate on")):
     """Train a detector from public dataset layouts, YOLO folders, COCO JSON, lesion masks and synthetic images, offline."""
-    import yaml
-
     from flows.train_detector import TrainDetectorParams, train_detector as flow
+    from fundus_engine.config import read_config_file
 
-    data = yaml.safe_load(config.read_text()) if config else {}
+    try:
+        data = read_config_file(config) if config else {}
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE)
     flags = {"output": out, "synthetic": synthetic, "folds": folds, "unlabelled": unlabelled,
              "self_training_rounds": rounds, "pseudo_label_confidence": confidence, "epochs": epochs, "imgsz": imgsz,
              "batch": batch, "base_model": base_model, "held_out": held_out}
@@ -135,7 +138,7 @@ def train_detector(config: Optional[Path] = typer.Option(None, "--config", help=
         params = TrainDetectorParams.model_validate(data)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {config or 'options'}: {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     meta = flow(params)
     for v in meta["validations"]:
         folds_run = v.get("folds", [])
@@ -160,7 +163,7 @@ def export(out: Path = typer.Argument(..., help="output folder of a build")):
         written = export_all(out)
     except (ExportError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     for name, path in written.items():
         console.print(f"{name}: {path}")
 
@@ -176,7 +179,7 @@ def score(questions: Path = typer.Argument(..., help="OUT/benchmark/test.parquet
         result = score_answers(read_benchmark(questions), read_answers(answers))
     except (ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     console.print(f"accuracy {result['accuracy']:.3f} ({result['correct']}/{result['questions']}); "
                   f"unanswered {result['unanswered']}, unparseable {result['unparseable']}")
     for key, title in (("per_task", "clinical task"), ("per_granularity", "granularity"), ("per_category", "category")):
@@ -196,7 +199,7 @@ def score_reports(out: Path = typer.Argument(..., help="output folder of a build
         result = score_build_reports(out, reports)
     except (ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     ratio = "n/a" if result["ratio"] is None else f"{result['ratio']:.3f}"
     console.print(f"consistency {ratio} ({result['score']}/{result['total']}) over {result['reports']} reports; "
                   f"{result['no_truth']} without lesion labels left out")
@@ -220,12 +223,12 @@ def inspect(out: Path = typer.Argument(..., help="output folder of a build"),
 
     if overlay_format not in ("jpg", "png"):
         console.print(f"[red]error:[/red] --overlay-format {overlay_format!r}: jpg or png")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     try:
         manifest = ins.manifest(out)
     except FileNotFoundError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     table = Table("stage", "table", "rows", title=f"{out}")
     for name, tables in ins.stage_counts(out).items():
         for tname, n in tables.items():
@@ -235,7 +238,7 @@ def inspect(out: Path = typer.Argument(..., help="output folder of a build"),
     counts = ins.stage_counts(out)
     if stage and stage != "dataset" and stage not in counts:
         console.print(f"[red]error:[/red] unknown stage {stage!r}; one of {', '.join([*counts, 'dataset'])}")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
     for table_name in (counts[stage] if stage and stage != "dataset" else ["*"]) if rows > 0 else []:
         console.rule(f"{stage or 'dataset'} {table_name if table_name != '*' else ''}")
         for row in ins.sample_rows(out, stage or "dataset", rows, table=table_name):

@@ -106,12 +106,12 @@ class OpenAIConfig(Section):
     @classmethod
     def _no_credentials(cls, url: str) -> str:
         """The config is a flow parameter, which Prefect stores and shows: a key in the URL would leak."""
-        from urllib.parse import parse_qsl, urlsplit
+        from urllib.parse import urlsplit
+
+        from fundus_engine.redaction import secret_query_parameters
 
         parts = urlsplit(url)
-        secret_params = [k for k, _ in parse_qsl(parts.query)
-                         if k.lower().replace("-", "_") in ("key", "api_key", "apikey", "token", "access_token")]
-        if parts.username or parts.password or secret_params:
+        if parts.username or parts.password or secret_query_parameters(url):
             raise ValueError("base_url must not carry credentials (user:key@ or a key parameter); "
                              "put the key in the environment variable named by api_key_env")
         return url
@@ -182,10 +182,24 @@ class BuildConfig(Section):
     def load(cls, path: str | Path | None) -> "BuildConfig":
         if path is None:
             return cls()
-        path = Path(path)
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = read_config_file(path)
         try:
-            return cls.model_validate(data or {})
+            return cls.model_validate(data)
         except Exception as exc:
             raise ValueError(f"{path}: invalid configuration: {exc}") from exc
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML or JSON config file's mapping; anything else is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"{path}: cannot read the configuration: {reason}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a configuration is a mapping of settings, not a {type(data).__name__}")
+    return data

@@ -17,6 +17,19 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+# query parameter names that carry a credential: api-key, x-api-key, access_token, auth,
+# password, sig (Azure SAS), code (Azure Functions), ...; a version or model name is no secret
+_SECRET_PARAMETER = re.compile(r"key|token|auth|secret|passw|pwd|sig|credential|session|^code$", re.I)
+
+
+def secret_query_parameters(url: str) -> list[str]:
+    """Names of the URL's query parameters that look like they carry a credential."""
+    from urllib.parse import parse_qsl
+
+    return [name for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)
+            if _SECRET_PARAMETER.search(name)]
+
+
 REDACTED = "[REDACTED]"
 _TOKEN = r"[A-Za-z0-9._~+/\-]*[A-Za-z0-9_~+/\-]=*"  # bearer tokens, API keys, hex, base64 (not a final ".")
 SECRET_SHAPES = re.compile(

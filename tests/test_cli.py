@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import cv2
+import pytest
 from typer.testing import CliRunner
 
 from fundus_engine.cli import app
@@ -63,6 +64,24 @@ def test_build_reports_a_bad_config_file_by_name(tmp_path):
     result = runner.invoke(app, ["build", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config)])
     assert result.exit_code == 2
     assert "bad.yaml" in result.output and "confidence" in result.output
+
+
+@pytest.mark.parametrize("name, text, reason", [
+    ("broken.yaml", "detect: [unclosed\n", "cannot read the configuration"),
+    ("broken.json", "{\"detect\": ", "cannot read the configuration"),
+    ("list.yaml", "- detect\n- crop\n", "not a list"),
+    ("absent.yaml", None, "No such file"),
+])
+@pytest.mark.parametrize("command", ["build", "train-detector"])
+def test_an_unreadable_config_file_is_named_without_a_traceback(tmp_path, command, name, text, reason):
+    config = tmp_path / name
+    if text is not None:
+        config.write_text(text)
+    args = ["--input", str(tmp_path), "--out", str(tmp_path / "o")] if command == "build" else []
+    result = runner.invoke(app, [command, *args, "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert name in result.output and reason in result.output, result.output
 
 
 def test_inspect_without_a_build_says_so(tmp_path):

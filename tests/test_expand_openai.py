@@ -308,9 +308,15 @@ def test_a_base_url_with_credentials_is_refused_without_echoing_them():
     """The config is a Prefect flow parameter, stored and shown by the server: no key may ride in it."""
     from pydantic import ValidationError
 
-    for url in ("https://user:sk-secret-1@llm.example.org/v1", "https://llm.example.org/v1?api-key=sk-secret-1"):
+    for url in ("https://user:sk-secret-1@llm.example.org/v1", "https://llm.example.org/v1?api-key=sk-secret-1",
+                "https://llm.example.org/v1?x-api-key=sk-secret-1", "https://llm.example.org/v1?auth=sk-secret-1",
+                "https://llm.example.org/v1?password=sk-secret-1", "https://llm.example.org/v1?sig=sk-secret-1",
+                "https://llm.example.org/v1?api-version=1&access_token=sk-secret-1",
+                "https://llm.example.org/v1?key"):
         with pytest.raises(ValidationError, match="api_key_env") as refused:
             OpenAIConfig(base_url=url)
         assert "sk-secret-1" not in str(refused.value)
     azure = "https://x.openai.azure.com/openai/deployments/gpt?api-version=2024-06-01"
     assert OpenAIConfig(base_url=azure).base_url == azure  # a version parameter is no secret
+    served = "http://127.0.0.1:8000/v1?model=llava-med&region=eu"
+    assert OpenAIConfig(base_url=served).base_url == served
