@@ -48,7 +48,8 @@ def box_999(xyxy: list[float], width: int, height: int) -> list[int]:
 
 
 AGREE_DD = 0.5  # detector and localiser centres closer than this (in disc diameters) agree
-FOVEA_DD = (1.5, 3.5)  # a plausible disc-fovea distance (clinically ~2.5, range ~2.0-3.0)
+PLAUSIBLE_FOVEA_DD = (1.5, 3.5)  # a disc-fovea distance a landmark from any source may have (clinically
+# ~2.5, range ~2.0-3.0; wider than the localiser's search, `landmarks.FOVEA_SEARCH_DD`, for measurement error)
 
 
 def _box_around(point: Point, side: float) -> list[float]:
@@ -65,7 +66,7 @@ def _localised(record: ImageRecord, label: str, point: Point, dd: float, score: 
 def _fovea_plausible(fovea: Point | None, disc: Point | None, dd: float | None) -> bool:
     if fovea is None or disc is None or not dd:
         return fovea is not None
-    return FOVEA_DD[0] <= math.hypot(fovea.x - disc.x, fovea.y - disc.y) / dd <= FOVEA_DD[1]
+    return PLAUSIBLE_FOVEA_DD[0] <= math.hypot(fovea.x - disc.x, fovea.y - disc.y) / dd <= PLAUSIBLE_FOVEA_DD[1]
 
 
 def _fuse(label: str, detected: Detection | None, located: Detection | None, trusted: bool, dd: float | None,

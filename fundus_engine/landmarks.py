@@ -25,7 +25,7 @@ import numpy as np
 WORK_RADIUS = 256  # field-of-view radius in the working copy (px)
 DISC_FRACTION = 1 / 7  # disc diameter / field-of-view diameter, a 45-degree camera
 DISC_PRIOR = 2 * WORK_RADIUS * DISC_FRACTION  # prior disc diameter in work px (~73)
-FOVEA_DD = (2.0, 3.2)  # disc-fovea distance in disc diameters (anatomy: 2.0-3.0, centre 2.5)
+FOVEA_SEARCH_DD = (2.0, 3.2)  # where the fovea is looked for, in disc diameters from the disc (anatomy: 2.0-3.0, centre 2.5)
 MIN_DISC_SCORE = 0.2  # below: the best blob has under half the vessel-trunk evidence of a typical patch
 MIN_FOVEA_SCORE = 0.1  # below: no spot a tenth as dark as the darkest 1% (exudate-filled macula)
 
@@ -39,16 +39,6 @@ class Landmarks:
     fovea_score: float
     fov_centre: tuple[float, float]
     fov_radius: float
-
-
-def plausible_disc_fovea(disc_centre, disc_diameter_px, fovea_centre) -> bool:
-    """A disc-fovea pair consistent with anatomy: 2.0-3.2 DD apart and roughly level (within 35
-    degrees of horizontal), for vetting a pair from any source (e.g. fusing with a detector)."""
-    if disc_centre is None or fovea_centre is None or not disc_diameter_px:
-        return False
-    dx, dy = fovea_centre[0] - disc_centre[0], fovea_centre[1] - disc_centre[1]
-    distance_dd = math.hypot(dx, dy) / disc_diameter_px
-    return FOVEA_DD[0] <= distance_dd <= FOVEA_DD[1] and abs(dy) <= abs(dx) * math.tan(math.radians(35))
 
 
 def _shrink(image: np.ndarray, scale: float) -> np.ndarray:
@@ -332,7 +322,7 @@ def _find_fovea(work: _Work, disc: tuple[float, float], dd: float) -> tuple[floa
     dx, dy = (xx - disc[0]) / dd, (yy - disc[1]) / dd
     distance = np.hypot(dx, dy)
     angle = np.degrees(np.arctan2(dy, np.abs(dx)))  # below the disc is positive
-    allowed = (distance >= FOVEA_DD[0]) & (distance <= FOVEA_DD[1]) & (angle > -20) & (angle < 35) & clear
+    allowed = (distance >= FOVEA_SEARCH_DD[0]) & (distance <= FOVEA_SEARCH_DD[1]) & (angle > -20) & (angle < 35) & clear
     offset = (disc[0] - work.centre[0]) / WORK_RADIUS
     if abs(offset) > 0.25:  # an off-centre disc: the macula lies toward the field's centre
         allowed &= (dx < 0) if offset > 0 else (dx > 0)
