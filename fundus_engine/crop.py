@@ -48,6 +48,13 @@ def box_999(xyxy: list[float], width: int, height: int) -> list[int]:
 
 
 AGREE_DD = 0.5  # detector and localiser centres closer than this (in disc diameters) agree
+# The localiser's score a landmark needs to be stated on the localiser's word alone (no detector
+# validated on that kind of photograph confirming it). On the 69 real photographs of
+# ../shared/real_fundus, the discs found misplaced on review (DRIVE 34, STARE im0001, im0005,
+# im0081) scored 0.23-0.51 and the 20 checked against IDRiD's disc masks (all inside) 0.69-0.89;
+# the foveas found misplaced (STARE im0005, im0077, EyePACS 10_right) 0.14-0.37. Below these the
+# record says the landmark was not found, which is true, rather than where it is, which may not be.
+LOCALISER_ALONE_MIN_SCORE = {"optic_disc": 0.6, "fovea": 0.4}
 PLAUSIBLE_FOVEA_DD = (1.5, 3.5)  # a disc-fovea distance a landmark from any source may have (clinically
 # ~2.5, range ~2.0-3.0; wider than the localiser's search, `landmarks.FOVEA_SEARCH_DD`, for measurement error)
 
@@ -74,7 +81,8 @@ def _fuse(label: str, detected: Detection | None, located: Detection | None, tru
     """One landmark from the detector's box and the localiser's: (the box used, its source, a note
     on any disagreement). Labelled boxes stand; where both agree (within AGREE_DD) the detector's
     box is used if it is validated on this kind of photograph, else the localiser's; where they
-    disagree, the validated detector, else the localiser; implausible positions are not used."""
+    disagree, the validated detector, else the localiser; implausible positions are not used, nor the
+    localiser's alone when it is unsure (`LOCALISER_ALONE_MIN_SCORE`)."""
     name = BY_NAME[label].display.lower()
     if detected and detected.source == "ground_truth":
         return detected, "label", None
@@ -88,15 +96,30 @@ def _fuse(label: str, detected: Detection | None, located: Detection | None, tru
         if trusted:
             return detected, "detector", (f"{name}: the localiser's is {gap:.1f} DD from the detector's; detector "
                                           "used (validated on this kind of photograph)")
-        return located, "localiser", (f"{name}: the detector's is {gap:.1f} DD from the localiser's; localiser "
-                                      "used (the detector is not validated on this kind of photograph)")
+        if _confident(label, located)[0]:
+            return located, "localiser", (f"{name}: the detector's is {gap:.1f} DD from the localiser's; localiser "
+                                          "used (the detector is not validated on this kind of photograph)")
+        return None, None, (f"{name}: the detector's is {gap:.1f} DD from the localiser's, and neither is sure "
+                            f"enough to state (the detector is not validated on this kind of photograph, the "
+                            f"localiser scores {located.confidence:.2f}, under {LOCALISER_ALONE_MIN_SCORE[label]})")
     if detected and trusted:
         return detected, "detector", None
     if located:
-        return located, "localiser", None
+        confident, weak = _confident(label, located)
+        return (confident, "localiser", None) if confident else (None, None, weak)
     if detected:
         return None, None, f"{name}: the detector's is not validated on this kind of photograph and the localiser found none"
     return None, None, None
+
+
+def _confident(label: str, located: Detection | None) -> tuple[Detection | None, str | None]:
+    """The localiser's landmark where its score allows stating it on the localiser's word alone
+    (`LOCALISER_ALONE_MIN_SCORE`), else None and why."""
+    floor = LOCALISER_ALONE_MIN_SCORE[label]
+    if located is None or located.confidence >= floor:
+        return located, None
+    return None, (f"{BY_NAME[label].display.lower()}: the localiser's scores {located.confidence:.2f} (under "
+                  f"{floor}) and no detector validated on this kind of photograph confirms it; not stated")
 
 
 def _diameter(box: Detection) -> float:
@@ -130,8 +153,8 @@ def anatomy(record: ImageRecord, detections: list[Detection], found: Landmarks |
             disc_box = _localised(record, "optic_disc", record.disc, disc_diameter, disc_box.confidence)
         disc_centre, disc_source = record.disc, "label"
 
-    located = None
-    if found and found.fovea_centre and (disc_diameter or loc_dd):
+    located = None  # the localiser searched for the fovea from its own disc: not where that disc was not used
+    if found and found.fovea_centre and disc_box is not None and (disc_diameter or loc_dd):
         located = _localised(record, "fovea", Point(x=found.fovea_centre[0], y=found.fovea_centre[1]),
                              disc_diameter or loc_dd, found.fovea_score)
     fovea_box, fovea_source, note = _fuse("fovea", best.get("fovea"), located, "fovea" in trusted,
@@ -232,8 +255,18 @@ def region_facts(xyxy: list[float], anat: Anatomy) -> dict:
             facts["fovea_distance_dd"] = round(math.hypot(dx, dy) / dd, 2)
         if math.hypot(dx, dy) > 1:
             facts["clock_hour"] = clock_hour(dx, dy)
-            facts["quadrant"] = quadrant(dx, dy, anat.laterality)
+            facts["quadrant"] = quadrant(dx, dy, _side_as_pictured(anat))
     return facts
+
+
+def _side_as_pictured(anat: Anatomy) -> str:
+    """The eye the photograph shows by the disc's side of the fovea, else its laterality: nasal is
+    toward the disc, so on a mirrored photograph (EyePACS has some) or under a wrong label the
+    disc, not the label, says which side of the picture is nasal."""
+    disc, fovea = anat.disc_centre, anat.fovea_centre
+    if disc and fovea and abs(disc.x - fovea.x) > 1:
+        return "OD" if disc.x > fovea.x else "OS"
+    return anat.laterality
 
 
 def context_window(xyxy: list[float], width: int, height: int, config: CropConfig) -> tuple[int, int, int, int]:

@@ -125,6 +125,18 @@ def test_region_facts_mirror_for_the_left_eye():
     assert left["quadrant"] == "superonasal"
 
 
+def test_quadrants_follow_the_disc_on_a_mirrored_photograph():
+    """EyePACS warns that some of its photographs are mirrored: labelled OD, the disc on the left.
+    Nasal is toward the disc in the picture, whatever the label says."""
+    mirrored = OS_ANATOMY.model_copy(update={"laterality": "OD"})
+    assert region_facts([250, 170, 270, 190], mirrored)["quadrant"] == "superonasal"  # toward the disc
+    assert region_facts([330, 170, 350, 190], mirrored)["quadrant"] == "superotemporal"
+    no_disc = OD_ANATOMY.model_copy(update={"disc_centre": None})  # then the label is all there is
+    assert region_facts([130, 170, 150, 190], no_disc)["quadrant"] == "superonasal"
+    assert region_facts([130, 170, 150, 190], no_disc.model_copy(update={"laterality": "OS"}))["quadrant"] == \
+        "superotemporal"
+
+
 def test_disc_area_and_disc_diameter_units():
     # The disc's own box is one disc diameter across and one disc area.
     facts = region_facts([300, 200, 400, 300], OD_ANATOMY)
@@ -154,6 +166,8 @@ def test_region_facts_are_unknown_without_disc_or_fovea():
 
     unknown_eye = OD_ANATOMY.model_copy(update={"laterality": "unknown"})
     facts = region_facts([130, 170, 150, 190], unknown_eye)
+    assert facts["clock_hour"] == 1 and facts["quadrant"] == "superonasal"  # the disc says which side is nasal
+    facts = region_facts([130, 170, 150, 190], unknown_eye.model_copy(update={"disc_centre": None}))
     assert facts["clock_hour"] == 1 and facts["quadrant"] is None
 
 

@@ -73,7 +73,8 @@ def test_the_disc_used_by_the_records_is_inside_the_idrid_disc_mask(build):
     out, _ = build
     images = {i.sha256: i for i in read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)}
     anatomies = read_rows(sorted((out / "stages" / "crop").glob("*.anatomy.parquet")), Anatomy)
-    assert sum(a.disc_centre is not None for a in anatomies) >= 0.95 * len(anatomies)
+    # a disc stated on 60 of 69 (62 now): the localiser's unsure ones are left unsaid (below)
+    assert sum(a.disc_centre is not None for a in anatomies) >= 60
     inside = 0
     for a in anatomies:
         relpath = images[a.sha256].relpath
@@ -83,7 +84,7 @@ def test_the_disc_used_by_the_records_is_inside_the_idrid_disc_mask(build):
         inside += bool(mask[int(a.disc_centre.y), int(a.disc_centre.x)] > 127)
     assert inside >= 19
     assert all(a.laterality_source in ("label", "inferred", "unknown") for a in anatomies)
-    assert sum(a.laterality_source == "inferred" for a in anatomies) >= 55  # 61 unlabelled photographs
+    assert sum(a.laterality_source == "inferred" for a in anatomies) >= 52  # 61 unlabelled, 54 with a disc stated
 
 
 def test_the_build_says_the_demo_detector_is_out_of_its_domain(build):
@@ -94,3 +95,43 @@ def test_the_build_says_the_demo_detector_is_out_of_its_domain(build):
     assert "Remedy: train a detector on labelled real photographs" in domain["warning"]
     assert domain["warning"] in (out / "card" / "README.md").read_text()
     assert manifest["detector"]["trusted_on"]["real"] == []
+
+
+# Where the disc and fovea are on photographs the localiser got wrong, placed by eye on review: the
+# disc where the vessel mask's trunks converge (DRIVE and STARE vessel masks), the fovea at the
+# darkest spot of the macula with its reflex. Their localiser scores were 0.14-0.51.
+REVIEWED = {
+    "DRIVE/34_training.tif": {"disc": (376, 220)},
+    "STARE/im0001.jpg": {"disc": (250, 1380)},
+    "STARE/im0005.jpg": {"disc": (2250, 1550), "fovea": (1050, 1720)},
+    "STARE/im0081.jpg": {"disc": (255, 1120)},
+    "STARE/im0077.jpg": {"fovea": (1870, 1480)},
+    "EyePACS/10_right.jpeg": {"fovea": (2300, 1610)},
+}
+
+
+def test_a_landmark_is_stated_where_it_is_or_not_at_all(build):
+    """On the reviewed photographs, each record's disc or fovea box holds the reviewed point, or the
+    records do not state that landmark (and then no eye side is inferred from it)."""
+    out, _ = build
+    images = {i.relpath: i.sha256 for i in read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")),
+                                                     ImageRecord)}
+    anatomies = {a.sha256: a for a in read_rows(sorted((out / "stages" / "crop").glob("*.anatomy.parquet")), Anatomy)}
+    boxes = {}
+    for record in read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord):
+        for box in record.boxes:
+            boxes.setdefault((record.sha256, box.label), set()).add(tuple(box.box_999))
+    for relpath, points in REVIEWED.items():
+        sha256 = images[relpath]
+        anat = anatomies[sha256]
+        for landmark, (x, y) in points.items():
+            label = {"disc": "optic_disc", "fovea": "fovea"}[landmark]
+            centre = anat.disc_centre if landmark == "disc" else anat.fovea_centre
+            stated = boxes.get((sha256, label), set())
+            if centre is None:
+                assert not stated, (relpath, landmark, stated)
+                continue
+            half = anat.disc_diameter_px / 2
+            assert abs(centre.x - x) <= half and abs(centre.y - y) <= half, (relpath, landmark, centre)
+        if anat.disc_centre is None:
+            assert anat.laterality_source in ("label", "unknown"), relpath
