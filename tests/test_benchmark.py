@@ -35,8 +35,10 @@ def _image(sha, laterality="OD", lesions=(), source="model", label_boxes=(), **l
     nasal = 1 if laterality == "OD" else -1
     disc_x, fovea_x = 200 + nasal * 150, 200 - nasal * 100  # OS flips; unknown is drawn like OS
     source_of_eye = "label" if laterality != "unknown" else "unknown"
+    # an unknown eye is one whose disc was not located (a located disc tells the side, and which way is nasal)
     anat = Anatomy(sha256=sha, laterality=laterality, laterality_source=source_of_eye,
-                   disc_centre=Point(x=disc_x, y=250), disc_diameter_px=100.0, fovea_centre=Point(x=fovea_x, y=250))
+                   disc_centre=Point(x=disc_x, y=250) if laterality != "unknown" else None, disc_diameter_px=100.0,
+                   fovea_centre=Point(x=fovea_x, y=250))
     boxes = [("optic_disc", [disc_x - 50, 200, disc_x + 50, 300], 0.95),
              ("optic_cup", [disc_x - 17, 233, disc_x + 18, 268], 0.9),
              ("fovea", [fovea_x - 25, 225, fovea_x + 25, 275], 0.85), *lesions]
