@@ -232,14 +232,6 @@ def to_llava(out: Path, splits: Sequence[str] = ("train",)) -> Path:
     return directory
 
 
-def llava_image_folder(export_dir: Path) -> Path:
-    """The `--image_folder` recorded in an LLaVA export's README."""
-    for line in (Path(export_dir) / "README.md").read_text(encoding="utf-8").splitlines():
-        if line.startswith("--image_folder "):
-            return Path(line.split(" ", 1)[1])
-    raise ExportError(f"no --image_folder line in {Path(export_dir) / 'README.md'}")
-
-
 # ------------------------------------------------------------------ LLaMA-Factory
 
 def to_llamafactory(out: Path, splits: Sequence[str] = ("train",)) -> Path:

@@ -370,14 +370,6 @@ def _match_masks(index: dict[str, Path], mask_dir: Path, suffixes: Iterable[str]
     return matched, unmatched
 
 
-def unmatched_masks(images_dir: Path, masks: dict[str, Path],
-                    mask_suffixes: Iterable[str] = DEFAULT_MASK_SUFFIXES) -> list[Path]:
-    """Mask files that `from_masks` would skip because no image has their stem; worth
-    checking before training, since a silent skip looks exactly like a lesion-free image."""
-    index = _image_index(Path(images_dir))
-    return [m for folder in masks.values() for m in _match_masks(index, folder, mask_suffixes)[1]]
-
-
 def _foreground(mask: np.ndarray, values: Iterable[int] | None, path: Path) -> np.ndarray:
     """Binary foreground: any non-zero pixel, or, with `values`, pixels at exactly those levels
     (multi-level masks such as REFUGE's 0 = cup, 128 = disc rim, 255 = background)."""
@@ -401,7 +393,7 @@ def from_masks(images_dir: Path, masks: dict[str, Path], min_area: int = 4, merg
     `mask_suffixes` (IDRiD_01_EX.tif -> IDRiD_01.jpg); folders are searched recursively.
     Every image in `images_dir` is returned: datasets ship no mask for an absent lesion, so an
     image without a mask in a class folder has no boxes of that class. Mask files matching no
-    image are skipped with a logged warning; `unmatched_masks()` lists them.
+    image are skipped with a logged warning naming each.
     `levels` maps a key of `masks` to the pixel values that mark its class, for masks that
     hold several classes in one file; REFUGE: masks {"optic_disc": d, "optic_cup": d} with
     levels {"optic_disc": [0, 128], "optic_cup": [0]}.

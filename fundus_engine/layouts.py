@@ -49,7 +49,6 @@ FGADR_FOLDERS = {"microaneurysms_masks": "microaneurysm", "hemohedge_masks": "ha
 EOPHTHA_SUBSETS = {"e_optha_ex": ("EX", "hard_exudate"), "e_optha_ma": ("MA", "microaneurysm")}
 
 _IDRID_FOLDER = re.compile(r"^\s*\d+\s*\.\s*(.+?)\s*$")
-_IDRID_MASK = re.compile(r"^IDRiD_\d+_(MA|HE|EX|SE|OD)$", re.I)
 _MAX_DEPTH = 6  # how deep detect_layout looks for a layout's marker folders
 
 
@@ -217,8 +216,8 @@ def from_idrid(root: Path, merge_fraction: float | None = 0.01, min_area: int | 
                 continue
             pairs.setdefault(image, {}).setdefault(label, []).append(mask)
     annotated_all = {label for _, label in class_dirs}
-    return _items(pairs, {image: annotated_all for image in pairs}, "IDRiD", _MaskBoxes(merge_fraction, min_area),
-                  "idrid")
+    return _items(pairs, {image: annotated_all for image in pairs}, DATASET_NAMES["idrid"],
+                  _MaskBoxes(merge_fraction, min_area), "idrid")
 
 
 def from_ddr(root: Path, merge_fraction: float | None = 0.01, min_area: int | None = None) -> list[LabelledImage]:
@@ -247,7 +246,8 @@ def from_ddr(root: Path, merge_fraction: float | None = 0.01, min_area: int | No
                         log.warning("DDR mask %s matches no image in %s; skipped", mask, image_dir)
                         continue
                     pairs.setdefault(image, {}).setdefault(label, []).append(mask)
-            items += _items(pairs, {image: tuple(lesion_dirs) for image in index.values()}, "DDR", to_boxes, "ddr")
+            items += _items(pairs, {image: tuple(lesion_dirs) for image in index.values()}, DATASET_NAMES["ddr"],
+                            to_boxes, "ddr")
     det = found.get("lesion_detection")
     if det is not None:
         seen = {Path(i.image).stem.lower() for i in items}
@@ -259,7 +259,7 @@ def from_ddr(root: Path, merge_fraction: float | None = 0.01, min_area: int | No
             seen.add(image.stem.lower())
             width, height = importers._image_size(image)
             items.append(LabelledImage(image, width, height, _voc_boxes(xml), f"ddr:{xml}",
-                                       tuple(DDR_LESIONS.values()), "DDR"))
+                                       tuple(DDR_LESIONS.values()), DATASET_NAMES["ddr"]))
     if not items:
         raise ValueError(f"{root}: DDR layout without lesion_segmentation/*/image or lesion_detection xml files")
     return items
@@ -311,8 +311,8 @@ def from_fgadr(root: Path, merge_fraction: float | None = 0.01, min_area: int | 
             pairs.setdefault(image, {}).setdefault(label, []).append(mask)
     if not annotated:
         raise ValueError(f"{seg}: no FGADR mask folders ({', '.join(sorted(FGADR_FOLDERS))})")
-    return _items(pairs, {image: annotated for image in index.values()}, "FGADR", _MaskBoxes(merge_fraction, min_area),
-                  "fgadr")
+    return _items(pairs, {image: annotated for image in index.values()}, DATASET_NAMES["fgadr"],
+                  _MaskBoxes(merge_fraction, min_area), "fgadr")
 
 
 def from_eophtha(root: Path, merge_fraction: float | None = 0.01, min_area: int | None = None) -> list[LabelledImage]:
@@ -339,7 +339,7 @@ def from_eophtha(root: Path, merge_fraction: float | None = 0.01, min_area: int 
                     log.warning("e-ophtha mask %s matches no image in %s; skipped", mask, subset)
                     continue
                 pairs.setdefault(image, {}).setdefault(label, []).append(mask)
-        items += _items(pairs, {image: (label,) for image in images}, "e-ophtha", to_boxes, "e-ophtha")
+        items += _items(pairs, {image: (label,) for image in images}, DATASET_NAMES["e-ophtha"], to_boxes, "e-ophtha")
     return items
 
 

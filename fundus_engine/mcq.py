@@ -22,7 +22,6 @@ from fundus_engine.vocabulary import ANATOMY, BY_NAME, DIAGNOSES, DR_GRADES, LES
 
 LETTERS = ("A", "B", "C", "D", "E")
 MIN_OPTIONS = 4  # fewer choices make chance accuracy too high to compare with GMAI-MMBench
-PROMPT_HEADER = "Answer with the option's letter from the given choices directly."
 
 DIAGNOSIS_QUESTION = "What is the condition demonstrated in this fundus image?"
 GRADING_QUESTION = "What is the grading of diabetic retinopathy in this fundus image?"
@@ -220,13 +219,6 @@ def build_benchmark(records: list[ImageRecord], anatomies: list[Anatomy], region
 
 def options_of(question: BenchmarkQuestion) -> dict[str, str]:
     return {k: getattr(question, k) for k in LETTERS if getattr(question, k) is not None}
-
-
-def prompt_for(question: BenchmarkQuestion) -> str:
-    """The prompt FundusExpert's evaluation sends (at temperature 0); absent options are omitted."""
-    lines = [PROMPT_HEADER, f"Question: {question.question}"]
-    lines += [f"{k}. {v}" for k, v in options_of(question).items()]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ files

@@ -28,10 +28,6 @@ def field_of_view(rgb: np.ndarray) -> np.ndarray:
     return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) > 25
 
 
-def measure_quality(rgb: np.ndarray, config: IngestConfig, channels: str = "RGB") -> Quality:
-    return grade_quality(downscaled(rgb, QUALITY_SIDE), config, channels)
-
-
 def grade_quality(small: np.ndarray, config: IngestConfig, channels: str = "RGB") -> Quality:
     """Quality measured on the photograph's `QUALITY_SIDE` copy (`downscaled`)."""
     fov = field_of_view(small)

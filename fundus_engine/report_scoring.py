@@ -68,16 +68,6 @@ def statements(report: str) -> dict[str, set[bool]]:
     return dict(out)
 
 
-def findings_in(report: str, terms: Iterable[str] = REPORT_FINDINGS) -> dict[str, bool]:
-    """{term: True} stated present, {term: False} stated absent; unmentioned terms are left out.
-
-    A finding stated both ways counts as present here (it is the claim a reader acts on);
-    `report_consistency` gives such a finding no credit either way.
-    """
-    said = statements(report)
-    return {t: True in said[t] for t in terms if t in said}
-
-
 def _term(name: str) -> str:
     """A report-findings term from a term or a vocabulary class name."""
     key = name.strip()

@@ -7,8 +7,9 @@
   closure and what it `depends_on`). A completion record, written last by atomic rename, is the
   source of truth for resume: a shard-stage with a whole record and files is reused, anything
   else (killed mid-way, failed, model requests unanswered) runs again.
-- `run_local`: a plain loop over shards and stages; `finish_build`: the end of the run (splits,
-  dataset, card, benchmark, manifest) published in one step.
+- `finish_build`: the end of the run (splits, dataset, card, benchmark, manifest) published in
+  one step. What runs the shard-stages in between is the caller's: the Prefect flow
+  (`flows/scheduling.py`), or a plain loop (tests/in_memory.py `run_local`).
 """
 from __future__ import annotations
 
@@ -215,23 +216,6 @@ class StageOutcome(BaseModel):
     completion: Completion | None = None
     failure: str | None = None  # the error of a failed shard-stage
     state: str = "completed"  # or failed, cancelled, not run
-
-
-def run_local(ctx: RunContext, plan: Plan) -> list[StageOutcome]:
-    """The plain executor: every shard through every stage in this process, in order."""
-    outcomes = []
-    for shard in plan.shards:
-        upstream: dict[str, Completion] = {}
-        for stage in STAGES:
-            if len(upstream) < STAGE_NAMES.index(stage.name):  # an earlier stage failed on this shard
-                outcomes.append(StageOutcome(stage=stage.name, shard=shard.number, state="not run"))
-                continue
-            try:
-                upstream[stage.name] = done = run_shard_stage(stage, ctx, shard, upstream)
-                outcomes.append(StageOutcome(stage=stage.name, shard=shard.number, completion=done))
-            except Exception as exc:  # one shard's failure never costs the others
-                outcomes.append(StageOutcome(stage=stage.name, shard=shard.number, failure=str(exc), state="failed"))
-    return outcomes
 
 
 # ------------------------------------------------------------------------- the end of a run

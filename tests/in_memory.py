@@ -1,6 +1,8 @@
 """Whole-list forms of the end-of-run writers, for tests: the library streams a build shard by
 shard (`write.DatasetWriter`, `write.RecordStats`, `card.BoxStats`, `evidence.DomainReport`);
-these feed them a list at once, as a hand-made case or a small build has it."""
+these feed them a list at once, as a hand-made case or a small build has it. And `run_local`, a
+plain loop over shards and stages in this process, for tests of what the stages write (the flow's
+scheduling is tested in tests/test_scheduling.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +12,8 @@ from fundus_engine.config import WriteConfig
 from fundus_engine.evidence import DetectorEvidence, DomainReport
 from fundus_engine.models import Anatomy, ImageRecord, InstructionRecord, Region, Reject
 from fundus_engine.tables import table_of
+from fundus_engine.runner import STAGE_NAMES, Completion, Plan, RunContext, StageOutcome, run_shard_stage
+from fundus_engine.stages import STAGES
 from fundus_engine.write import DatasetWriter, RecordStats
 
 
@@ -45,3 +49,20 @@ def domain_report(images: list[ImageRecord], anatomies: list[Anatomy], regions: 
     for r in regions:
         report.add_region(r.sha256, r.source, r.confidence)
     return report.report()
+
+
+def run_local(ctx: RunContext, plan: Plan) -> list[StageOutcome]:
+    """The plain executor: every shard through every stage in this process, in order."""
+    outcomes = []
+    for shard in plan.shards:
+        upstream: dict[str, Completion] = {}
+        for stage in STAGES:
+            if len(upstream) < STAGE_NAMES.index(stage.name):  # an earlier stage failed on this shard
+                outcomes.append(StageOutcome(stage=stage.name, shard=shard.number, state="not run"))
+                continue
+            try:
+                upstream[stage.name] = done = run_shard_stage(stage, ctx, shard, upstream)
+                outcomes.append(StageOutcome(stage=stage.name, shard=shard.number, completion=done))
+            except Exception as exc:  # one shard's failure never costs the others
+                outcomes.append(StageOutcome(stage=stage.name, shard=shard.number, failure=str(exc), state="failed"))
+    return outcomes

@@ -10,10 +10,10 @@ from collections import Counter
 import pytest
 
 from fundus_engine.mcq import (BOX_MIN_CONFIDENCE, COUNTING_QUESTION, GRADING_QUESTION, LETTERS, QUADRANTS,
-                               RECOGNITION_QUESTION, build_benchmark, options_of, prompt_for,
+                               RECOGNITION_QUESTION, build_benchmark, options_of,
                                read_benchmark, truth_counts, write_benchmark)
 from fundus_engine.mcq_scoring import extract_letter, read_answers, score
-from fundus_engine.report_scoring import (REPORT_FINDINGS, findings_in, report_consistency, score_reports,
+from fundus_engine.report_scoring import (REPORT_FINDINGS, report_consistency, score_reports, statements,
                                           truth_findings)
 from fundus_engine.config import ChainConfig, ExpandConfig
 from fundus_engine.crop import box_999, region_facts
@@ -235,15 +235,6 @@ def test_correct_letters_are_spread():
         assert len({q.answer for q in _of(qs, task)}) >= 4
 
 
-def test_prompt_for():
-    q = BenchmarkQuestion(index=0, question="What is the marked part in this fundus image?", A="Drusen",
-                          B="Hard exudate", C="Fovea", D="Optic disc", answer="B", category="Hard exudate",
-                          clinical_task="Lesion Recognition", granularity="Box level", image_path="/m.jpg", sha256="x")
-    assert prompt_for(q) == ("Answer with the option's letter from the given choices directly.\n"
-                             "Question: What is the marked part in this fundus image?\n"
-                             "A. Drusen\nB. Hard exudate\nC. Fovea\nD. Optic disc")
-
-
 # ------------------------------------------------------------------ answer parsing
 
 def _mcq(answer="B", category="Hard exudate", task="Lesion Recognition", granularity="Box level", index=0,
@@ -345,8 +336,8 @@ TEMPLATE = ("Findings: present: 2 microaneurysms, the nearest 1.5 disc diameters
     ("A normal fundus. No lesion is seen.", {}),
     (TEMPLATE, {t: t in TRUTH for t in REPORT_FINDINGS}),
 ])
-def test_findings_in(report, expected):
-    assert findings_in(report) == expected
+def test_statements_read_presence_and_negation(report, expected):
+    assert {term: True in said for term, said in statements(report).items() if term in REPORT_FINDINGS} == expected
 
 
 def test_report_consistency_known_scores():

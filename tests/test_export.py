@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from fundus_engine.export import (ExportError, export_all, image_root, llava_image_folder, load_records,
+from fundus_engine.export import (ExportError, export_all, image_root, load_records,
                                   present_splits, to_internvl, to_llamafactory, to_llava, to_vlmevalkit_tsv)
 from fundus_engine.models import BenchmarkQuestion, GroundedBox, InstructionRecord, Provenance, Turn
 from fundus_engine.tables import arrow_schema, write_rows
@@ -180,6 +180,12 @@ def test_internvl_jsonl_and_meta(build):
 
 
 # ------------------------------------------------------------------ LLaVA
+
+def llava_image_folder(export_dir: Path) -> Path:
+    """The `--image_folder` recorded in an LLaVA export's README."""
+    line = next(x for x in (export_dir / "README.md").read_text().splitlines() if x.startswith("--image_folder "))
+    return Path(line.split(" ", 1)[1])
+
 
 def test_llava_json(build):
     directory = to_llava(build, ("train", "val"))

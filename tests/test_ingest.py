@@ -16,7 +16,7 @@ from fundus_engine.decoding import decode
 from fundus_engine.ingest import ingest, ingest_image
 from fundus_engine.labels import labels_for, load_labels, patient_pseudonym
 from fundus_engine.photo_files import SourceFile, scan, sha256_file
-from fundus_engine.quality import field_of_view, measure_quality
+from fundus_engine.quality import QUALITY_SIDE, downscaled, field_of_view, grade_quality
 from fundus_engine.models import ImageRecord, LabelBox, Point, Reject
 from fundus_engine.synth import generate, render
 from fundus_engine.vocabulary import DR
@@ -301,6 +301,11 @@ def test_csv_with_a_byte_order_mark_is_read(tmp_path):
 
 
 # ------------------------------------------------------------------ quality
+
+def measure_quality(rgb: np.ndarray, config: IngestConfig):
+    """Quality as ingest measures it: on the photograph's QUALITY_SIDE copy."""
+    return grade_quality(downscaled(rgb, QUALITY_SIDE), config)
+
 
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:

@@ -164,7 +164,8 @@ def test_no_patient_identifier_reaches_the_output(tmp_path):
 
     from fundus_engine.config import BuildConfig
     from fundus_engine.labels import patient_pseudonym
-    from fundus_engine.runner import RunContext, finish_build, plan_build, run_local
+    from fundus_engine.runner import RunContext, finish_build, plan_build
+    from in_memory import run_local
     from fundus_engine.synth import generate
 
     source, out = tmp_path / "in", tmp_path / "out"

@@ -7,10 +7,11 @@ import time
 
 from fundus_engine.config import BuildConfig
 from fundus_engine.models import InstructionRecord
-from fundus_engine.runner import RunContext, finish_build, plan_build, run_local
+from fundus_engine.runner import RunContext, finish_build, plan_build
 from fundus_engine.stages import STAGES
 from fundus_engine.synth import generate
 from fundus_engine.tables import read_rows
+from in_memory import run_local
 
 
 def _build(source, out, config=BuildConfig(shard_size=3)):

@@ -20,7 +20,7 @@ from fundus_engine.ingest import ingest_image
 from fundus_engine.labels import labels_for, load_labels
 from fundus_engine.models import ImageRecord, InstructionRecord, Reject
 from fundus_engine.photo_files import scan
-from fundus_engine.quality import measure_quality, perceptual_hash
+from fundus_engine.quality import QUALITY_SIDE, downscaled, grade_quality, perceptual_hash
 from fundus_engine.tables import read_rows
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real_fundus" / "images"
@@ -84,7 +84,7 @@ def test_every_real_photograph_states_on_the_reduced_decode_what_it_states_on_th
         with monkeypatch.context() as m:
             m.setattr(ingest_module, "decode_for_measures", _full_decode)
             full = ingest_image(REAL, source, labels, CONFIG)
-        assert full.quality == measure_quality(rgb, CONFIG) and full.phash == perceptual_hash(rgb)
+        assert full.quality == grade_quality(downscaled(rgb, QUALITY_SIDE), CONFIG) and full.phash == perceptual_hash(rgb)
         if decode_for_measures(path)[0].shape == rgb.shape:
             assert new == full, source.relpath
             continue
@@ -103,7 +103,8 @@ def test_a_build_of_the_real_photographs_has_the_same_records_on_either_decode(t
     """Two builds (the library's local loop), ingest measuring on the reduced decode and on the full
     one: the same dataset records, regions and anatomy, word for word."""
     from fundus_engine.models import Anatomy, Region
-    from fundus_engine.runner import RunContext, finish_build, plan_build, run_local
+    from fundus_engine.runner import RunContext, finish_build, plan_build
+    from in_memory import run_local
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 

@@ -17,10 +17,10 @@ import pytest
 from fundus_engine import mcq, runner, tables, write
 from fundus_engine.config import BuildConfig, WriteConfig
 from fundus_engine.models import Anatomy, ImageRecord, InstructionRecord, Region
-from fundus_engine.runner import RunContext, finish_build, plan_build, run_local
+from fundus_engine.runner import RunContext, finish_build, plan_build
 from fundus_engine.synth import generate
 from fundus_engine.tables import read_rows, write_rows
-from in_memory import domain_report, write_card, write_dataset
+from in_memory import domain_report, run_local, write_card, write_dataset
 
 PROVENANCE_KEYS = ("engine_version", "created_at", "input_dir", "output_dir", "config", "detector", "expand_backend",
                    "prompts")
