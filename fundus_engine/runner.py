@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 import fundus_engine
 from fundus_engine import chain as chain_stage, mcq, detect as detect_stage, expand as expand_stage
 from fundus_engine import write as write_stage
+from fundus_engine.image_paths import content_paths, renamed_paths
 from fundus_engine import tables
 from fundus_engine.labels import ambiguous_keys, labels_for, load_labels
 from fundus_engine.photo_files import scan
@@ -252,12 +253,17 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
         domain_stats.add_image(k.sha256, k.synthetic)
     del keys
 
+    # Where the published outputs say the photographs are: their source paths, or hash-named copies.
+    renamed = content_paths(files("ingest", "images"), out) if config.write.image_paths == "content" else {}
+
     # The dataset, a chain shard at a time.
     stats = write_stage.RecordStats()
     writer = write_stage.DatasetWriter(build_dir, config.write,
                                        expected_rows=sum(c.rows for (s, _), c in done.items() if s == "chain"))
     for path in files("chain", "records"):
         records = write_stage.with_splits(tables.read_table(path, InstructionRecord), split_of)
+        if renamed:
+            records = renamed_paths(records, renamed)
         stats.add_flags(records.column("flags").to_pylist())
         if config.expand.drop_flagged:
             records = write_stage.unflagged(records)
@@ -291,6 +297,7 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
     domain = domain_stats.report()
     render_card(build_dir, stats, boxes, {**about, "detector_domain": domain})
     # The multiple-choice benchmark: held-out (test split) images only, never in train or val.
+    held["images"] = [i.model_copy(update={"path": renamed.get(i.path, i.path)}) for i in held["images"]]
     questions = mcq.build_benchmark(held["images"], held["anatomy"], held["regions"], stats.held_out,
                                     seed=config.chain.seed)
     mcq.write_benchmark(questions, build_dir / "benchmark" / "test.parquet")

@@ -195,3 +195,59 @@ def test_no_patient_identifier_reaches_the_output(tmp_path):
     split_of = {r.sha256: r.split for r in records}
     for pseudonym in {i.patient_id for i in images}:
         assert len({split_of[i.sha256] for i in images if i.patient_id == pseudonym}) == 1
+
+
+def test_file_names_carrying_identifiers_stay_out_of_the_published_outputs(tmp_path):
+    """Hospital exports often name photographs by record number: with `write.image_paths: content`
+    the dataset, benchmark, card, manifest and exports name hash-named copies under OUT/images,
+    which hold the same bytes, and no source file name."""
+    import time
+
+    import pyarrow.parquet as pq
+
+    from fundus_engine.config import BuildConfig, WriteConfig
+    from fundus_engine.export import export_all
+    from fundus_engine.models import InstructionRecord
+    from fundus_engine.photo_files import sha256_file
+    from fundus_engine.runner import RunContext, finish_build, plan_build
+    from fundus_engine.synth import generate
+    from in_memory import run_local
+
+    source, out = tmp_path / "in", tmp_path / "out"
+    generate(source, 8, seed=5, size=256, full_labels=True)
+    labels = json.loads((source / "labels.json").read_text())
+    names = []
+    for n, entry in enumerate(labels["images"]):
+        old = source / entry["image"]
+        entry["image"] = f"images/MRN-{5530120 + n}_OD_1961-04-0{n + 1}.jpg"
+        old.rename(source / entry["image"])
+        names.append(f"MRN-{5530120 + n}")
+    (source / "labels.json").write_text(json.dumps(labels))
+    config = BuildConfig(shard_size=4, write=WriteConfig(image_paths="content", test_fraction=0.5))
+    ctx = RunContext.create(source, out, config, run_id="file-names")
+    plan = plan_build(ctx)
+    manifest = finish_build(ctx, plan, run_local(ctx, plan), time.monotonic())
+    assert manifest["complete"] and manifest["benchmark"]["questions"] > 0
+    export_all(out)
+
+    published = [out / name for name in ("dataset", "benchmark", "card", "manifest.json", "rejects.parquet", "exports")]
+    holding = []
+    for path in sorted(f for p in published for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()):
+        text = (json.dumps(pq.read_table(path).to_pylist(), default=str) if path.suffix == ".parquet"
+                else path.read_bytes().decode("latin-1"))
+        holding += [(str(path.relative_to(out)), name) for name in names if name in text]
+    assert holding == []
+
+    records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
+    shown = {Path(r.source_image_path) for r in records}
+    assert {p.parent for p in shown} == {out / "images"} and len(shown) == 8
+    for path in shown:  # the same photograph, named by its content
+        assert path.name == f"{sha256_file(path)}.jpg"
+    assert all(Path(r.image_path).parent == out / "images" or Path(r.image_path).is_relative_to(out)
+               for r in records)
+    # the default keeps the source paths (the build's own folders under `stages` always do)
+    default = RunContext.create(source, tmp_path / "default", BuildConfig(shard_size=4), run_id="file-names-default")
+    plan = plan_build(default)
+    finish_build(default, plan, run_local(default, plan), time.monotonic())
+    records = read_rows(sorted((tmp_path / "default" / "dataset").glob("*.parquet")), InstructionRecord)
+    assert {Path(r.source_image_path).name[:11] for r in records} == set(names)
