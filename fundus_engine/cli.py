@@ -118,7 +118,8 @@ def train_detector(config: Optional[Path] = typer.Option(None, "--config", help=
                    base_model: Optional[str] = typer.Option(None, help="model .yaml (from scratch) or local .pt weights"),
                    held_out: Optional[Path] = typer.Option(None, help="dataset.yaml to validate on")):
     """Train a detector from public dataset layouts, YOLO folders, COCO JSON, lesion masks and synthetic images, offline."""
-    from flows.train_detector import TrainDetectorParams, train_detector as flow
+    from flows.train_detector import train_detector as flow
+    from fundus_engine.config import TrainDetectorParams
     from fundus_engine.config import read_config_file
 
     try:

@@ -1,4 +1,5 @@
-"""Build configuration: one pydantic model, one section per stage.
+"""Configuration: a build's (one pydantic model, one section per stage) and the detector
+training's (`TrainDetectorParams`).
 
 Each stage's cache key hashes only its own section, so changing, say, the chain seed never
 re-runs detection.
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -207,3 +208,56 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a configuration is a mapping of settings, not a {type(data).__name__}")
     return data
+
+
+# ------------------------------------------------------------------ detector training
+
+class CocoSource(Section):
+    annotations: str = Field(description="COCO detection JSON")
+    images: str | None = Field(None, description="image folder; default: beside the JSON")
+
+
+class MaskSource(Section):
+    images: str = Field(description="image folder (IDRiD, DDR, e-ophtha, DiaretDB1 ...)")
+    masks: dict[str, str] = Field(description="class name or alias (EX, HE, MA, SE, OD ...) -> folder of binary masks")
+    min_area: int = Field(4, ge=1, description="components smaller than this many pixels are dropped")
+    merge_distance: float | None = Field(None, ge=0, description="fragments closer than this (pixels) become one box")
+    max_boxes: int | None = Field(None, ge=1, description="per image and class, keep only the largest boxes")
+    levels: dict[str, list[int]] = Field({}, description="mask key -> pixel values of that class, for multi-level "
+                                         "masks; REFUGE: {'optic_disc': [0, 128], 'optic_cup': [0]}")
+
+
+class TrainDetectorParams(Section):
+    output: str = Field(description="weights file to write (.pt); the metadata JSON goes beside it")
+    datasets: list[str] = Field([], description="folders in a public layout, recognised by their naming: IDRiD "
+                                "segmentation, DDR, FGADR, e-ophtha, images/<DATASET> + masks/<DATASET>/<id>__<class>.png "
+                                "(fundus_engine.layouts)")
+    yolo: list[str] = Field([], description="YOLO-format folders (images/ + labels/, or with a dataset.yaml)")
+    coco: list[CocoSource] = []
+    masks: list[MaskSource] = []
+    synthetic: int = Field(0, ge=0, description="synthetic photographs to add")
+    synthetic_seed: int = 1000
+    held_out: str | None = Field(None, description="dataset.yaml to validate on; default: the val split")
+    unlabelled: str | None = Field(None, description="folder of unlabelled images for self-training")
+    self_training_rounds: int = Field(0, ge=0)
+    pseudo_label_confidence: float = Field(0.5, gt=0, lt=1)
+    epochs: int = Field(30, ge=1)
+    imgsz: int = Field(512, ge=64)
+    batch: int = Field(16, ge=1)
+    base_model: str = Field("yolo11n.yaml", description="a model .yaml (from scratch) or local .pt weights")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="held out of training, per domain (real, synthetic)")
+    folds: int = Field(0, ge=0, description="k-fold cross-validation by image on the real photographs (k >= 2): "
+                       "k detectors, each validated on the fold it did not see, then the written one trained on all "
+                       "real images; 0: one held-out split of val_fraction")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _folds_fit(self):
+        if self.folds == 1:
+            raise ValueError("folds: 1 is no cross-validation; give 0 (one held-out split) or at least 2")
+        if self.folds and self.held_out:
+            raise ValueError("folds cross-validates on the labelled real photographs; held_out names another "
+                             "validation set: give one or the other")
+        if self.folds and self.self_training_rounds:
+            raise ValueError("self-training rounds are not cross-validated: use folds: 0 with self_training_rounds")
+        return self

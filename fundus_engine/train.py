@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fundus_engine.config import IMAGE_EXTENSIONS
+from fundus_engine.config import IMAGE_EXTENSIONS, TrainDetectorParams
 from fundus_engine.detect import resolve_device
 from fundus_engine.importers import LabelledImage
 from fundus_engine.models import LabelBox
 from fundus_engine.synth import generate
-from fundus_engine.training_data import write_yolo_dataset
+from fundus_engine.training_data import kfold, write_yolo_dataset
 from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 from fundus_engine.yolo import ultralytics
 
@@ -224,3 +224,50 @@ def self_train(labelled: list[LabelledImage], unlabelled: list[Path], held_out: 
         history.append(Round(r, len(labelled), len(pseudo), sum(len(p.boxes) for p in pseudo), weights,
                              evaluate(weights)))
     return history
+
+
+def cross_validate(items: list[LabelledImage], synthetic_train: list[LabelledImage],
+                   params: TrainDetectorParams, work: str,
+                   log: Callable[[str], None] = print) -> dict:
+    """k-fold cross-validation on the real photographs: fold f's detector is trained on the other
+    folds (plus the synthetic training images) and scored on fold f, class by class on the images
+    annotated for it; the record gives each fold and, per class, the mean over the folds where the
+    class has boxes."""
+    real = [i for i in items if not i.synthetic]
+    if not real:
+        raise ValueError("folds: cross-validation needs real photographs; every labelled image is synthetic")
+    folds = kfold(real, params.folds, params.seed)
+    per_fold = []
+    for f, held in enumerate(folds):
+        fold_dir = Path(work) / f"fold{f}"
+        trained_on = [i for g, fold in enumerate(folds) if g != f for i in fold] + synthetic_train
+        data = write_yolo_dataset(trained_on, fold_dir / "data", val_fraction=0, max_side=params.imgsz)
+        weights = train_detector(data, fold_dir / "weights.pt", params.epochs, params.imgsz, params.batch,
+                                 params.base_model, params.seed)
+        per_class = validate_items(weights, held, params.imgsz, fold_dir / "val")
+        per_fold.append({"fold": f, **validation_entry("real", held, "held-out fold", per_class)})
+        log(f"fold {f + 1}/{params.folds}: {len(held)} real images held out, per-class mAP50 {per_class}")
+        shutil.rmtree(fold_dir, ignore_errors=True)
+    classes = [c for c in CLASS_NAMES if any(c in f["per_class_mAP50"] for f in per_fold)]
+    mean = {c: round(sum(aps) / len(aps), 4)
+            for c in classes if (aps := [f["per_class_mAP50"][c] for f in per_fold if c in f["per_class_mAP50"]])}
+    entry = validation_entry("real", real, f"k-fold cross-validation (k={params.folds})", mean)
+    entry["folds"] = [{k: v for k, v in f.items() if k not in ("domain", "method")} for f in per_fold]
+    return entry
+
+
+def write_weights(final: Round, history: list[Round], output: Path, validations: list[dict],
+                  items: list[LabelledImage], trained: list[LabelledImage], params: TrainDetectorParams) -> dict:
+    """The kept round's weights at `output`, stripped for shipping, and beside them the metadata
+    JSON that is the detector's evidence (what it was trained and validated on, every round)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(final.weights, output)
+    strip_for_shipping(output)
+    meta = json.loads(final.weights.with_suffix(".json").read_text())
+    meta.update({"labelled_images": len(items), "real_images": sum(not i.synthetic for i in items),
+                 "trained_images": len(trained), "validations": validations, "kept_round": final.round,
+                 "self_training": [{"round": r.round, "pseudo_images": r.pseudo_images,
+                                    "pseudo_boxes": r.pseudo_boxes, **r.metrics} for r in history],
+                 "params": params.model_dump(mode="json")})
+    output.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return meta

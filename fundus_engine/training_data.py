@@ -1,4 +1,5 @@
-"""Preparing imported `LabelledImage`s for training: merge sources, split, k-fold, write YOLO.
+"""Preparing imported `LabelledImage`s for training: read the sources the training parameters
+name, merge them, split (held out, k-fold, the self-training pool), write YOLO.
 
 Separate from the readers (`fundus_engine.importers`) because it is the other side of the
 import: whatever format the labels came from, these functions combine them per image, assign
@@ -15,9 +16,12 @@ import cv2
 import numpy as np
 import yaml
 
-from fundus_engine.importers import IMAGE_SUFFIXES, LabelledImage, _image_size
+from fundus_engine.config import IMAGE_EXTENSIONS, TrainDetectorParams
+from fundus_engine import layouts
+from fundus_engine.importers import (IMAGE_SUFFIXES, LabelledImage, _image_size, dataset_images, from_coco,
+                                      from_masks, from_yolo)
 from fundus_engine.models import LabelBox
-from fundus_engine.synth import write_marked_jpeg
+from fundus_engine.synth import generate, write_marked_jpeg
 from fundus_engine.vocabulary import CLASS_NAMES, canonical_class
 
 
@@ -179,3 +183,63 @@ def write_yolo_dataset(items: list[LabelledImage], out: Path, val_fraction: floa
         "names": dict(enumerate(CLASS_NAMES)),
     }, sort_keys=False))
     return dataset_yaml
+
+
+def self_training_pool(folder: Path, labelled: list[LabelledImage],
+                       held_out: Path | list[LabelledImage]) -> list[Path]:
+    """The unlabelled images, minus any that are labelled or in the held-out set (a dataset.yaml,
+    or the held-out images) by content: a pool image that is also labelled would be
+    pseudo-labelled over its truth, one that is held out trained on and then scored on; both
+    inflate the metrics."""
+    if isinstance(held_out, list):
+        held_out_images = [Path(i.image) for i in held_out]
+    else:
+        held_out_images, _ = dataset_images(held_out)
+    known = {hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in [i.image for i in labelled] + held_out_images}
+    pool = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [p for p in pool if hashlib.sha256(p.read_bytes()).hexdigest() not in known]
+
+
+def hold_out(items: list[LabelledImage], params: TrainDetectorParams
+             ) -> tuple[list[LabelledImage], list[LabelledImage], str]:
+    """(train, held out, method). Real photographs and synthetic images are split separately, so
+    each domain keeps held-out images however few real ones there are; with `folds`, the real
+    photographs are all trained on (cross-validation scores them) and only synthetic ones are held out."""
+    if params.held_out:
+        return items, from_yolo(Path(params.held_out)), "held-out set"
+    train: list[LabelledImage] = []
+    held: list[LabelledImage] = []
+    for synthetic in (False, True):
+        part = [i for i in items if bool(i.synthetic) == synthetic]
+        if not part:
+            continue
+        if params.folds and not synthetic:
+            train += part
+            continue
+        kept, kept_out = split(part, params.val_fraction, params.seed)
+        train += kept
+        held += kept_out
+    return train, held, "held-out split"
+
+
+def labelled_sources(params: TrainDetectorParams, work: Path) -> list[tuple[str, list[LabelledImage]]]:
+    """Every labelled source the training parameters name, read, each with a name for the log:
+    public layouts, YOLO folders, COCO files, mask folders, and synthetic images generated into `work`."""
+    named: list[tuple[str, list[LabelledImage]]] = []
+    for folder in params.datasets:
+        layout = layouts.detect_layout(Path(folder))
+        named.append((f"{folder} ({layout})", layouts.from_layout(Path(folder), layout)))
+    named += [(f"yolo {f}", from_yolo(Path(f))) for f in params.yolo]
+    named += [(f"coco {c.annotations}", from_coco(Path(c.annotations), Path(c.images) if c.images else None))
+              for c in params.coco]
+    named += [(f"masks {m.images}", from_masks(Path(m.images), {k: Path(v) for k, v in m.masks.items()},
+                                               m.min_area, m.merge_distance, levels=m.levels,
+                                               max_boxes=m.max_boxes)) for m in params.masks]
+    if params.synthetic:
+        synth = Path(work) / "synthetic"
+        generate(synth, params.synthetic, seed=params.synthetic_seed, size=params.imgsz)
+        generated = from_yolo(synth)
+        for item in generated:
+            item.synthetic, item.dataset = True, "synthetic"
+        named.append((f"synthetic (seed {params.synthetic_seed})", generated))
+    return named

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.train_detector import TrainDetectorParams
+from fundus_engine.config import TrainDetectorParams
 from fundus_engine.config import BuildConfig
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.train_detector import TrainDetectorParams, train_detector
+from flows.train_detector import train_detector
+from fundus_engine.config import TrainDetectorParams
 from fundus_engine.cli import app
 from fundus_engine.config import DetectConfig, IngestConfig
 from fundus_engine.detect import DEMO_WEIGHTS, detect
@@ -86,7 +87,7 @@ def test_train_detector_flow_imports_masks_trains_and_self_trains(tmp_path):
 
 
 def test_self_training_pool_leaves_out_labelled_and_held_out_images(tmp_path):
-    from flows.train_detector import self_training_pool
+    from fundus_engine.training_data import self_training_pool
     from fundus_engine.importers import from_yolo
     from fundus_engine.training_data import split, write_yolo_dataset
 
