@@ -23,9 +23,18 @@ def downscaled(image: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
 
 
+FOV_MIN_LEVEL = 25  # brightest channel of a digital camera's near-black border: at most this
+
+
 def field_of_view(rgb: np.ndarray) -> np.ndarray:
-    """The circular retina area: fundus cameras leave a near-black border around it."""
-    return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) > 25
+    """The retina area, brighter than the border the camera leaves around it. A digital camera's
+    border is near black; scanned film (STARE) has a dim one, 25-45 in the brightest channel, that
+    a fixed threshold of 25 counted as retina (93% of a frame the retina covers 73% of). So the
+    threshold is the larger of 25 and half of Otsu's split between border and retina, which keeps
+    DRIVE's coverage within 0.7 points of its field-of-view masks."""
+    level = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    split, _ = cv2.threshold(np.ascontiguousarray(level, np.uint8), 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    return level > max(FOV_MIN_LEVEL, split / 2)
 
 
 def grade_quality(small: np.ndarray, config: IngestConfig, channels: str = "RGB") -> Quality:

@@ -322,6 +322,17 @@ def test_synthetic_photo_is_good_with_plausible_field_of_view(photo):
     assert field_of_view(photo).mean() == pytest.approx(q.fov_coverage, abs=0.01)
 
 
+def test_a_dim_scanned_film_border_is_not_counted_as_retina(photo):
+    """STARE's photographs are scanned film: the border around the field is dark green, 25-45 in
+    the brightest channel, not black. The coverage is the field's either way."""
+    border = ~field_of_view(photo)
+    film = photo.copy()
+    film[border] = (14, 38, 12)  # RGB: dim green, above a fixed threshold of 25
+    assert border.mean() > 0.25
+    assert measure_quality(film, CONFIG).fov_coverage == pytest.approx(measure_quality(photo, CONFIG).fov_coverage,
+                                                                       abs=0.01)
+
+
 def test_blur_lowers_sharpness(photo):
     sharp = measure_quality(photo, CONFIG)
     soft = measure_quality(cv2.GaussianBlur(photo, (0, 0), 2), CONFIG)

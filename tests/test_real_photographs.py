@@ -135,3 +135,19 @@ def test_a_landmark_is_stated_where_it_is_or_not_at_all(build):
             assert abs(centre.x - x) <= half and abs(centre.y - y) <= half, (relpath, landmark, centre)
         if anat.disc_centre is None:
             assert anat.laterality_source in ("label", "unknown"), relpath
+
+
+def test_field_of_view_coverage_matches_the_masks_and_leaves_out_film_borders(build):
+    """The coverage the records state ("a circular field of view covering N% of the frame"):
+    within a point of DRIVE's field-of-view masks, and on STARE's scanned film (a dim green
+    border, not black) the retina's 72-80%, not the 77-96% a fixed threshold gave."""
+    out, _ = build
+    images = read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)
+    drive = [i for i in images if i.relpath.startswith("DRIVE/")]
+    assert len(drive) == 20
+    for image in drive:
+        mask = cv2.imread(str(REAL / "masks" / "DRIVE" / f"{Path(image.relpath).stem}__field_of_view.png"),
+                          cv2.IMREAD_GRAYSCALE)
+        assert image.quality.fov_coverage == pytest.approx(float((mask > 127).mean()), abs=0.01), image.relpath
+    stare = {i.relpath: i.quality.fov_coverage for i in images if i.relpath.startswith("STARE/")}
+    assert len(stare) == 10 and all(0.65 <= c <= 0.82 for c in stare.values()), stare
