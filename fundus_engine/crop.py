@@ -176,7 +176,9 @@ def anatomy(record: ImageRecord, detections: list[Detection], found: Landmarks |
     if laterality == "unknown":
         laterality, source = seen, ("unknown" if seen == "unknown" else "inferred")
     elif seen != "unknown" and seen != laterality:  # a mirrored photograph, or a wrong label
+        # a record saying "left eye" of a picture of a right eye would teach the wrong side: neither is stated
         notes.append(f"laterality: labelled {laterality}, but the disc's side of the fovea says {seen}")
+        laterality, source = "unknown", "conflict"
     anat = Anatomy(sha256=record.sha256, laterality=laterality, laterality_source=source,
                    disc_centre=disc_centre, disc_diameter_px=round(disc_diameter, 2) if disc_diameter else None,
                    disc_source=disc_source, fovea_centre=fovea_centre, fovea_source=fovea_source,

@@ -93,7 +93,7 @@ def draw_overlay(rgb: np.ndarray, regions: list[dict], anatomy: dict | None = No
     # Header: relpath, laterality, landmark disagreements, on a darkened band across the top.
     a = anatomy or {}
     lat = a.get("laterality") or "unknown"
-    lat += " (inferred)" if a.get("laterality_source") == "inferred" else ""
+    lat += {"inferred": " (inferred)", "conflict": " (label and picture disagree)"}.get(a.get("laterality_source"), "")
     lines = [f"{title}  |  laterality {lat}  |  {len(regions)} boxes" + ("" if a.get("disc_centre") else "  |  no disc found"),
              *(f"disagreement: {d}" for d in a.get("landmark_disagreement") or [])]
     band = (_size("Ag", fs)[1] + 2) * len(lines) + 4

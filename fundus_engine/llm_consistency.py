@@ -20,7 +20,9 @@ def consistency_flags(findings: ImageFindings, record: ImageRecord, anatomy: Ana
     found = {r.label for r in regions} | {b.label for b in record.label_boxes}
     claims = " . ".join([*findings.positive_findings, *findings.evidence])
     flags = [f"unsupported_lesion:{label}" for label in LESIONS if label not in found and mentioned(claims, label)]
-    known = anatomy.laterality if anatomy.laterality != "unknown" else record.laterality
+    # a label the picture contradicts (laterality_source "conflict") is no ground to flag a description by
+    known = (anatomy.laterality if anatomy.laterality != "unknown" or anatomy.laterality_source == "conflict"
+             else record.laterality)
     if known != "unknown" and findings.laterality not in (known, "unknown"):
         flags.append(f"laterality:{findings.laterality}!={known}")
     if record.diagnosis and says_normal(findings.diagnosis) != (record.diagnosis == NORMAL or record.dr_grade == 0):

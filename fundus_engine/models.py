@@ -103,7 +103,9 @@ class Anatomy(Row):
 
     sha256: str
     laterality: Laterality
-    laterality_source: Literal["label", "inferred", "unknown"]  # inferred: from the disc's side of the fovea
+    # inferred: from the disc's side of the fovea; conflict: labelled one side and pictured as the
+    # other (a mirrored photograph, or a wrong label), so `laterality` is unknown and records state neither
+    laterality_source: Literal["label", "inferred", "conflict", "unknown"]
     disc_centre: Point | None = None
     disc_diameter_px: float | None = None
     disc_source: LandmarkSource | None = None

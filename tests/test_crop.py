@@ -192,9 +192,11 @@ def test_anatomy_prefers_labels_and_says_unknown_when_it_must():
     dets = [_det("optic_disc", [300, 200, 400, 300]), _det("fovea", [75, 225, 125, 275])]
     labelled = _record(laterality="OS", disc=Point(x=340, y=240), fovea=Point(x=90, y=260))
     anat, _ = anatomy(labelled, dets)
-    assert (anat.laterality, anat.laterality_source) == ("OS", "label")
-    # the disc is right of the fovea, which says OD: the label stands and the conflict is recorded
+    # the disc is right of the fovea, which says OD: records state neither side, and the conflict is recorded
+    assert (anat.laterality, anat.laterality_source) == ("unknown", "conflict")
     assert anat.landmark_disagreement == ["laterality: labelled OS, but the disc's side of the fovea says OD"]
+    agreeing = _record(laterality="OD", disc=Point(x=340, y=240), fovea=Point(x=90, y=260))
+    assert anatomy(agreeing, dets)[0].laterality_source == "label"
     assert anat.disc_centre == Point(x=340, y=240) and anat.fovea_centre == Point(x=90, y=260)
     assert anat.disc_diameter_px == 100.0 and anat.cup_to_disc is None  # no cup detected
 
