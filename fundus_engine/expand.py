@@ -17,6 +17,7 @@ from fundus_engine.evidence import DetectorEvidence, assessed_lesions, counted_l
 from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageRecord, Provenance, Region,
                                   RegionDescription, Reject)
 from fundus_engine.prompts import Prompt, load
+from fundus_engine.quality import stated_grade
 from fundus_engine.vocabulary import AMD, BY_NAME, DR, DR_GRADES, GLAUCOMA, LESIONS, NORMAL
 
 STAGE = "expand"
@@ -134,7 +135,7 @@ class OfflineExpander:
             positives.append(f"an enlarged cup-to-disc ratio of {anatomy.cup_to_disc:.2f}")
         negatives = [BY_NAME[label].report_finding for label in absent]
         description = ImageDescription(
-            overview=str(text.overview(record=record, anatomy=anatomy)).strip(),
+            overview=str(text.overview(record=record, anatomy=anatomy, quality=stated_grade(record))).strip(),
             anatomy=str(text.anatomy(anatomy=anatomy, regions=regions)).strip(),
             positive_findings=[p.strip() for p in positives], negative_findings=negatives,
             diagnosis=diagnosis, grade=grade, diagnosis_source=source, evidence=evidence)

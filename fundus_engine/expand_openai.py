@@ -17,6 +17,7 @@ from fundus_engine import __version__
 from fundus_engine.config import OpenAIConfig
 from fundus_engine.evidence import DetectorEvidence, assessed_lesions, counted_lesions
 from fundus_engine.photo_files import cached_sha256
+from fundus_engine.quality import stated_grade
 from fundus_engine.llm_cache import ResponseCache
 from fundus_engine.llm_client import LLMClient, Request, RequestFailed
 from fundus_engine.llm_consistency import consistency_flags
@@ -41,7 +42,7 @@ def facts_of(region: Region) -> dict:
 def image_facts(record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> dict:
     lesions = Counter(r.display for r in regions if r.label in LESIONS)
     return {"laterality": anatomy.laterality, "diagnosis": record.diagnosis, "grade": record.grade,
-            "cup_to_disc": anatomy.cup_to_disc, "quality": record.quality.grade,
+            "cup_to_disc": anatomy.cup_to_disc, "quality": stated_grade(record),
             "lesion_counts": dict(lesions), "regions": [facts_of(r) for r in regions]}
 
 
