@@ -118,9 +118,7 @@ def train_detector(config: Optional[Path] = typer.Option(None, "--config", help=
                    base_model: Optional[str] = typer.Option(None, help="model .yaml (from scratch) or local .pt weights"),
                    held_out: Optional[Path] = typer.Option(None, help="dataset.yaml to validate on")):
     """Train a detector from public dataset layouts, YOLO folders, COCO JSON, lesion masks and synthetic images, offline."""
-    from flows.train_detector import train_detector as flow
-    from fundus_engine.config import TrainDetectorParams
-    from fundus_engine.config import read_config_file
+    from fundus_engine.config import TrainDetectorParams, read_config_file
 
     try:
         data = read_config_file(config) if config else {}
@@ -140,6 +138,8 @@ def train_detector(config: Optional[Path] = typer.Option(None, "--config", help=
     except ValueError as exc:
         console.print(f"[red]error:[/red] {config or 'options'}: {exc}")
         raise typer.Exit(EXIT_USAGE)
+    from flows.train_detector import train_detector as flow  # Prefect is imported once the parameters are valid
+
     meta = flow(params)
     for v in meta["validations"]:
         folds_run = v.get("folds", [])

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from fundus_engine.config import IngestConfig
-from fundus_engine.models import Quality
+from fundus_engine.models import ImageRecord, Quality
 
 QUALITY_SIDE = 512  # quality is measured on a copy this long
 _GRAY = {"RGB": cv2.COLOR_RGB2GRAY, "BGR": cv2.COLOR_BGR2GRAY}
@@ -55,7 +55,7 @@ def grade_quality(small: np.ndarray, config: IngestConfig, channels: str = "RGB"
                    fov_coverage=round(coverage, 4), grade=grade)
 
 
-def stated_grade(record) -> str | None:
+def stated_grade(record: ImageRecord) -> str | None:
     """The quality grade a record may state: where its thresholds were set and tested, on the
     synthetic photographs (blur and exposure sweeps, tests/test_ingest.py). On the 69 real
     photographs every one graded "good", the out-of-focus STARE im0004 and the hazy, underexposed
