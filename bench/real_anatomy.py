@@ -31,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fundus_engine.crop import LOCALISER_ALONE_MIN_SCORE
 from fundus_engine.landmarks import Landmarks, field_of_view, locate_landmarks
 
 DATASETS = ("IDRiD", "EyePACS", "DRIVE", "Messidor-2", "HRF", "STARE")
@@ -105,7 +106,8 @@ def fovea_darker(rgb: np.ndarray, lm: Landmarks) -> bool | None:
 
 def measure(rgb: np.ndarray, lm: Landmarks, seconds: float, disc_truth, fov_truth, side: str | None) -> dict:
     """One localiser's result on one photograph, against whatever truth the photograph has."""
-    row = dict(lm=lm, seconds=seconds, found=lm.disc_centre is not None, fovea_ok=fovea_ok(lm),
+    stated = lm.disc_centre is not None and lm.disc_score >= LOCALISER_ALONE_MIN_SCORE["optic_disc"]
+    row = dict(lm=lm, seconds=seconds, found=lm.disc_centre is not None, stated=stated, fovea_ok=fovea_ok(lm),
                darker=fovea_darker(rgb, lm), side_ok=None,
                in_mask=inside(disc_truth[0], lm.disc_centre) if disc_truth else None,
                in_fov=inside(fov_truth[0], lm.disc_centre) if fov_truth else None,
@@ -136,6 +138,7 @@ def figures(rows: list[dict], name: str) -> dict[str, tuple[float, str]]:
         "IDRiD disc centre inside mask": count(of("IDRiD"), "in_mask"),
         "IDRiD disc diameter median error": (median_error, f"{median_error:.1%}"),
         "disc found, all images": share(of(), "found"),
+        "disc sure to state alone (>= 0.6), all": share(of(), "stated"),
         "DRIVE disc centre inside field": count(of("DRIVE"), "in_fov"),
         "fovea at 2.0-3.2 DD, macula-centred": share(of(*MACULA_CENTRED), "fovea_ok"),
         "fovea at 2.0-3.2 DD, STARE (mixed)": share(of("STARE"), "fovea_ok"),
