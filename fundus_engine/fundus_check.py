@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from fundus_engine.landmarks import brightest_channel
+from fundus_engine.landmarks import brightest_channel, darkest_channel
 
 SIDE = 256  # features are measured on a copy this long
 
@@ -111,8 +111,7 @@ def measure(rgb: np.ndarray) -> FundusFeatures:
     pixels = small[inner].astype(np.float32)
     r, g, b = (float(v) for v in pixels.mean(axis=0))
     peak = brightest_channel(pixels)
-    least = np.minimum(np.minimum(pixels[..., 0], pixels[..., 1]), pixels[..., 2])  # as brightest_channel
-    chroma = float(((peak - least) / np.maximum(peak, 1)).mean())
+    chroma = float(((peak - darkest_channel(pixels)) / np.maximum(peak, 1)).mean())
     hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
     white_fraction = float(((hsv[..., 1] < 0.15 * 255) & (hsv[..., 2] > 0.7 * 255)).mean())
 

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 
 from fundus_engine.config import IngestConfig
+from fundus_engine.landmarks import brightest_channel
 from fundus_engine.models import ImageRecord, Quality
 
 QUALITY_SIDE = 512  # quality is measured on a copy this long
@@ -32,7 +33,7 @@ def field_of_view(rgb: np.ndarray) -> np.ndarray:
     a fixed threshold of 25 counted as retina (93% of a frame the retina covers 73% of). So the
     threshold is the larger of 25 and half of Otsu's split between border and retina, which keeps
     DRIVE's coverage within 0.7 points of its field-of-view masks."""
-    level = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    level = brightest_channel(rgb)
     split, _ = cv2.threshold(np.ascontiguousarray(level, np.uint8), 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     return level > max(FOV_MIN_LEVEL, split / 2)
 

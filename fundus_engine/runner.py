@@ -297,7 +297,8 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
     domain = domain_stats.report()
     render_card(build_dir, stats, boxes, {**about, "detector_domain": domain})
     # The multiple-choice benchmark: held-out (test split) images only, never in train or val.
-    held["images"] = [i.model_copy(update={"path": renamed.get(i.path, i.path)}) for i in held["images"]]
+    if renamed:  # the benchmark shows the same photographs the dataset names
+        held["images"] = [i.model_copy(update={"path": renamed[i.path]}) for i in held["images"]]
     questions = mcq.build_benchmark(held["images"], held["anatomy"], held["regions"], stats.held_out,
                                     seed=config.chain.seed)
     mcq.write_benchmark(questions, build_dir / "benchmark" / "test.parquet")

@@ -21,6 +21,7 @@ from fundus_engine import layouts
 from fundus_engine.importers import (IMAGE_SUFFIXES, LabelledImage, _image_size, dataset_images, from_coco,
                                       from_masks, from_yolo)
 from fundus_engine.models import LabelBox
+from fundus_engine.photo_files import sha256_file
 from fundus_engine.synth import generate, write_marked_jpeg
 from fundus_engine.vocabulary import CLASS_NAMES, canonical_class
 
@@ -195,9 +196,9 @@ def self_training_pool(folder: Path, labelled: list[LabelledImage],
         held_out_images = [Path(i.image) for i in held_out]
     else:
         held_out_images, _ = dataset_images(held_out)
-    known = {hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in [i.image for i in labelled] + held_out_images}
+    known = {sha256_file(Path(p)) for p in [i.image for i in labelled] + held_out_images}
     pool = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return [p for p in pool if hashlib.sha256(p.read_bytes()).hexdigest() not in known]
+    return [p for p in pool if sha256_file(p) not in known]
 
 
 def hold_out(items: list[LabelledImage], params: TrainDetectorParams
