@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet --no-cache-dir --upgrade pip
 	# Pinned: pip takes these two from local disk here; a bare `torch` is a multi-GB download.
-	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet -e '.[test,onnx,scale]'
+	$(PIP) install --quiet --no-cache-dir torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet --no-cache-dir -e '.[test,onnx,scale]'
 	touch $(STAMP)
 
 install: $(STAMP)
