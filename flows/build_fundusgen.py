@@ -136,6 +136,10 @@ def _build(ctx: RunContext) -> dict:
     logger.info("%d images in %s in %d shards (%d rejected at scan), %d label entries",
                 sum(len(s.sources) for s in plan.shards), ctx.input_dir, len(plan.shards), len(plan.rejects),
                 plan.label_entries)
+    if plan.patient_pseudonyms == "unkeyed":
+        logger.warning("patient pseudonyms are unkeyed digests: an identifier from a small space (a record number) "
+                       "can be matched to its pseudonym by hashing candidates; set a secret of 16 or more characters "
+                       "in %s to key them", ctx.config.ingest.patient_key_env)
     task_runner = FlowRunContext.get().task_runner
 
     def submit(stage: str, shard: Shard, upstream: dict):

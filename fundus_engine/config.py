@@ -28,6 +28,10 @@ class IngestConfig(Section):
                             "take 5-24 MP")
     min_fov_coverage: float = Field(0.2, ge=0, le=1, description="frames with less retina than this are rejected")
     min_sharpness: float = Field(2.0, ge=0, description="below this the photograph is graded poor")
+    patient_key_env: str = Field(
+        "FUNDUS_ENGINE_PATIENT_KEY", description="environment variable holding the secret (16 characters or more) "
+        "that keys patient pseudonyms (HMAC-SHA256); unset, they are plain digests, which an identifier from a small "
+        "space (a record number) can be matched to by hashing candidates, and the build warns")
     annotated_classes: list[str] | None = Field(
         None, description="classes the manifest's boxes annotate exhaustively (an image's missing box means "
                           "absent); default: every class that has a box anywhere in the manifest")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -39,16 +41,39 @@ def _numbers(value, n: int) -> list[float]:
     return numbers
 
 
-def patient_pseudonym(patient_id: str) -> str:
-    """What a build keeps of a patient identifier: a one-way digest, the same in every build (so a
-    patient's photographs share a split, and the splits are reproducible), never the identifier,
-    which therefore reaches no Parquet, export or log. An identifier drawn from a small space (a
-    record number) could still be confirmed by hashing candidates: replace such identifiers with
-    secret pseudonyms before the build."""
+MIN_PATIENT_KEY = 16  # characters: a shorter secret could be found by trying keys with candidate identifiers
+
+
+def patient_key(config: IngestConfig) -> bytes | None:
+    """The secret that keys patient pseudonyms, from the environment variable the config names
+    (the config itself, which provenance and the manifest repeat, never holds it); None when unset.
+    ValueError, naming the variable and never its value, for a key too short to stay secret."""
+    value = os.environ.get(config.patient_key_env, "")
+    if not value:
+        return None
+    if len(value) < MIN_PATIENT_KEY:
+        raise ValueError(f"{config.patient_key_env}: a patient key must be at least {MIN_PATIENT_KEY} characters "
+                         f"(it has {len(value)}); a short one can be guessed along with the identifiers")
+    return value.encode()
+
+
+def patient_key_id(key: bytes) -> str:
+    """Names a key without revealing it, so two builds can be seen to share pseudonyms (and splits)."""
+    return hmac.new(key, b"fundus-engine patient key id", hashlib.sha256).hexdigest()[:12]
+
+
+def patient_pseudonym(patient_id: str, key: bytes | None = None) -> str:
+    """What a build keeps of a patient identifier, never the identifier itself, which therefore
+    reaches no Parquet, export or log; the same in every build with the same key (so a patient's
+    photographs share a split, and the splits are reproducible). Keyed (`pk-`, HMAC-SHA256 with the
+    secret `patient_key`), an identifier from a small space (a record number) cannot be confirmed by
+    hashing candidates; unkeyed (`pt-`, a plain digest) it can, and the build warns."""
+    if key is not None:
+        return "pk-" + hmac.new(key, patient_id.encode(), hashlib.sha256).hexdigest()[:24]
     return "pt-" + hashlib.sha256(f"fundus-engine patient {patient_id}".encode()).hexdigest()[:24]
 
 
-def _label_entry(raw: dict) -> tuple[dict, list[tuple[str, str]], set[str | None]]:
+def _label_entry(raw: dict, secret: bytes | None) -> tuple[dict, list[tuple[str, str]], set[str | None]]:
     """Normalise one manifest entry (JSON object or CSV row) onto ImageRecord's label fields.
 
     A bad field is left out and listed as (field, reason); the entry keeps the others, so a typo
@@ -64,7 +89,7 @@ def _label_entry(raw: dict) -> tuple[dict, list[tuple[str, str]], set[str | None
         if value not in (None, ""):
             entry[key] = str(value).strip()
     if "patient_id" in entry:
-        entry["patient_id"] = patient_pseudonym(entry["patient_id"])
+        entry["patient_id"] = patient_pseudonym(entry["patient_id"], secret)
     dr, dr_field = raw.get("dr_grade"), "dr_grade"
     # APTOS-style CSVs put the DR grade (0-4) in a column called diagnosis.
     if dr in (None, "") and str(entry.get("diagnosis", "")).isdigit():
@@ -170,6 +195,7 @@ def load_labels(input_dir: Path, config: IngestConfig) -> tuple[dict[str, dict],
         path = next((p for p in (input_dir / "labels.json", input_dir / "labels.csv") if p.is_file()), None)
         if path is None:
             return {}, []
+    secret = patient_key(config)  # before reading: a bad key stops the build, not only the labels
     rejects: list[Reject] = []
     try:
         if path.suffix.lower() == ".json":
@@ -197,7 +223,7 @@ def load_labels(input_dir: Path, config: IngestConfig) -> tuple[dict[str, dict],
         if key is None:
             rejects.append(Reject(stage=STAGE, item=where, reason=f"label entry names no image (one of {_IMAGE_KEYS})"))
             continue
-        labels[key], problems, unread[key] = _label_entry(raw)
+        labels[key], problems, unread[key] = _label_entry(raw, secret)
         # By file and image, not position: the entry is part of the stage's cache key.
         labels[key]["_from"]["entry"] = f"{shown(path)} entry for {key}"
         rejects += [Reject(stage=STAGE, item=where, reason=f"{field}: {reason}") for field, reason in problems]

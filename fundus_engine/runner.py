@@ -31,7 +31,7 @@ from fundus_engine import chain as chain_stage, mcq, detect as detect_stage, exp
 from fundus_engine import write as write_stage
 from fundus_engine.image_paths import content_paths, renamed_paths
 from fundus_engine import tables
-from fundus_engine.labels import ambiguous_keys, labels_for, load_labels
+from fundus_engine.labels import ambiguous_keys, labels_for, load_labels, patient_key, patient_key_id
 from fundus_engine.photo_files import scan
 from fundus_engine.card import BoxStats, render_card
 from fundus_engine.config import BuildConfig
@@ -93,6 +93,8 @@ class Plan(BaseModel):
     rejects: list[Reject]
     label_entries: int
     labelled_images: int
+    # how patient identifiers were pseudonymised: "keyed <key id>", "unkeyed", or None (no patient ids)
+    patient_pseudonyms: str | None = None
 
 
 class Completion(BaseModel):
@@ -206,7 +208,14 @@ def plan_build(ctx: RunContext) -> Plan:
     return Plan(shards=[Shard(number=n, sources=batch, labels={s.relpath: matched[s.relpath] for s in batch
                                                                 if matched[s.relpath]})
                         for n, batch in shards.items()],
-                rejects=rejects, label_entries=len(labels), labelled_images=sum(1 for v in matched.values() if v))
+                rejects=rejects, label_entries=len(labels), labelled_images=sum(1 for v in matched.values() if v),
+                patient_pseudonyms=_pseudonyms(labels, patient_key(ctx.config.ingest)))
+
+
+def _pseudonyms(labels: dict[str, dict], secret: bytes | None) -> str | None:
+    if not any("patient_id" in entry for entry in labels.values()):
+        return None
+    return f"keyed {patient_key_id(secret)}" if secret else "unkeyed"
 
 
 class StageOutcome(BaseModel):
@@ -312,7 +321,8 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
     manifest = {
         **about,
         "model_usage": sum_usage([c.usage for c in computed if c.usage], config),
-        "labels": {"entries": plan.label_entries, "matched_images": plan.labelled_images},
+        "labels": {"entries": plan.label_entries, "matched_images": plan.labelled_images,
+                   "patient_pseudonyms": plan.patient_pseudonyms},
         "stages": {stage: {"shards": sum(o.stage == stage for o in outcomes),
                            "computed": sum(c.stage == stage for c in computed),
                            "cached": sum(o.stage == stage and bool(o.completion and o.completion.reused)

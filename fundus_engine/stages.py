@@ -57,8 +57,9 @@ class Ingest(_Stage):
     writes = {"images": ImageRecord}
 
     def depends_on(self, ctx: RunContext) -> list:
-        # the folders are part of it because rows hold absolute paths to images and crops
-        return [str(ctx.input_dir), str(ctx.out), ctx.config.ingest.model_dump()]
+        # the folders are part of it because rows hold absolute paths to images and crops; the key's
+        # variable is not: the pseudonyms it gives are in the shard's labels, which the key holds
+        return [str(ctx.input_dir), str(ctx.out), ctx.config.ingest.model_dump(exclude={"patient_key_env"})]
 
     def run(self, ctx: RunContext, shard: Shard, inputs: dict[str, list]) -> StageResult:
         records, rejects = ingest.ingest(ctx.input_dir, shard.sources, shard.labels, ctx.config.ingest)

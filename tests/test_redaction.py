@@ -155,21 +155,17 @@ def test_the_circuit_breaker_message_carries_no_echoed_key(shard, server, tmp_pa
     assert files_holding(tmp_path, secret) == []
 
 
-def test_no_patient_identifier_reaches_the_output(tmp_path):
-    """The labels' patient identifiers are kept only as pseudonyms (`labels.patient_pseudonym`):
-    no file a build writes holds one, and a patient's photographs still share a split."""
+def _build_with_record_numbers(source: Path, out: Path) -> tuple[dict, dict[str, str]]:
+    """A build of 6 synthetic photographs of 3 patients whose labels name them by record number."""
     import time
 
-    import pyarrow.parquet as pq
-
     from fundus_engine.config import BuildConfig
-    from fundus_engine.labels import patient_pseudonym
     from fundus_engine.runner import RunContext, finish_build, plan_build
     from in_memory import run_local
     from fundus_engine.synth import generate
 
-    source, out = tmp_path / "in", tmp_path / "out"
-    generate(source, 6, seed=3, size=256, full_labels=True)
+    if not source.exists():
+        generate(source, 6, seed=3, size=256, full_labels=True)
     labels = json.loads((source / "labels.json").read_text())
     identifiers: dict[str, str] = {}
     for entry in labels["images"]:
@@ -179,22 +175,83 @@ def test_no_patient_identifier_reaches_the_output(tmp_path):
     plan = plan_build(ctx)
     manifest = finish_build(ctx, plan, run_local(ctx, plan), time.monotonic())
     assert manifest["complete"] and len(set(identifiers.values())) == 3
+    return manifest, identifiers
+
+
+def _written_files_holding(out: Path, needles) -> list[tuple[str, str]]:
+    import pyarrow.parquet as pq
 
     holding = []
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         text = (json.dumps(pq.read_table(path).to_pylist(), default=str) if path.suffix == ".parquet"
                 else path.read_bytes().decode("latin-1"))
-        holding += [(str(path.relative_to(out)), mrn) for mrn in identifiers.values() if mrn in text]
-    assert holding == []
+        holding += [(str(path.relative_to(out)), needle) for needle in needles if needle in text]
+    return holding
 
+
+def _patients_and_splits(out: Path) -> tuple[set[str], dict[str, set[str]]]:
     from fundus_engine.models import ImageRecord, InstructionRecord
 
     images = read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)
-    assert {i.patient_id for i in images} == {patient_pseudonym(mrn) for mrn in identifiers.values()}
     records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
     split_of = {r.sha256: r.split for r in records}
-    for pseudonym in {i.patient_id for i in images}:
-        assert len({split_of[i.sha256] for i in images if i.patient_id == pseudonym}) == 1
+    splits = {p: {split_of[i.sha256] for i in images if i.patient_id == p} for p in {i.patient_id for i in images}}
+    return set(splits), splits
+
+
+def test_no_patient_identifier_reaches_the_output(tmp_path, monkeypatch):
+    """Unkeyed, the labels' patient identifiers are kept only as plain digests
+    (`labels.patient_pseudonym`): no file a build writes holds one, a patient's photographs
+    still share a split, and the manifest says the pseudonyms are unkeyed."""
+    from fundus_engine.labels import patient_pseudonym
+
+    monkeypatch.delenv("FUNDUS_ENGINE_PATIENT_KEY", raising=False)
+    manifest, identifiers = _build_with_record_numbers(tmp_path / "in", tmp_path / "out")
+    assert _written_files_holding(tmp_path / "out", identifiers.values()) == []
+    patients, splits = _patients_and_splits(tmp_path / "out")
+    assert patients == {patient_pseudonym(mrn) for mrn in identifiers.values()}
+    assert all(len(s) == 1 for s in splits.values())
+    assert manifest["labels"]["patient_pseudonyms"] == "unkeyed"
+
+
+def test_a_patient_key_keys_the_pseudonyms_and_is_never_written(tmp_path, monkeypatch):
+    """With a secret in FUNDUS_ENGINE_PATIENT_KEY the pseudonyms are HMACs of it: a record number
+    can no longer be confirmed by hashing candidates. Neither the key nor an identifier reaches a
+    file; the manifest names the key by an id that reveals nothing of it; the same key gives the
+    same pseudonyms and reuses every stage, another key recomputes from ingest."""
+    from fundus_engine.labels import patient_key_id, patient_pseudonym
+
+    source = tmp_path / "in"
+    key, other = "k3y-for-test-7Hq2Lm9Vb4", "another-secret-x81Pw3Zt"
+    monkeypatch.setenv("FUNDUS_ENGINE_PATIENT_KEY", key)
+    manifest, identifiers = _build_with_record_numbers(source, tmp_path / "out")
+    patients, splits = _patients_and_splits(tmp_path / "out")
+    assert patients == {patient_pseudonym(mrn, key.encode()) for mrn in identifiers.values()}
+    assert all(p.startswith("pk-") for p in patients) and all(len(s) == 1 for s in splits.values())
+    assert patients.isdisjoint(patient_pseudonym(mrn) for mrn in identifiers.values())
+    assert manifest["labels"]["patient_pseudonyms"] == f"keyed {patient_key_id(key.encode())}"
+    assert _written_files_holding(tmp_path / "out", [key, *identifiers.values()]) == []
+
+    again, _ = _build_with_record_numbers(source, tmp_path / "out")
+    assert all(s["computed"] == 0 for s in again["stages"].values())
+    monkeypatch.setenv("FUNDUS_ENGINE_PATIENT_KEY", other)
+    rekeyed, _ = _build_with_record_numbers(source, tmp_path / "out")
+    assert rekeyed["stages"]["ingest"]["computed"] == rekeyed["stages"]["ingest"]["shards"] == 3
+    assert _patients_and_splits(tmp_path / "out")[0] == {patient_pseudonym(m, other.encode()) for m in identifiers.values()}
+    assert rekeyed["labels"]["patient_pseudonyms"] != manifest["labels"]["patient_pseudonyms"]
+
+
+def test_a_short_patient_key_stops_the_build_without_showing_it(tmp_path, monkeypatch):
+    from fundus_engine.config import BuildConfig
+    from fundus_engine.runner import RunContext, plan_build
+    from fundus_engine.synth import generate
+
+    generate(tmp_path / "in", 2, seed=3, size=256, full_labels=True)
+    monkeypatch.setenv("FUNDUS_ENGINE_PATIENT_KEY", "hunter2")
+    with pytest.raises(ValueError) as raised:
+        plan_build(RunContext.create(tmp_path / "in", tmp_path / "out", BuildConfig(), run_id="short-key"))
+    assert "FUNDUS_ENGINE_PATIENT_KEY" in str(raised.value) and "at least 16" in str(raised.value)
+    assert "hunter2" not in str(raised.value)
 
 
 def test_file_names_carrying_identifiers_stay_out_of_the_published_outputs(tmp_path):
