@@ -56,6 +56,7 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
     from flows.build_fundusgen import build_fundusgen
     from flows.runners import api_for_workers, check_api_reachable
     from fundus_engine.config import BuildConfig, RunnerConfig
+    from fundus_engine.labels import patient_key
 
     try:
         cfg = BuildConfig.load(config)
@@ -64,6 +65,7 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
             cfg = cfg.model_copy(update={"runner": RunnerConfig.model_validate({**cfg.runner.model_dump(), **overrides})})
         task_runner = _task_runner(cfg)
         check_api_reachable(cfg.runner.address)
+        patient_key(cfg.ingest)  # a key too short to keep secret stops the build before it starts
     except (ValueError, OSError, ImportError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_USAGE)

@@ -253,6 +253,14 @@ def test_a_short_patient_key_stops_the_build_without_showing_it(tmp_path, monkey
     assert "FUNDUS_ENGINE_PATIENT_KEY" in str(raised.value) and "at least 16" in str(raised.value)
     assert "hunter2" not in str(raised.value)
 
+    from typer.testing import CliRunner
+
+    from fundus_engine.cli import app
+
+    result = CliRunner().invoke(app, ["build", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "FUNDUS_ENGINE_PATIENT_KEY" in result.output  # before any flow starts
+    assert "hunter2" not in result.output and not (tmp_path / "out").exists()
+
 
 def test_file_names_carrying_identifiers_stay_out_of_the_published_outputs(tmp_path):
     """Hospital exports often name photographs by record number: with `write.image_paths: content`
