@@ -102,6 +102,13 @@ def plot_box_positions(boxes: BoxStats, path: Path) -> Path:
     return path
 
 
+_PSEUDONYMS = {  # how the patients' identifiers are kept (`labels.patient_pseudonym`)
+    "keyed": " Patients are named by keyed pseudonyms (HMAC-SHA256 with a secret key, key id `{key_id}`).",
+    "unkeyed": " Patients are named by unkeyed SHA-256 digests of their identifiers: an identifier from a small "
+               "space (a record number) can be matched to its digest by hashing candidates.",
+}
+
+
 def render_card(out: Path, stats: RecordStats, boxes: BoxStats, about: dict) -> Path:
     """The card from counts alone (`stats`: the records; `boxes`: the regions of the images
     that have records), as the end of a run gathers them shard by shard."""
@@ -124,8 +131,9 @@ def render_card(out: Path, stats: RecordStats, boxes: BoxStats, about: dict) -> 
                                                for t in sorted({t for t, _ in tasks})])
     images_per_split = stats.images_per_split()
     lines += ["", "## Images per split", ""] + _table(splits, [tuple(images_per_split[s] for s in splits)])
-    lines += ["", "Splits hold at the patient level and keep near-duplicate photographs (perceptual hash) together.",
-              "", "## Records per language", ""]
+    kind, _, key_id = (about.get("patient_pseudonyms") or "").partition(" ")  # "keyed <key id>", "unkeyed"
+    lines += ["", "Splits hold at the patient level and keep near-duplicate photographs (perceptual hash) together."
+              + _PSEUDONYMS.get(kind, "").format(key_id=key_id), "", "## Records per language", ""]
     lines += _table(("language", "records"), sorted(stats.languages.items()))
     lines += ["", "## Boxes per class", ""]
     per_class, sources = boxes.per_class, boxes.sources

@@ -304,7 +304,8 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
     about = provenance(ctx, [c.ran_on for (s, _), c in sorted(done.items()) if s == "detect"])
     # Where the detector stood on these photographs: said plainly when it was out of its domain.
     domain = domain_stats.report()
-    render_card(build_dir, stats, boxes, {**about, "detector_domain": domain})
+    render_card(build_dir, stats, boxes, {**about, "detector_domain": domain,
+                                          "patient_pseudonyms": plan.patient_pseudonyms})
     # The multiple-choice benchmark: held-out (test split) images only, never in train or val.
     if renamed:  # the benchmark shows the same photographs the dataset names
         held["images"] = [i.model_copy(update={"path": renamed[i.path]}) for i in held["images"]]

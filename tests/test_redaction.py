@@ -212,6 +212,7 @@ def test_no_patient_identifier_reaches_the_output(tmp_path, monkeypatch):
     assert patients == {patient_pseudonym(mrn) for mrn in identifiers.values()}
     assert all(len(s) == 1 for s in splits.values())
     assert manifest["labels"]["patient_pseudonyms"] == "unkeyed"
+    assert "unkeyed SHA-256 digests" in (tmp_path / "out" / "card" / "README.md").read_text()
 
 
 def test_a_patient_key_keys_the_pseudonyms_and_is_never_written(tmp_path, monkeypatch):
@@ -230,6 +231,8 @@ def test_a_patient_key_keys_the_pseudonyms_and_is_never_written(tmp_path, monkey
     assert all(p.startswith("pk-") for p in patients) and all(len(s) == 1 for s in splits.values())
     assert patients.isdisjoint(patient_pseudonym(mrn) for mrn in identifiers.values())
     assert manifest["labels"]["patient_pseudonyms"] == f"keyed {patient_key_id(key.encode())}"
+    assert f"keyed pseudonyms (HMAC-SHA256 with a secret key, key id `{patient_key_id(key.encode())}`)" in \
+        (tmp_path / "out" / "card" / "README.md").read_text()
     assert _written_files_holding(tmp_path / "out", [key, *identifiers.values()]) == []
 
     again, _ = _build_with_record_numbers(source, tmp_path / "out")
