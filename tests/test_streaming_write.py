@@ -111,7 +111,8 @@ def _assert_same_as_in_memory(ctx, outcomes, manifest, tmp_path):
     # the card, word for word, as the in-memory card writer makes it from all rows at once
     about = {k: manifest[k] for k in PROVENANCE_KEYS}
     reference = write_card(tmp_path / "reference", expected["records"], expected["regions"],
-                           {**about, "detector_domain": expected["domain"]})
+                           {**about, "detector_domain": expected["domain"],
+                            "patient_pseudonyms": manifest["labels"]["patient_pseudonyms"]})
     assert (ctx.out / "card" / "README.md").read_text() == reference.read_text()
     card = (ctx.out / "card" / "README.md").read_text()
     summary = expected["summary"]
