@@ -126,8 +126,9 @@ def cpu_seconds() -> float:
 
 
 def server_cpu_seconds() -> float:
-    """CPU time of this process's live children: the Prefect API server the test harness started,
-    which records every task run's states on the same cores."""
+    """CPU time of this process's live children (psutil, which Prefect's dependencies bring): the
+    Prefect API server the test harness started, which records every task run's states on the same
+    cores. A child that exits during the build is not counted."""
     import psutil
 
     total = 0.0
@@ -202,7 +203,7 @@ def table(name: str, images: int, manifest: dict, wall: float, cpus: tuple[float
     # No build is faster than its CPU time spread over every core: the best ratio this much work allows
     cores = len(os.sched_getaffinity(0))
     floor = (cpu + server) / cores
-    lines += ["", f"Prefect API server (another process, same cores): {server:.1f} CPU s during the build.",
+    lines += ["", f"child processes (the Prefect API server; same cores): {server:.1f} CPU s during the build.",
               f"CPU floor: the build's {cpu:.1f} + {server:.1f} CPU s over {cores} cores = {floor:.2f} s, at best "
               f"{images / floor / alone_rate:.2f}x detect alone even with every stage overlapped; "
               f"{cpu + server - alone_cpu:.1f} CPU s of it is outside what detect alone spends"]

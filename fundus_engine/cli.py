@@ -53,8 +53,6 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
           verbose: bool = typer.Option(False, "--verbose", help="Prefect's log lines on the console (default: OUT/logs/build.log)")):
     """Run the build-fundusgen flow here (Prefect's ephemeral mode unless PREFECT_API_URL names a server),
     its shard-stages on threads, or on a Dask or Ray cluster (`--runner`)."""
-    from flows.build_fundusgen import build_fundusgen
-    from flows.runners import api_for_workers, check_api_reachable
     from fundus_engine.config import BuildConfig, RunnerConfig
     from fundus_engine.labels import patient_key
 
@@ -63,9 +61,13 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
         overrides = {k: v for k, v in {"kind": runner, "address": address, "workers": workers}.items() if v is not None}
         if overrides:
             cfg = cfg.model_copy(update={"runner": RunnerConfig.model_validate({**cfg.runner.model_dump(), **overrides})})
+        patient_key(cfg.ingest)  # a key too short to be secret stops the build before it starts
+        # Prefect (and its logging) only for a build that will run
+        from flows.build_fundusgen import build_fundusgen
+        from flows.runners import api_for_workers, check_api_reachable
+
         task_runner = _task_runner(cfg)
         check_api_reachable(cfg.runner.address)
-        patient_key(cfg.ingest)  # a key too short to keep secret stops the build before it starts
     except (ValueError, OSError, ImportError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_USAGE)

@@ -47,18 +47,20 @@ MIN_PATIENT_KEY = 16  # characters: a shorter secret could be found by trying ke
 def patient_key(config: IngestConfig) -> bytes | None:
     """The secret that keys patient pseudonyms, from the environment variable the config names
     (the config itself, which provenance and the manifest repeat, never holds it); None when unset.
-    ValueError, naming the variable and never its value, for a key too short to stay secret."""
-    value = os.environ.get(config.patient_key_env, "")
+    Surrounding whitespace is not part of it (a key read from a file ends in a newline). ValueError,
+    naming the variable and never its value, for a key too short to be a random secret."""
+    value = os.environ.get(config.patient_key_env, "").strip()
     if not value:
         return None
     if len(value) < MIN_PATIENT_KEY:
-        raise ValueError(f"{config.patient_key_env}: a patient key must be at least {MIN_PATIENT_KEY} characters "
-                         f"(it has {len(value)}); a short one can be guessed along with the identifiers")
+        raise ValueError(f"{config.patient_key_env}: a patient key must be a random secret of at least "
+                         f"{MIN_PATIENT_KEY} characters (e.g. `openssl rand -hex 32`)")
     return value.encode()
 
 
 def patient_key_id(key: bytes) -> str:
-    """Names a key without revealing it, so two builds can be seen to share pseudonyms (and splits)."""
+    """Names a key (not its value: an HMAC tag), so builds that share pseudonyms, and splits, can be
+    told from those that do not."""
     return hmac.new(key, b"fundus-engine patient key id", hashlib.sha256).hexdigest()[:12]
 
 

@@ -209,11 +209,12 @@ def plan_build(ctx: RunContext) -> Plan:
                                                                 if matched[s.relpath]})
                         for n, batch in shards.items()],
                 rejects=rejects, label_entries=len(labels), labelled_images=sum(1 for v in matched.values() if v),
-                patient_pseudonyms=_pseudonyms(labels, patient_key(ctx.config.ingest)))
+                patient_pseudonyms=_pseudonyms(matched.values(), patient_key(ctx.config.ingest)))
 
 
-def _pseudonyms(labels: dict[str, dict], secret: bytes | None) -> str | None:
-    if not any("patient_id" in entry for entry in labels.values()):
+def _pseudonyms(entries, secret: bytes | None) -> str | None:
+    """How the patients of the photographs being built are named; None when no entry names one."""
+    if not any(entry and "patient_id" in entry for entry in entries):
         return None
     return f"keyed {patient_key_id(secret)}" if secret else "unkeyed"
 

@@ -66,6 +66,16 @@ def prefect_local():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def no_patient_key():
+    """Tests expect unkeyed pseudonyms unless they set a key themselves: a key exported on the
+    machine running them would change every pseudonym and split they compute."""
+    saved = os.environ.pop("FUNDUS_ENGINE_PATIENT_KEY", None)
+    yield
+    if saved is not None:
+        os.environ["FUNDUS_ENGINE_PATIENT_KEY"] = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
 def stop_ephemeral_prefect_servers():
     """`fundus-engine build` starts Prefect's temporary server in-process (ephemeral mode), which
     Prefect stops at interpreter exit, after pytest has closed the streams its log line goes to."""
