@@ -29,6 +29,10 @@ def test_synth_build_inspect(tmp_path):
     assert manifest["images"] == 4 and manifest["config"]["chain"]["seed"] == 3
     assert manifest["stages"]["ingest"]["shards"] == 2
     assert f"{manifest['records']} records from 4 images" in result.output
+    # the labels name patients and no key is set: said in the log (and the console), the manifest and the card
+    assert manifest["labels"]["patient_pseudonyms"] == "unkeyed"
+    assert "patient pseudonyms are unkeyed digests" in (out / "logs" / "build.log").read_text()
+    assert "unkeyed SHA-256 digests" in (out / "card" / "README.md").read_text()
 
     result = runner.invoke(app, ["inspect", str(out), "--stage", "crop", "--rows", "1", "--overlays", "2"])
     assert result.exit_code == 0, result.output
