@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cv2
 
+from fundus_engine import dicom
 from fundus_engine.config import IngestConfig
 from fundus_engine.decoding import decode_for_measures, too_large
 from fundus_engine.fundus_check import not_a_fundus_photograph
@@ -28,9 +29,11 @@ THREADS = min(4, os.cpu_count() or 1)  # photographs measured at once (OpenCV an
 
 
 def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: IngestConfig,
-                 rejects: list[Reject] | None = None) -> ImageRecord | Reject:
+                 rejects: list[Reject] | None = None, renditions: Path | None = None) -> ImageRecord | Reject:
     """One photograph checked, measured and labelled. Label boxes and points that do not fit it
-    are left out, and listed in `rejects` when given."""
+    are left out, and listed in `rejects` when given. A DICOM photograph is rendered to a PNG
+    under `renditions`, which the record names and later stages read; the eye side it states
+    stands where the labels give none."""
     path = Path(root) / source.relpath
     item = shown(path)
     try:
@@ -54,16 +57,26 @@ def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: In
     fields, label_rejects = fit_labels(labels or {}, width, height, item)
     if rejects is not None:
         rejects += label_rejects
+    if dicom.is_dicom(path):
+        if renditions is None:
+            raise ValueError("a DICOM photograph needs a folder for its rendition")
+        try:
+            opened = str(dicom.render(bgr, Path(renditions) / f"{source.sha256}.png"))
+        except OSError as exc:
+            return Reject(stage=STAGE, item=item, reason=f"cannot write its PNG rendition: {exc}")
+        if (side := dicom.laterality(path)) and fields.get("laterality", "unknown") == "unknown":
+            fields["laterality"] = side
     return ImageRecord(sha256=source.sha256, path=str(opened), relpath=shown(source.relpath),
                        width=width, height=height, quality=quality, phash=perceptual_hash(bgr, channels="BGR"),
                        synthetic=is_synthetic(path), **fields)
 
 
-def ingest(root: Path, sources: list[SourceFile], labels: dict[str, dict], config: IngestConfig
-           ) -> tuple[list[ImageRecord], list[Reject]]:
+def ingest(root: Path, sources: list[SourceFile], labels: dict[str, dict], config: IngestConfig,
+           renditions: Path | None = None) -> tuple[list[ImageRecord], list[Reject]]:
     def one(source: SourceFile) -> tuple[ImageRecord | Reject, list[Reject]]:
         label_rejects: list[Reject] = []
-        return ingest_image(root, source, labels_for(source.relpath, labels), config, label_rejects), label_rejects
+        return (ingest_image(root, source, labels_for(source.relpath, labels), config, label_rejects, renditions),
+                label_rejects)
 
     records, rejects = [], []
     with ThreadPoolExecutor(THREADS, thread_name_prefix="ingest") as pool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 
+from fundus_engine import dicom
 from fundus_engine.config import IMAGE_EXTENSIONS
 from fundus_engine.models import Reject
 
@@ -93,7 +94,7 @@ def scan(input_dir: Path, exclude: Path | None = None, labelled=lambda relpath: 
     copies: dict[str, list[str]] = {}
     files, rejects = _walk(input_dir, exclude)
     for path in sorted(files):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if path.suffix.lower() not in (*IMAGE_EXTENSIONS, *dicom.EXTENSIONS):
             continue
         rel = path.relative_to(input_dir).as_posix()
         try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import pyarrow.parquet as pq
 
-from fundus_engine import chain, crop, detect, expand, ingest
+from fundus_engine import chain, crop, detect, dicom, expand, ingest
 from fundus_engine.models import (Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject,
                                   Row)
 
@@ -61,8 +61,15 @@ class Ingest(_Stage):
         # variable is not: the pseudonyms it gives are in the shard's labels, which the key holds
         return [str(ctx.input_dir), str(ctx.out), ctx.config.ingest.model_dump(exclude={"patient_key_env"})]
 
+    def outputs_present(self, files: dict[str, str]) -> bool:
+        """A DICOM photograph's PNG rendition lives outside the table: deleted, ingest re-runs."""
+        table = pq.read_table(files["images"], columns=["path", "relpath"])
+        return all(Path(path).exists() for path, relpath in zip(table["path"].to_pylist(), table["relpath"].to_pylist())
+                   if dicom.is_dicom(Path(relpath)))
+
     def run(self, ctx: RunContext, shard: Shard, inputs: dict[str, list]) -> StageResult:
-        records, rejects = ingest.ingest(ctx.input_dir, shard.sources, shard.labels, ctx.config.ingest)
+        records, rejects = ingest.ingest(ctx.input_dir, shard.sources, shard.labels, ctx.config.ingest,
+                                         renditions=ctx.out / dicom.RENDITIONS)
         return StageResult({"images": records}, rejects)
 
 
