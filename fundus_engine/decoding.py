@@ -42,7 +42,7 @@ def decode_bgr(path: Path, data: np.ndarray | None = None) -> np.ndarray:
     """BGR uint8 pixels as the decoder gives them (OpenCV's order, what its encoders take), or
     ValueError saying why the file is unusable. `data`: the file's bytes, when already read."""
     if dicom.is_dicom(path):
-        image = cv2.cvtColor(_to_uint8(dicom.pixels(path)), cv2.COLOR_RGB2BGR)
+        image = cv2.cvtColor(dicom.pixels(path), cv2.COLOR_RGB2BGR)
     else:
         image = _to_uint8(_imdecode(np.fromfile(path, dtype=np.uint8) if data is None else data, cv2.IMREAD_COLOR))
     if not _has_colour(image, beyond=2):
@@ -128,12 +128,6 @@ def too_large(path: Path, max_pixels: int) -> str | None:
     """Why a file is too large to decode, from its header alone (PIL reads no pixels on open), so
     a decompression bomb never reaches the decoder; None when within the limit, or when PIL
     cannot read the header (decode then says why)."""
-    if dicom.is_dicom(path):
-        try:
-            width, height = dicom.size(path) or (0, 0)
-        except ValueError:  # not DICOM: decode says why
-            return None
-        return _over(width, height, max_pixels)
     try:
         with warnings.catch_warnings():  # PIL warns of what is checked here, and said in the reject
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -145,10 +139,10 @@ def too_large(path: Path, max_pixels: int) -> str | None:
         return f"too large: {pixels} pixels, limit {max_pixels} (ingest.max_pixels)"
     except Exception:  # not an image, or a header PIL does not know
         return None
-    return _over(width, height, max_pixels)
+    return over_limit(width, height, max_pixels)
 
 
-def _over(width: int, height: int, max_pixels: int) -> str | None:
+def over_limit(width: int, height: int, max_pixels: int) -> str | None:
     if width * height > max_pixels:
         return f"too large: {width}x{height} = {width * height} pixels, limit {max_pixels} (ingest.max_pixels)"
     return None

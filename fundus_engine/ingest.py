@@ -16,7 +16,7 @@ import cv2
 
 from fundus_engine import dicom
 from fundus_engine.config import IngestConfig
-from fundus_engine.decoding import decode_for_measures, too_large
+from fundus_engine.decoding import decode_for_measures, over_limit, too_large
 from fundus_engine.fundus_check import not_a_fundus_photograph
 from fundus_engine.labels import fit_labels, labels_for
 from fundus_engine.models import ImageRecord, Reject
@@ -37,10 +37,14 @@ def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: In
     path = Path(root) / source.relpath
     item = shown(path)
     try:
-        if (oversized := too_large(path, config.max_pixels)) is not None:
+        # a DICOM file's size and side from its header (its pixel data's own size checked against it)
+        header = dicom.Header(path) if dicom.is_dicom(path) else None
+        oversized = (over_limit(header.width, header.height, config.max_pixels) if header
+                     else too_large(path, config.max_pixels))
+        if oversized is not None:
             return Reject(stage=STAGE, item=item, reason=oversized)
         bgr, width, height = decode_for_measures(path)
-        opened = utf8_path(path.resolve())
+        opened = utf8_path(path.resolve()) if header is None else None
     except (ValueError, OSError) as exc:
         return Reject(stage=STAGE, item=item, reason=str(exc))
     if min(height, width) < config.min_side:
@@ -57,18 +61,18 @@ def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: In
     fields, label_rejects = fit_labels(labels or {}, width, height, item)
     if rejects is not None:
         rejects += label_rejects
-    if dicom.is_dicom(path):
+    if header is not None:
         if renditions is None:
             raise ValueError("a DICOM photograph needs a folder for its rendition")
         try:
-            opened = str(dicom.render(bgr, Path(renditions) / f"{source.sha256}.png"))
+            opened = dicom.render(bgr, Path(renditions) / f"{source.sha256}.png")
         except OSError as exc:
             return Reject(stage=STAGE, item=item, reason=f"cannot write its PNG rendition: {exc}")
-        if (side := dicom.laterality(path)) and fields.get("laterality", "unknown") == "unknown":
-            fields["laterality"] = side
+        if header.laterality and fields.get("laterality", "unknown") == "unknown":
+            fields["laterality"] = header.laterality
     return ImageRecord(sha256=source.sha256, path=str(opened), relpath=shown(source.relpath),
                        width=width, height=height, quality=quality, phash=perceptual_hash(bgr, channels="BGR"),
-                       synthetic=is_synthetic(path), **fields)
+                       synthetic=header is None and is_synthetic(path), **fields)
 
 
 def ingest(root: Path, sources: list[SourceFile], labels: dict[str, dict], config: IngestConfig,

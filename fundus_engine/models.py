@@ -58,7 +58,7 @@ class ImageRecord(Row):
     """One accepted photograph with its optional source labels (ingest stage)."""
 
     sha256: str
-    path: str  # absolute path of the source file
+    path: str  # absolute path of what the stages read: the source file, or a DICOM file's PNG rendition
     relpath: str  # path relative to the input folder
     width: int
     height: int

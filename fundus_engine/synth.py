@@ -276,7 +276,7 @@ def is_synthetic(path: Path) -> bool:
     try:
         with Image.open(path) as im:
             return im.info.get("comment") == SYNTHETIC_MARK
-    except (OSError, ImportError):  # ultralytics' Image.open tries pi_heif on what PIL cannot identify (DICOM)
+    except OSError:
         return False
 
 
