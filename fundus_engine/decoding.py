@@ -1,5 +1,5 @@
 """A photograph's file to pixels, or the reason it cannot be used: too large to decode (from its
-header alone), not an image, grayscale. DICOM files are read by `dicom`.
+header alone), not an image, grayscale. (DICOM files are read by `dicom`.)
 
 Full resolution (`decode`, `decode_bgr`) is what boxes, crops and the landmark localiser are
 measured on. Ingest's measurements (quality on a copy 512 px long, the fundus check on one 256 px
@@ -17,8 +17,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
-
-from fundus_engine import dicom
 
 # A reduced copy keeps at least this many pixels on its longer side: four per pixel of the
 # largest measurement (512 px quality copy). Measured on the real photographs of
@@ -41,10 +39,11 @@ def decode(path: Path) -> np.ndarray:
 def decode_bgr(path: Path, data: np.ndarray | None = None) -> np.ndarray:
     """BGR uint8 pixels as the decoder gives them (OpenCV's order, what its encoders take), or
     ValueError saying why the file is unusable. `data`: the file's bytes, when already read."""
-    if dicom.is_dicom(path):
-        image = cv2.cvtColor(dicom.pixels(path), cv2.COLOR_RGB2BGR)
-    else:
-        image = _to_uint8(_imdecode(np.fromfile(path, dtype=np.uint8) if data is None else data, cv2.IMREAD_COLOR))
+    return in_colour(_to_uint8(_imdecode(np.fromfile(path, dtype=np.uint8) if data is None else data, cv2.IMREAD_COLOR)))
+
+
+def in_colour(image: np.ndarray) -> np.ndarray:
+    """The image, or ValueError(GRAYSCALE) when its channels are equal everywhere."""
     if not _has_colour(image, beyond=2):
         raise ValueError(GRAYSCALE)
     return image
@@ -54,9 +53,6 @@ def decode_for_measures(path: Path) -> tuple[np.ndarray, int, int]:
     """(BGR pixels, full width, full height): the photograph decoded at the smallest JPEG scale
     that keeps `MEASURE_SIDE` px on its longer side (full scale for other formats and for smaller
     photographs), with the size of the full decode. ValueError as `decode`."""
-    if dicom.is_dicom(path):  # decoded whole (pydicom has no reduced decode)
-        image = decode_bgr(path)
-        return image, image.shape[1], image.shape[0]
     data = np.fromfile(path, dtype=np.uint8)
     size = _jpeg_size(path, data)
     reduction = max((k for k in _REDUCED if size and max(size) / k >= MEASURE_SIDE), default=1)

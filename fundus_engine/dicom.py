@@ -51,12 +51,13 @@ def _read(path: Path, pixels: bool):
         raise ValueError(f"unreadable DICOM file: {type(exc).__name__}: {exc}") from exc
 
 
-class Header:
-    """What ingest needs of a DICOM file before its pixels: the size its pixel data really has
-    (checked against the limit before anything is decoded) and the eye side it states."""
+class Photograph:
+    """A DICOM file read once. On opening, what ingest needs before the pixels: the size its pixel
+    data really has (checked against the limit before anything is decoded) and the eye side it
+    states; `pixels` then decodes from the same read."""
 
     def __init__(self, path: Path):
-        ds = _read(path, pixels=True)  # the pixel data element is read as bytes, not decoded
+        self._ds = ds = _read(path, pixels=True)  # the pixel data element is read as bytes, not decoded
         with _reading("header"):
             rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
             self.laterality = _side(ds)
@@ -72,6 +73,38 @@ class Header:
             stored = _codestream_size(bytes(first))
             if stored is not None and stored != (columns, rows):
                 raise ValueError(f"DICOM pixel data is {stored[0]}x{stored[1]} but its header says {columns}x{rows}")
+
+    def pixels(self) -> np.ndarray:
+        """RGB uint8 pixels (data of more than 8 bits scaled from the range the file states), or
+        ValueError saying why the file is not one colour photograph."""
+        ds = self._ds
+        with _reading("pixel module"):
+            if "PixelData" not in ds:
+                raise ValueError("DICOM file holds no image (no Pixel Data)")
+            frames = int(ds.get("NumberOfFrames") or 1)
+            samples = int(ds.get("SamplesPerPixel") or 1)
+            photometric = str(ds.get("PhotometricInterpretation") or "not stated")
+            signed = int(ds.get("PixelRepresentation") or 0) == 1
+            bits = int(ds.get("BitsStored") or 8)
+        if frames > 1:
+            raise ValueError(f"DICOM file holds {frames} frames: one photograph per file is expected")
+        if photometric.startswith("MONOCHROME"):
+            raise ValueError(f"grayscale DICOM image ({photometric}): a colour fundus photograph is required")
+        if samples != 3:
+            raise ValueError(f"DICOM image of {samples} sample(s) per pixel ({photometric}): a colour photograph "
+                             "(3 samples) is required")
+        if signed:
+            raise ValueError("DICOM pixel data is signed: not a colour photograph's")
+        try:
+            image = ds.pixel_array  # YCbCr is converted to RGB by pydicom
+        except Exception as exc:  # no decoder for the transfer syntax, or corrupt pixel data
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            raise ValueError(f"cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): {exc}") from exc
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"DICOM pixel data of shape {image.shape}: one colour photograph is expected")
+        if image.dtype != np.uint8:
+            image = np.round(image.astype(np.float32) * (255.0 / (2 ** min(bits, 16) - 1))).clip(0, 255).astype(np.uint8)
+        return np.ascontiguousarray(image)
 
 
 def _side(ds) -> str | None:
@@ -100,39 +133,6 @@ def _codestream_size(data: bytes) -> tuple[int, int] | None:
             return im.size
     except Exception:
         return None
-
-
-def pixels(path: Path) -> np.ndarray:
-    """RGB uint8 pixels (data of more than 8 bits scaled from the range the file states), or
-    ValueError saying why the file is not one colour photograph."""
-    ds = _read(path, pixels=True)
-    with _reading("pixel module"):
-        if "PixelData" not in ds:
-            raise ValueError("DICOM file holds no image (no Pixel Data)")
-        frames = int(ds.get("NumberOfFrames") or 1)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        photometric = str(ds.get("PhotometricInterpretation") or "not stated")
-        signed = int(ds.get("PixelRepresentation") or 0) == 1
-        bits = int(ds.get("BitsStored") or 8)
-    if frames > 1:
-        raise ValueError(f"DICOM file holds {frames} frames: one photograph per file is expected")
-    if photometric.startswith("MONOCHROME"):
-        raise ValueError(f"grayscale DICOM image ({photometric}): a colour fundus photograph is required")
-    if samples != 3:
-        raise ValueError(f"DICOM image of {samples} sample(s) per pixel ({photometric}): a colour photograph "
-                         "(3 samples) is required")
-    if signed:
-        raise ValueError("DICOM pixel data is signed: not a colour photograph's")
-    try:
-        image = ds.pixel_array  # YCbCr is converted to RGB by pydicom
-    except Exception as exc:  # no decoder for the transfer syntax, or corrupt pixel data
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        raise ValueError(f"cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): {exc}") from exc
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"DICOM pixel data of shape {image.shape}: one colour photograph is expected")
-    if image.dtype != np.uint8:
-        image = np.round(image.astype(np.float32) * (255.0 / (2 ** min(bits, 16) - 1))).clip(0, 255).astype(np.uint8)
-    return np.ascontiguousarray(image)
 
 
 def render(bgr: np.ndarray, target: Path) -> Path:

@@ -16,7 +16,7 @@ import cv2
 
 from fundus_engine import dicom
 from fundus_engine.config import IngestConfig
-from fundus_engine.decoding import decode_for_measures, over_limit, too_large
+from fundus_engine.decoding import decode_for_measures, in_colour, over_limit, too_large
 from fundus_engine.fundus_check import not_a_fundus_photograph
 from fundus_engine.labels import fit_labels, labels_for
 from fundus_engine.models import ImageRecord, Reject
@@ -38,13 +38,17 @@ def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: In
     item = shown(path)
     try:
         # a DICOM file's size and side from its header (its pixel data's own size checked against it)
-        header = dicom.Header(path) if dicom.is_dicom(path) else None
-        oversized = (over_limit(header.width, header.height, config.max_pixels) if header
+        photo = dicom.Photograph(path) if dicom.is_dicom(path) else None
+        oversized = (over_limit(photo.width, photo.height, config.max_pixels) if photo
                      else too_large(path, config.max_pixels))
         if oversized is not None:
             return Reject(stage=STAGE, item=item, reason=oversized)
-        bgr, width, height = decode_for_measures(path)
-        opened = utf8_path(path.resolve()) if header is None else None
+        if photo is None:
+            bgr, width, height = decode_for_measures(path)
+            opened = utf8_path(path.resolve())
+        else:  # decoded whole: pydicom has no reduced decode
+            bgr = in_colour(cv2.cvtColor(photo.pixels(), cv2.COLOR_RGB2BGR))
+            (height, width), opened = bgr.shape[:2], None
     except (ValueError, OSError) as exc:
         return Reject(stage=STAGE, item=item, reason=str(exc))
     if min(height, width) < config.min_side:
@@ -61,18 +65,18 @@ def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: In
     fields, label_rejects = fit_labels(labels or {}, width, height, item)
     if rejects is not None:
         rejects += label_rejects
-    if header is not None:
+    if photo is not None:
         if renditions is None:
             raise ValueError("a DICOM photograph needs a folder for its rendition")
         try:
             opened = dicom.render(bgr, Path(renditions) / f"{source.sha256}.png")
         except OSError as exc:
             return Reject(stage=STAGE, item=item, reason=f"cannot write its PNG rendition: {exc}")
-        if header.laterality and fields.get("laterality", "unknown") == "unknown":
-            fields["laterality"] = header.laterality
+        if photo.laterality and fields.get("laterality", "unknown") == "unknown":
+            fields["laterality"] = photo.laterality
     return ImageRecord(sha256=source.sha256, path=str(opened), relpath=shown(source.relpath),
                        width=width, height=height, quality=quality, phash=perceptual_hash(bgr, channels="BGR"),
-                       synthetic=header is None and is_synthetic(path), **fields)
+                       synthetic=photo is None and is_synthetic(path), **fields)
 
 
 def ingest(root: Path, sources: list[SourceFile], labels: dict[str, dict], config: IngestConfig,
