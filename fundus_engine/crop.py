@@ -4,7 +4,8 @@ and quadrant relative to the fovea, colour).
 
 The geometry is pure functions of boxes and points; only `crop_image` touches files. A
 photograph is decoded once, as BGR (what OpenCV's encoder takes: crops and marked copies are
-written from it without a conversion), and read as RGB through a view of it.
+written from it without a conversion), or taken as detect decoded it (`handoff`), and read as RGB
+through a view of it.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from fundus_engine.config import CropConfig
 from fundus_engine.decoding import decode_bgr
 from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Region, Reject
 from fundus_engine.evidence import DetectorEvidence
+from fundus_engine.handoff import PixelHandoff
 from fundus_engine.landmarks import Landmarks, locate_landmarks
 from fundus_engine.vocabulary import ANATOMY, BY_NAME
 
@@ -338,8 +340,10 @@ def exif_rotated(path: Path) -> bool:
 
 
 def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, config: CropConfig,
-               trusted: Iterable[str] = ANATOMY) -> tuple[Anatomy, list[Region]]:
-    bgr = decode_bgr(Path(record.path))
+               trusted: Iterable[str] = ANATOMY, handoff: PixelHandoff | None = None) -> tuple[Anatomy, list[Region]]:
+    bgr = handoff.take(record.path, record.sha256) if handoff is not None else None
+    if bgr is None:
+        bgr = decode_bgr(Path(record.path))
     rgb = bgr[..., ::-1]  # a view: the localiser and the colours read RGB
     anat, used = anatomy(record, detections, None, trusted)
     if config.localise == "always" or not settled_without_localiser(anat, used):
@@ -368,9 +372,11 @@ def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, 
 
 
 def crop(records: list[ImageRecord], detections: list[Detection], out_dir: Path, config: CropConfig,
-         evidence: DetectorEvidence | None = None) -> tuple[list[Anatomy], list[Region], list[Reject]]:
+         evidence: DetectorEvidence | None = None, handoff: PixelHandoff | None = None
+         ) -> tuple[list[Anatomy], list[Region], list[Reject]]:
     """`evidence`: which anatomy classes the detector may be trusted on for each kind of photograph
-    (where it disagrees with the localiser); without it the detector is trusted."""
+    (where it disagrees with the localiser); without it the detector is trusted. `handoff`: the
+    photographs detect decoded, taken instead of decoded again."""
     by_image: dict[str, list[Detection]] = {}
     for d in detections:
         by_image.setdefault(d.sha256, []).append(d)
@@ -378,7 +384,7 @@ def crop(records: list[ImageRecord], detections: list[Detection], out_dir: Path,
     def one(record: ImageRecord) -> tuple[Anatomy, list[Region]] | Reject:
         try:
             trusted = ANATOMY if evidence is None else evidence.trusted_for(record)
-            return crop_image(record, by_image.get(record.sha256, []), out_dir, config, trusted)
+            return crop_image(record, by_image.get(record.sha256, []), out_dir, config, trusted, handoff)
         except (ValueError, OSError) as exc:
             return Reject(stage=STAGE, item=record.path, reason=str(exc))
 

@@ -15,10 +15,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from fundus_engine import backends
 from fundus_engine.config import DetectConfig
 from fundus_engine.evidence import image_domain, validated_classes
 from fundus_engine.boxes import fit_box
+from fundus_engine.decoding import decode_bgr
+from fundus_engine.handoff import PixelHandoff
 from fundus_engine.photo_files import cached_sha256, file_version
 from fundus_engine.models import Detection, ImageRecord, Reject
 from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
@@ -28,7 +32,7 @@ LANDMARKS = {"optic_disc", "fovea"}
 DEMO_WEIGHTS = Path(__file__).parent / "weights" / "demo_detector.pt"
 _predict_lock = threading.Lock()  # a YOLO predictor is not safe to call from two threads at once
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # photographs decoded at once, ahead of the model
-PREFETCH_PIXELS = 120_000_000  # decoded pixels of this chunk and the next, at most (~360 MB as RGB)
+PREFETCH_PIXELS = 120_000_000  # decoded pixels of this chunk and the next, at most (~360 MB at 3 bytes each)
 _load_lock = threading.Lock()  # one load (and export) at a time: the threads of a worker share the model
 
 
@@ -154,21 +158,17 @@ def in_domain(predicted: list[Detection], validated: Iterable[str], config: Dete
     return [d for d in predicted if d.label in allowed]
 
 
-def _opened(path: str):
-    """A photograph decoded as ultralytics decodes a path it is given in a list (PIL, turned
-    upright by its EXIF orientation: `ultralytics.data.loaders.autocast_list`), so the model sees
-    the same pixels; done here, on worker threads (PIL releases the GIL), ahead of the model."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        filename = im.filename
-        upright = ImageOps.exif_transpose(im)  # a decoded copy, turned when the EXIF says so
-    upright.filename = filename
-    return upright
+def _opened(record: ImageRecord, handoff: PixelHandoff | None) -> np.ndarray:
+    """A photograph's pixels as every stage reads them (`decoding.decode_bgr`: BGR, which
+    ultralytics takes an array to be, turned upright by the EXIF orientation; 16-bit scaled to
+    8), handed over by ingest or decoded here, on worker threads (OpenCV releases the GIL), ahead
+    of the model."""
+    held = handoff.take(record.path, record.sha256) if handoff is not None else None
+    return held if held is not None else decode_bgr(Path(record.path))
 
 
-def _decode(pool: ThreadPoolExecutor, records: list[ImageRecord]) -> list[Future]:
-    return [pool.submit(_opened, r.path) for r in records]
+def _decode(pool: ThreadPoolExecutor, records: list[ImageRecord], handoff: PixelHandoff | None) -> list[Future]:
+    return [pool.submit(_opened, r, handoff) for r in records]
 
 
 def _result_or_error(future: Future):
@@ -182,12 +182,13 @@ def _pixels(records: list[ImageRecord]) -> int:
     return sum(r.width * r.height for r in records)
 
 
-def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detection], list[Reject]]:
+def detect(records: list[ImageRecord], config: DetectConfig, handoff: PixelHandoff | None = None
+           ) -> tuple[list[Detection], list[Reject]]:
     """Predicted boxes; with `ground_truth: prefer`, an image's labelled boxes replace the
     predictions of the classes its labels cover, and predictions fill the others (lesion-only
     datasets such as IDRiD still get a disc and fovea to measure from; anatomy-only ones such
     as REFUGE still get their lesions). The model is skipped only for images whose labels
-    cover every class."""
+    cover every class. Pixels come from `handoff` where ingest kept them, and go to it for crop."""
     detections: list[Detection] = []
     rejects: list[Reject] = []
     to_predict = []
@@ -207,13 +208,13 @@ def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detec
                    half=device.startswith("cuda"), batch=config.batch, verbose=False)
     chunks = [to_predict[start:start + config.batch] for start in range(0, len(to_predict), config.batch)]
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="detect-decode") as pool:
-        pending = _decode(pool, chunks[0])
+        pending = _decode(pool, chunks[0], handoff)
         for n, batch in enumerate(chunks):
             opened = [_result_or_error(f) for f in pending]
             following = chunks[n + 1] if n + 1 < len(chunks) else None
             # the next chunk decodes while this one is predicted, when both fit the memory bound
             ahead = following is not None and _pixels(batch) + _pixels(following) <= PREFETCH_PIXELS
-            pending = _decode(pool, following) if ahead else None
+            pending = _decode(pool, following, handoff) if ahead else None
             for record, image in zip(batch, opened):
                 if isinstance(image, Exception):
                     rejects.append(Reject(stage=STAGE, item=record.path, reason=f"detector failed: {image}"))
@@ -231,9 +232,12 @@ def detect(records: list[ImageRecord], config: DetectConfig) -> tuple[list[Detec
                     except Exception as exc:
                         rejects.append(Reject(stage=STAGE, item=record.path, reason=f"detector failed: {exc}"))
                         results.append(None)
+            if handoff is not None:  # predicted from, never changed: crop reads the same pixels
+                for record, image in zip(batch, images):
+                    handoff.keep(record.path, record.sha256, image)
             del images, opened
             if following is not None and pending is None:
-                pending = _decode(pool, following)
+                pending = _decode(pool, following, handoff)
             for record, result in zip(batch, results):
                 if result is None:
                     continue

@@ -18,6 +18,7 @@ from fundus_engine import dicom
 from fundus_engine.config import IngestConfig
 from fundus_engine.decoding import decode_for_measures, in_colour, over_limit, too_large
 from fundus_engine.fundus_check import not_a_fundus_photograph
+from fundus_engine.handoff import PixelHandoff
 from fundus_engine.labels import fit_labels, labels_for
 from fundus_engine.models import ImageRecord, Reject
 from fundus_engine.photo_files import SourceFile, shown, utf8_path
@@ -29,11 +30,12 @@ THREADS = min(4, os.cpu_count() or 1)  # photographs measured at once (OpenCV an
 
 
 def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: IngestConfig,
-                 rejects: list[Reject] | None = None, renditions: Path | None = None) -> ImageRecord | Reject:
+                 rejects: list[Reject] | None = None, renditions: Path | None = None,
+                 handoff: PixelHandoff | None = None) -> ImageRecord | Reject:
     """One photograph checked, measured and labelled. Label boxes and points that do not fit it
     are left out, and listed in `rejects` when given. A DICOM photograph is rendered to a PNG
     under `renditions`, which the record names and later stages read; the eye side it states
-    stands where the labels give none."""
+    stands where the labels give none. Pixels decoded at full scale go to `handoff` for detect."""
     path = Path(root) / source.relpath
     item = shown(path)
     try:
@@ -74,17 +76,21 @@ def ingest_image(root: Path, source: SourceFile, labels: dict | None, config: In
             return Reject(stage=STAGE, item=item, reason=f"cannot write its PNG rendition: {exc}")
         if photo.laterality and fields.get("laterality", "unknown") == "unknown":
             fields["laterality"] = photo.laterality
-    return ImageRecord(sha256=source.sha256, path=str(opened), relpath=shown(source.relpath),
-                       width=width, height=height, quality=quality, phash=perceptual_hash(bgr, channels="BGR"),
-                       synthetic=photo is None and is_synthetic(path), **fields)
+    record = ImageRecord(sha256=source.sha256, path=str(opened), relpath=shown(source.relpath),
+                         width=width, height=height, quality=quality, phash=perceptual_hash(bgr, channels="BGR"),
+                         synthetic=photo is None and is_synthetic(path), **fields)
+    if handoff is not None and bgr.shape[:2] == (height, width):  # a reduced decode is no use to detect
+        handoff.keep(record.path, record.sha256, bgr)
+    return record
 
 
 def ingest(root: Path, sources: list[SourceFile], labels: dict[str, dict], config: IngestConfig,
-           renditions: Path | None = None) -> tuple[list[ImageRecord], list[Reject]]:
+           renditions: Path | None = None, handoff: PixelHandoff | None = None
+           ) -> tuple[list[ImageRecord], list[Reject]]:
     def one(source: SourceFile) -> tuple[ImageRecord | Reject, list[Reject]]:
         label_rejects: list[Reject] = []
-        return (ingest_image(root, source, labels_for(source.relpath, labels), config, label_rejects, renditions),
-                label_rejects)
+        return (ingest_image(root, source, labels_for(source.relpath, labels), config, label_rejects, renditions,
+                             handoff), label_rejects)
 
     records, rejects = [], []
     with ThreadPoolExecutor(THREADS, thread_name_prefix="ingest") as pool:

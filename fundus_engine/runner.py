@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 import fundus_engine
 from fundus_engine import chain as chain_stage, mcq, detect as detect_stage, expand as expand_stage
 from fundus_engine import write as write_stage
+from fundus_engine import handoff
 from fundus_engine.image_paths import content_paths, renamed_paths
 from fundus_engine import tables
 from fundus_engine.labels import ambiguous_keys, labels_for, load_labels, patient_key, patient_key_id
@@ -242,6 +243,7 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
     counted for the card's box figures and the detector-domain report, keeping only the held-out
     (test split) images' rows, which are all the benchmark reads."""
     out, config = ctx.out, ctx.config
+    handoff.PIXELS.clear()  # what a stage that failed left for the next
     build_dir = new_build_dir(out, f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{ctx.run_id[:8]}")
     done = {(o.stage, o.shard): o.completion for o in outcomes if o.completion}
     rejects = list(plan.rejects)

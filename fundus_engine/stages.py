@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import pyarrow.parquet as pq
 
-from fundus_engine import chain, crop, detect, dicom, expand, ingest
+from fundus_engine import chain, crop, detect, dicom, expand, handoff, ingest
 from fundus_engine.models import (Anatomy, Detection, Expansion, ImageRecord, InstructionRecord, Region, Reject,
                                   Row)
 
@@ -69,7 +69,8 @@ class Ingest(_Stage):
 
     def run(self, ctx: RunContext, shard: Shard, inputs: dict[str, list]) -> StageResult:
         records, rejects = ingest.ingest(ctx.input_dir, shard.sources, shard.labels, ctx.config.ingest,
-                                         renditions=ctx.out / dicom.RENDITIONS)
+                                         renditions=ctx.out / dicom.RENDITIONS,
+                                         handoff=handoff.for_runner(ctx.config.runner))
         return StageResult({"images": records}, rejects)
 
 
@@ -84,7 +85,7 @@ class Detect(_Stage):
                 ctx.weights_sha256, ctx.evidence.model_dump()]
 
     def run(self, ctx: RunContext, shard: Shard, inputs: dict[str, list]) -> StageResult:
-        detections, rejects = detect.detect(inputs["images"], ctx.config.detect)
+        detections, rejects = detect.detect(inputs["images"], ctx.config.detect, handoff.for_runner(ctx.config.runner))
         return StageResult({"detections": detections}, rejects, ran_on=detect.cache_identity(ctx.config.detect))
 
 
@@ -103,7 +104,7 @@ class Crop(_Stage):
 
     def run(self, ctx: RunContext, shard: Shard, inputs: dict[str, list]) -> StageResult:
         anatomies, regions, rejects = crop.crop(inputs["images"], inputs["detections"], ctx.out / "crops",
-                                                ctx.config.crop, ctx.evidence)
+                                                ctx.config.crop, ctx.evidence, handoff.for_runner(ctx.config.runner))
         return StageResult({"anatomy": anatomies, "regions": regions}, rejects)
 
 

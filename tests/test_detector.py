@@ -124,3 +124,29 @@ def test_detect_stage_sees_the_pixels_ultralytics_reads_from_the_paths(tmp_path)
                                 device="cpu", batch=3, verbose=False)
         expected += [d for r, result in zip(chunk, results) for d in _from_result(r.sha256, result)]
     assert found == expected and len({d.sha256 for d in found}) == 4
+
+
+def test_a_12_bit_photograph_in_a_16_bit_png_is_detected_as_its_8_bit_original(tmp_path):
+    """The detector reads the pixels every stage reads (`decoding.decode_bgr`: 16-bit data scaled by
+    its brightest value). PIL, which ultralytics uses for a path, keeps the high byte of 16-bit RGB,
+    so a 12-bit photograph reached the model nearly black and lost every box."""
+    import cv2
+    import numpy as np
+
+    truths = generate(tmp_path / "synth", 3, seed=7)
+    for i, truth in enumerate(truths):
+        bgr = cv2.imread(str(tmp_path / "synth" / truth.image))
+        cv2.imwrite(str(tmp_path / f"eye{i}.png"), bgr)
+        cv2.imwrite(str(tmp_path / f"eye{i}_12bit.png"), bgr.astype(np.uint16) * 16)  # 0..4080 of 65535
+    sources = [SourceFile(p.name, sha256_file(p)) for p in sorted(tmp_path.glob("*.png"))]
+    records, rejects = ingest(tmp_path, sources, {}, IngestConfig())
+    assert not rejects and len(records) == 6
+    found, rejects = detect(records, DetectConfig(ground_truth="ignore", out_of_domain="keep"))
+    assert not rejects
+
+    def boxes(name: str) -> list:
+        (record,) = [r for r in records if r.relpath == name]
+        return [(d.label, d.xyxy, d.confidence) for d in found if d.sha256 == record.sha256]
+
+    for i in range(3):
+        assert boxes(f"eye{i}.png") and boxes(f"eye{i}_12bit.png") == boxes(f"eye{i}.png")
