@@ -20,10 +20,11 @@ The Prefect API server runs in a child process (the test harness's); its CPU tim
 printed apart. "CPU floor" is both CPU times over the cores this process may use: no build doing this much work is
 faster, so its ratio to detect alone is the most any scheduling of the same stages could reach.
 
-Where the time goes: every image decode (cv2.imdecode: ingest, crop, "1/2" etc. for a JPEG decoded
-at reduced scale; PIL's load: detect, as ultralytics opens a list of paths with PIL) and encode
-(cv2.imwrite / imencode: crops, box-marked copies) in the build is counted and timed, by the stage
-module that asked for it; `--profile N` adds cProfile tables of ingest and crop (run directly on N
+Where the time goes: every image decode (cv2.imdecode, "1/2" etc. for a JPEG decoded at reduced
+scale; PIL's load, where a format is read through PIL) and encode (cv2.imwrite / imencode: crops,
+box-marked copies) in the build is counted and timed, by the stage module that asked for it. A
+photograph handed from one stage to the next (`fundus_engine.handoff`) is not decoded again, so a
+stage's decodes per image say how often the handoff missed; `--profile N` adds cProfile tables of ingest and crop (run directly on N
 images, outside the flow).
 
 Images: `--images` synthetic 512-px photographs (fundus_engine.synth, seed 31337), and the real

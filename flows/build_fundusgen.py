@@ -30,6 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fundus_engine import write as write_stage
 from fundus_engine.config import BuildConfig
+from fundus_engine.handoff import PIXELS
 from fundus_engine.models import Reject
 from fundus_engine.progress import BuildProgress
 from fundus_engine.publish import BuildLock
@@ -148,7 +149,10 @@ def _build(ctx: RunContext) -> dict:
             return shard_stage_task.submit(stage, ctx, shard, upstream, this_process())
 
     progress = BuildProgress.start(ctx.out, STAGE_NAMES, {s.number: len(s.sources) for s in plan.shards})
-    outcomes = run_shards(plan.shards, submit, task_runner, progress, logger)
+    try:
+        outcomes = run_shards(plan.shards, submit, task_runner, progress, logger)
+    finally:  # stopped or not, no photograph stays held in this process for a stage to come
+        PIXELS.clear()
     manifest = write_task(ctx, plan, outcomes, started)
     rejects = [*plan.rejects, *(r for o in outcomes if o.completion for r in o.completion.rejects)]
     _publish_artifacts(_stage_rows(outcomes), manifest, ctx.out, rejects, manifest["wall_seconds"])

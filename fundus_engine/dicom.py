@@ -18,7 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fundus_engine.config import IMAGE_EXTENSIONS
+
 EXTENSIONS = (".dcm", ".dicom")
+DICOMDIR = "DICOMDIR"  # the index a DICOM export (PS3.10 media) carries beside the files it lists
 RENDITIONS = "renditions"  # OUT/renditions/<sha256>.png: what the stages read of each DICOM photograph
 # (0020,0062) Image Laterality, else (0020,0060) Laterality: R, L (B both, U unpaired: no side)
 _SIDES = {"R": "OD", "L": "OS"}
@@ -26,7 +29,22 @@ _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0
 
 
 def is_dicom(path: Path) -> bool:
-    return Path(path).suffix.lower() in EXTENSIONS
+    """Named .dcm or .dicom; or, named otherwise, a file that opens as DICOM Part 10 does (a
+    128-byte preamble, then "DICM"): media and PACS exports name their files IM000001 or by
+    instance UID, with no extension. Not the export's DICOMDIR (its index, no photograph) nor a
+    file named as another image format."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in EXTENSIONS:
+        return True
+    if suffix in IMAGE_EXTENSIONS or path.name.upper() == DICOMDIR:
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -94,7 +94,7 @@ def scan(input_dir: Path, exclude: Path | None = None, labelled=lambda relpath: 
     copies: dict[str, list[str]] = {}
     files, rejects = _walk(input_dir, exclude)
     for path in sorted(files):
-        if path.suffix.lower() not in (*IMAGE_EXTENSIONS, *dicom.EXTENSIONS):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS and not dicom.is_dicom(path):
             continue
         rel = path.relative_to(input_dir).as_posix()
         try:

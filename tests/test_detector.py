@@ -97,8 +97,8 @@ def test_anatomy_only_labels_still_get_lesions_from_the_model(tmp_path):
 
 
 def test_detect_stage_sees_the_pixels_ultralytics_reads_from_the_paths(tmp_path):
-    """The stage decodes ahead of the model on worker threads; its boxes are those of ultralytics
-    given the paths, EXIF-rotated photographs included."""
+    """The stage decodes ahead of the model on worker threads; on 8-bit photographs its boxes are
+    those of ultralytics given the paths, EXIF-rotated ones included."""
     from PIL import Image
 
     from fundus_engine.detect import _from_result
@@ -128,8 +128,9 @@ def test_detect_stage_sees_the_pixels_ultralytics_reads_from_the_paths(tmp_path)
 
 def test_a_12_bit_photograph_in_a_16_bit_png_is_detected_as_its_8_bit_original(tmp_path):
     """The detector reads the pixels every stage reads (`decoding.decode_bgr`: 16-bit data scaled by
-    its brightest value). PIL, which ultralytics uses for a path, keeps the high byte of 16-bit RGB,
-    so a 12-bit photograph reached the model nearly black and lost every box."""
+    its brightest value, which gives back these originals exactly: their brightest value is 255).
+    PIL, which ultralytics uses for a path, keeps the high byte of 16-bit RGB, so a 12-bit
+    photograph reached the model nearly black and lost every box."""
     import cv2
     import numpy as np
 

@@ -122,6 +122,28 @@ def test_a_camera_export_with_the_jpeg_inside_is_read(tmp_path):
     assert record.laterality == "OS"
 
 
+def test_an_export_s_files_without_an_extension_are_found_and_its_dicomdir_is_not(tmp_path, drive_rgb):
+    """Media and PACS exports name their files IM000001 or by instance UID (whose last part reads as
+    an extension): found by the DICM preamble. Their DICOMDIR index and other files are no photographs."""
+    root = tmp_path / "in"
+    series = root / "DICOM" / "PA000001" / "ST000001" / "SE000001"
+    series.mkdir(parents=True)
+    uncompressed(series / "IM000001", drive_rgb, ImageLaterality="L")
+    jpeg_inside(series / "1.2.826.0.1.3680043.8.498.10457", EYEPACS)
+    uncompressed(root / "DICOMDIR", drive_rgb[:64, :64])  # a Part 10 file too: what an export indexes
+    (root / "README").write_text("exported by the clinic's archive\n")
+    (series / "IM000002.txt").write_text("not a photograph")
+    sources, rejects = scan(root)
+    assert rejects == [] and [s.relpath for s in sources] == [
+        "DICOM/PA000001/ST000001/SE000001/1.2.826.0.1.3680043.8.498.10457", "DICOM/PA000001/ST000001/SE000001/IM000001"]
+    records, rejects = _ingested(root, tmp_path / "out")
+    assert rejects == {} and set(records) == {"IM000001", "1.2.826.0.1.3680043.8.498.10457"}
+    drive = records["IM000001"]
+    assert (drive.width, drive.height, drive.laterality) == (565, 584, "OS")
+    assert np.array_equal(cv2.cvtColor(cv2.imread(drive.path), cv2.COLOR_BGR2RGB), drive_rgb)
+    assert Path(records["1.2.826.0.1.3680043.8.498.10457"].path).parent == tmp_path / "out" / "renditions"
+
+
 def test_dicom_files_that_are_not_one_colour_photograph_are_rejected_with_the_reason(tmp_path, drive_rgb):
     root = tmp_path / "in"
     root.mkdir()

@@ -76,8 +76,8 @@ def _build(inp: Path, out: Path, config: BuildConfig) -> dict:
     plan = plan_build(ctx)
     outcomes = run_local(ctx, plan)
     assert all(o.completion for o in outcomes), [o.failure for o in outcomes if not o.completion]
+    assert handoff_module.PIXELS.held_bytes == 0  # crop took every photograph kept for it
     finish_build(ctx, plan, outcomes, time.monotonic())
-    assert handoff_module.PIXELS.held_bytes == 0
     found = {}
     for (stage, table), model in TABLES.items():
         rows = [r.model_dump(mode="json") for f in sorted((out / "stages" / stage).glob(f"*.{table}.parquet"))
@@ -88,9 +88,12 @@ def _build(inp: Path, out: Path, config: BuildConfig) -> dict:
     return found
 
 
-def _compare(inp: Path, tmp_path: Path, monkeypatch, config: BuildConfig) -> tuple[DecodeCount, DecodeCount]:
+def _compare(inp: Path, tmp_path: Path, monkeypatch, config: BuildConfig, room: int = 4 << 30
+             ) -> tuple[DecodeCount, DecodeCount]:
+    """Builds with the handoff (`room` bytes of it) and decoding in every stage: the same tables
+    and files, and how many decodes each made."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(handoff_module.PIXELS, "max_bytes", 4 << 30)  # room for a whole shard of the real set
+    monkeypatch.setattr(handoff_module.PIXELS, "max_bytes", room)
     with DecodeCount().installed() as handed:
         with_handoff = _build(inp, tmp_path / "handoff", config)
     monkeypatch.setattr(handoff_module, "for_runner", lambda runner: None)
@@ -102,12 +105,20 @@ def _compare(inp: Path, tmp_path: Path, monkeypatch, config: BuildConfig) -> tup
     return handed, each_stage
 
 
+@pytest.mark.parametrize("room", ["a shard", "two photographs"])
 def test_a_synthetic_build_decodes_each_photograph_once_and_writes_what_decoding_in_each_stage_writes(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, room):
+    """With room for a shard every photograph is decoded once; with room for two, the rest are
+    decoded where the handoff was full, and the build writes the same."""
     generate(tmp_path / "in", 12, seed=5)
-    handed, each_stage = _compare(tmp_path / "in", tmp_path, monkeypatch, BuildConfig(shard_size=5))
-    assert (handed.full, handed.reduced) == (12, 0)
-    assert (each_stage.full, each_stage.reduced) == (3 * 12, 0)  # ingest, detect and crop
+    photograph = cv2.imread(str(next((tmp_path / "in").rglob("*.jpg")))).nbytes  # all 512 x 512
+    handed, each_stage = _compare(tmp_path / "in", tmp_path, monkeypatch, BuildConfig(shard_size=5),
+                                  room=5 * photograph if room == "a shard" else 2 * photograph)
+    assert each_stage.reduced == handed.reduced == 0 and each_stage.full == 3 * 12  # ingest, detect and crop
+    if room == "a shard":
+        assert handed.full == 12
+    else:  # on each of the 3 shards (5, 5 and 2 photographs) two handed to detect and two to crop
+        assert handed.full == 3 * 12 - 3 * (2 + 2)
 
 
 @pytest.mark.slow
