@@ -31,6 +31,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from fundus_engine import write as write_stage
 from fundus_engine.config import BuildConfig
 from fundus_engine.handoff import PIXELS
+from fundus_engine.image_paths import IMAGES_DIR, published_paths
 from fundus_engine.models import Reject
 from fundus_engine.progress import BuildProgress
 from fundus_engine.publish import BuildLock
@@ -141,6 +142,14 @@ def _build(ctx: RunContext) -> dict:
         logger.warning("patient pseudonyms are unkeyed digests: an identifier from a small space (a record number) "
                        "can be matched to its pseudonym by hashing candidates; set a secret of 16 or more characters "
                        "in %s to key them", ctx.config.ingest.patient_key_env)
+    if plan.identifiers_in_paths:
+        if published_paths(ctx.config.write.image_paths, plan.identifiers_in_paths) == "source":
+            logger.warning("%d photographs' file paths hold their patient's identifier, and the records name those "
+                           "paths (write.image_paths: source); set write.image_paths: content (or auto) to name them "
+                           "by content hash", plan.identifiers_in_paths)
+        else:
+            logger.info("%d photographs' file paths hold their patient's identifier: the records name copies by "
+                        "content hash under %s", plan.identifiers_in_paths, ctx.out / IMAGES_DIR)
     task_runner = FlowRunContext.get().task_runner
 
     def submit(stage: str, shard: Shard, upstream: dict):

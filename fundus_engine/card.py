@@ -109,6 +109,18 @@ _PSEUDONYMS = {  # how the patients' identifiers are kept (`labels.patient_pseud
 }
 
 
+def _image_paths(about: dict) -> str:
+    """Where the records say the photographs are, and why, when their file names told on patients."""
+    found = about.get("identifiers_in_paths") or 0
+    if about.get("image_paths") == "content":
+        why = f" ({found} of their file paths held the patient's identifier)" if found else ""
+        return f" Photographs are named by content hash under `images/`{why}, never by their source path."
+    if found:
+        return (f" **Warning:** {found} photographs' file paths, which the records name, hold the patient's "
+                "identifier (`write.image_paths: source`).")
+    return ""
+
+
 def render_card(out: Path, stats: RecordStats, boxes: BoxStats, about: dict) -> Path:
     """The card from counts alone (`stats`: the records; `boxes`: the regions of the images
     that have records), as the end of a run gathers them shard by shard."""
@@ -133,7 +145,7 @@ def render_card(out: Path, stats: RecordStats, boxes: BoxStats, about: dict) -> 
     lines += ["", "## Images per split", ""] + _table(splits, [tuple(images_per_split[s] for s in splits)])
     kind, _, key_id = (about.get("patient_pseudonyms") or "").partition(" ")  # "keyed <key id>", "unkeyed"
     lines += ["", "Splits hold at the patient level and keep near-duplicate photographs (perceptual hash) together."
-              + _PSEUDONYMS.get(kind, "").format(key_id=key_id), "", "## Records per language", ""]
+              + _PSEUDONYMS.get(kind, "").format(key_id=key_id) + _image_paths(about), "", "## Records per language", ""]
     lines += _table(("language", "records"), sorted(stats.languages.items()))
     lines += ["", "## Boxes per class", ""]
     per_class, sources = boxes.per_class, boxes.sources

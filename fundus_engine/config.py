@@ -155,10 +155,11 @@ class WriteConfig(Section):
     near_duplicate_bits: int = Field(20, ge=0, le=64, description="images whose perceptual hashes differ in at most "
                                      "this many of 256 bits are near-duplicates and share a split (0: exact only)")
     rows_per_file: int = Field(20000, ge=100)
-    image_paths: Literal["source", "content"] = Field(
-        "source", description="where the dataset, benchmark and exports say the photographs are: `source`, the "
+    image_paths: Literal["auto", "source", "content"] = Field(
+        "auto", description="where the dataset, benchmark and exports say the photographs are: `source`, the "
         "paths the build read them from; `content`, copies named by content hash under OUT/images (hard links "
-        "where possible), for source file names or folders that carry patient identifiers")
+        "where possible), for source file names or folders that carry patient identifiers; `auto`, `content` when "
+        "the path of a photograph holds its patient's identifier as the labels give it, else `source`")
 
 
 class RunnerConfig(Section):

@@ -1,5 +1,7 @@
 """Where the published dataset says its photographs are (`write.image_paths`).
 
+`auto` (the default): `content` when the path of some photograph holds its patient's identifier
+as the labels give it (`EyePACS/10_left.jpeg` of patient 10), else `source`.
 `source`: where the build read them. `content`: a copy named by content hash under
 `OUT/images/<sha256><suffix>` (a hard link where the file system allows, else a copy), so the
 dataset, benchmark and exports carry no source file name or folder: hospital exports often name
@@ -23,6 +25,15 @@ from fundus_engine import tables
 from fundus_engine.models import ImageRecord
 
 IMAGES_DIR = "images"
+
+
+def published_paths(setting: str, identifiers_in_paths: int) -> str:
+    """`source` or `content`: `write.image_paths`, where `auto` is `content` once a photograph's
+    path holds its patient's identifier (`labels.identifier_in_path`), which its pseudonym would
+    otherwise keep for nothing."""
+    if setting == "auto":
+        return "content" if identifiers_in_paths else "source"
+    return setting
 
 
 def content_addressed(source: Path, images_dir: Path, sha256: str) -> Path:

@@ -14,6 +14,7 @@ import hmac
 import json
 import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -73,6 +74,19 @@ def patient_pseudonym(patient_id: str, key: bytes | None = None) -> str:
     if key is not None:
         return "pk-" + hmac.new(key, patient_id.encode(), hashlib.sha256).hexdigest()[:24]
     return "pt-" + hashlib.sha256(f"fundus-engine patient {patient_id}".encode()).hexdigest()[:24]
+
+
+ID_WORDS = 4  # an identifier in a path is looked for as a run of at most this many words
+
+
+def identifier_in_path(path: str, pseudonym: str, key: bytes | None = None) -> bool:
+    """True when the path holds the identifier this pseudonym stands for, as a run of whole
+    words (letters and digits, and what lies between them): `EyePACS/10_left.jpeg` of patient
+    `10`, `MRN-5530120/OD.jpg` of `MRN-5530120`; not `P101.jpg` of `10`. Found by pseudonymising
+    every such run, so no identifier need be kept to look for it."""
+    words = [m.span() for m in re.finditer(r"[A-Za-z0-9]+", path)]
+    return any(patient_pseudonym(path[start:end], key) == pseudonym
+               for i, (start, _) in enumerate(words) for _, end in words[i:i + ID_WORDS])
 
 
 def _label_entry(raw: dict, secret: bytes | None) -> tuple[dict, list[tuple[str, str]], set[str | None]]:

@@ -30,9 +30,10 @@ import fundus_engine
 from fundus_engine import chain as chain_stage, mcq, detect as detect_stage, expand as expand_stage
 from fundus_engine import write as write_stage
 from fundus_engine import handoff
-from fundus_engine.image_paths import content_paths, renamed_paths
+from fundus_engine.image_paths import content_paths, published_paths, renamed_paths
 from fundus_engine import tables
-from fundus_engine.labels import ambiguous_keys, labels_for, load_labels, patient_key, patient_key_id
+from fundus_engine.labels import (ambiguous_keys, identifier_in_path, labels_for, load_labels, patient_key,
+                                  patient_key_id)
 from fundus_engine.photo_files import scan
 from fundus_engine.card import BoxStats, render_card
 from fundus_engine.config import BuildConfig
@@ -96,6 +97,7 @@ class Plan(BaseModel):
     labelled_images: int
     # how patient identifiers were pseudonymised: "keyed <key id>", "unkeyed", or None (no patient ids)
     patient_pseudonyms: str | None = None
+    identifiers_in_paths: int = 0  # photographs whose path holds their patient's identifier
 
 
 class Completion(BaseModel):
@@ -203,6 +205,7 @@ def plan_build(ctx: RunContext) -> Plan:
                        reason="names several images in the input folder; use the relative path")
                 for key in sorted(ambiguous)]
     matched = {s.relpath: labels_for(s.relpath, labels, ambiguous) for s in sources}
+    secret = patient_key(ctx.config.ingest)
     size = ctx.config.shard_size
     shards = assign_shards(sources, load_assignment(ctx.out, size), size)
     save_assignment(ctx.out, size, shards)
@@ -210,7 +213,9 @@ def plan_build(ctx: RunContext) -> Plan:
                                                                 if matched[s.relpath]})
                         for n, batch in shards.items()],
                 rejects=rejects, label_entries=len(labels), labelled_images=sum(1 for v in matched.values() if v),
-                patient_pseudonyms=_pseudonyms(matched.values(), patient_key(ctx.config.ingest)))
+                patient_pseudonyms=_pseudonyms(matched.values(), secret),
+                identifiers_in_paths=sum(1 for rel, entry in matched.items() if entry and "patient_id" in entry
+                                         and identifier_in_path(str(ctx.input_dir / rel), entry["patient_id"], secret)))
 
 
 def _pseudonyms(entries, secret: bytes | None) -> str | None:
@@ -266,7 +271,8 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
     del keys
 
     # Where the published outputs say the photographs are: their source paths, or hash-named copies.
-    renamed = content_paths(files("ingest", "images"), out) if config.write.image_paths == "content" else {}
+    image_paths = published_paths(config.write.image_paths, plan.identifiers_in_paths)
+    renamed = content_paths(files("ingest", "images"), out) if image_paths == "content" else {}
 
     # The dataset, a chain shard at a time.
     stats = write_stage.RecordStats()
@@ -308,7 +314,8 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
     # Where the detector stood on these photographs: said plainly when it was out of its domain.
     domain = domain_stats.report()
     render_card(build_dir, stats, boxes, {**about, "detector_domain": domain,
-                                          "patient_pseudonyms": plan.patient_pseudonyms})
+                                          "patient_pseudonyms": plan.patient_pseudonyms, "image_paths": image_paths,
+                                          "identifiers_in_paths": plan.identifiers_in_paths})
     # The multiple-choice benchmark: held-out (test split) images only, never in train or val.
     if renamed:  # the benchmark shows the same photographs the dataset names
         held["images"] = [i.model_copy(update={"path": renamed[i.path]}) for i in held["images"]]
@@ -326,7 +333,8 @@ def finish_build(ctx: RunContext, plan: Plan, outcomes: list[StageOutcome], star
         **about,
         "model_usage": sum_usage([c.usage for c in computed if c.usage], config),
         "labels": {"entries": plan.label_entries, "matched_images": plan.labelled_images,
-                   "patient_pseudonyms": plan.patient_pseudonyms},
+                   "patient_pseudonyms": plan.patient_pseudonyms, "identifiers_in_paths": plan.identifiers_in_paths},
+        "image_paths": image_paths,
         "stages": {stage: {"shards": sum(o.stage == stage for o in outcomes),
                            "computed": sum(c.stage == stage for c in computed),
                            "cached": sum(o.stage == stage and bool(o.completion and o.completion.reused)

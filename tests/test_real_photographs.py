@@ -45,27 +45,37 @@ def test_every_real_photograph_is_accepted_and_counted_as_real(build):
     assert not any(i.synthetic for i in images)
 
 
+def test_the_records_name_the_photographs_by_content_as_eyepacs_files_are_named_by_patient(build):
+    """EyePACS names its photographs `<patient>_<side>.jpeg`, the patient number labels.csv gives:
+    by default (`write.image_paths: auto`) the records name hash-named copies, not those files."""
+    out, manifest = build
+    assert manifest["labels"]["identifiers_in_paths"] == 8 and manifest["image_paths"] == "content"
+    records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
+    assert {Path(r.source_image_path).parent for r in records} == {out / "images"}
+    assert not any("EyePACS" in r.source_image_path or "EyePACS" in r.image_path for r in records)
+
+
 def test_no_record_denies_a_lesion_or_calls_a_diseased_eye_normal(build):
     out, _ = build
     images = read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)
     diseased = _diseased(images)
     assert len(diseased) == 24  # 20 IDRiD + 4 EyePACS with DR grade >= 1
+    relpath = {i.sha256: i.relpath for i in images}  # the records name copies by content hash (below)
     records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
     on_diseased = [r for r in records if r.sha256 in diseased]
     assert on_diseased
     for r in on_diseased:
         answers = "\n".join(t.value for t in r.conversations if t.from_ == "gpt")
-        assert not DENIAL.search(answers), (r.source_image_path, r.task, answers)
+        assert not DENIAL.search(answers), (relpath[r.sha256], r.task, answers)
         assert r.diagnosis != NORMAL and r.grade != DR_GRADES[0]
     # Without labels nothing grounds a diagnosis: the unlabelled photographs get none, and say so.
-    unlabelled_idrid = [r for r in on_diseased if "IDRiD/" in r.source_image_path]
+    unlabelled_idrid = [r for r in on_diseased if relpath[r.sha256].startswith("IDRiD/")]
     assert {r.task for r in unlabelled_idrid}.isdisjoint({"disease_diagnosis", "severity_grading", "finding_presence"})
     chains = [r for r in unlabelled_idrid if r.task == "cognitive_chain"]
     assert len(chains) == 20
     assert all("diagnosis: not determined from the evidence available" in r.conversations[1].value for r in chains)
     # Labelled grades still give diagnosis and grading records.
-    graded = {r.source_image_path.rsplit("/", 1)[-1]: r.conversations[1].value for r in records
-              if r.task == "severity_grading"}
+    graded = {Path(relpath[r.sha256]).name: r.conversations[1].value for r in records if r.task == "severity_grading"}
     assert graded["16_right.jpeg"].startswith(DR_GRADES[4]) and graded["10_left.jpeg"].startswith(DR_GRADES[0])
 
 

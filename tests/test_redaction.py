@@ -320,3 +320,68 @@ def test_file_names_carrying_identifiers_stay_out_of_the_published_outputs(tmp_p
     finish_build(default, plan, run_local(default, plan), time.monotonic())
     records = read_rows(sorted((tmp_path / "default" / "dataset").glob("*.parquet")), InstructionRecord)
     assert {Path(r.source_image_path).name[:11] for r in records} == set(names)
+
+
+def test_identifier_in_path_finds_an_identifier_as_whole_words():
+    from fundus_engine.labels import identifier_in_path, patient_pseudonym
+
+    key = b"k3y-for-test-7Hq2Lm9Vb4"
+    assert identifier_in_path("/data/EyePACS/10_left.jpeg", patient_pseudonym("10"))
+    assert identifier_in_path("/exports/MRN-5530120/OD.jpg", patient_pseudonym("MRN-5530120", key), key)
+    assert identifier_in_path("/exports/MRN-5530120_OD.jpg", patient_pseudonym("5530120"))
+    assert not identifier_in_path("/exports/MRN-5530120/OD.jpg", patient_pseudonym("MRN-5530120"), key)  # other key
+    assert not identifier_in_path("/data/P101_left.jpeg", patient_pseudonym("10"))  # not a word of its own
+    assert not identifier_in_path("/data/10_left.jpeg", patient_pseudonym("1"))
+
+
+def test_photographs_filed_under_their_patient_s_identifier_are_published_by_content_by_default(tmp_path):
+    """EyePACS-style `<patient>_<side>.jpg`, the patient as labels.json gives it: by default
+    (`write.image_paths: auto`) the dataset, benchmark, card and exports name hash-named copies, and
+    the manifest and card say why; with `source` the records name the files and the card warns."""
+    import time
+
+    import pyarrow.parquet as pq
+
+    from fundus_engine.config import BuildConfig, WriteConfig
+    from fundus_engine.export import export_all
+    from fundus_engine.models import InstructionRecord
+    from fundus_engine.runner import RunContext, finish_build, plan_build
+    from fundus_engine.synth import generate
+    from in_memory import run_local
+
+    source = tmp_path / "in"
+    generate(source, 6, seed=3, size=256, full_labels=True)
+    labels = json.loads((source / "labels.json").read_text())
+    names = []
+    for n, entry in enumerate(labels["images"]):
+        entry["patient_id"] = str(7304100 + n // 2)  # two photographs a patient, filed under the number
+        old = source / entry["image"]
+        entry["image"] = f"images/{entry['patient_id']}_{'right' if entry['laterality'] == 'OD' else 'left'}.jpg"
+        old.rename(source / entry["image"])
+        names.append(Path(entry["image"]).stem)
+    (source / "labels.json").write_text(json.dumps(labels))
+
+    def build(out: Path, write: WriteConfig) -> tuple[dict, list[InstructionRecord]]:
+        ctx = RunContext.create(source, out, BuildConfig(shard_size=3, write=write), run_id="filed-by-patient")
+        plan = plan_build(ctx)
+        manifest = finish_build(ctx, plan, run_local(ctx, plan), time.monotonic())
+        return manifest, read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
+
+    out = tmp_path / "out"
+    manifest, records = build(out, WriteConfig(test_fraction=0.5))
+    assert manifest["labels"]["identifiers_in_paths"] == 6 and manifest["image_paths"] == "content"
+    assert {Path(r.source_image_path).parent for r in records} == {out / "images"}
+    assert "(6 of their file paths held the patient's identifier)" in (out / "card" / "README.md").read_text()
+    export_all(out)
+    published = [out / name for name in ("dataset", "benchmark", "card", "manifest.json", "exports")]
+    holding = []
+    for path in sorted(f for p in published for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()):
+        text = (json.dumps(pq.read_table(path).to_pylist(), default=str) if path.suffix == ".parquet"
+                else path.read_bytes().decode("latin-1"))
+        holding += [(str(path.relative_to(out)), name) for name in names if name in text]
+    assert holding == []
+
+    manifest, records = build(tmp_path / "source", WriteConfig(test_fraction=0.5, image_paths="source"))
+    assert manifest["labels"]["identifiers_in_paths"] == 6 and manifest["image_paths"] == "source"
+    assert {Path(r.source_image_path).stem for r in records} == set(names)
+    assert "**Warning:** 6 photographs' file paths" in (tmp_path / "source" / "card" / "README.md").read_text()
