@@ -27,6 +27,9 @@ DIAGNOSIS_QUESTION = "What is the condition demonstrated in this fundus image?"
 GRADING_QUESTION = "What is the grading of diabetic retinopathy in this fundus image?"
 COUNTING_QUESTION = "How many {noun} are visible in this fundus image?"
 RECOGNITION_QUESTION = "What is the marked part in this fundus image?"
+# The cup lies inside the disc: a box on either holds part of the other, so neither is offered as a
+# wrong answer for the other.
+_ALSO_MARKED = {"optic_disc": "optic_cup", "optic_cup": "optic_disc"}
 QUADRANT_QUESTION = "In which quadrant, relative to the fovea, is the marked lesion located?"
 
 # Lesions worth counting, with the plural the question uses. Neovascularisation is a network, not
@@ -180,7 +183,9 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
     rng = _rng(seed, sha, "boxes")
     for r in rng.sample(trusted, min(max_box_questions, len(trusted))):
         lesion = r.label in LESIONS
-        tiers = (lesion_names, anatomy_names) if lesion else (anatomy_names, lesion_names)
+        also = BY_NAME[_ALSO_MARKED[r.label]].display if r.label in _ALSO_MARKED else None
+        tiers = tuple([n for n in tier if n != also]
+                      for tier in ((lesion_names, anatomy_names) if lesion else (anatomy_names, lesion_names)))
         made = _options(_rng(seed, sha, "recognition", r.region_id), BY_NAME[r.label].display, *tiers)
         if made:
             out.append(_question(RECOGNITION_QUESTION, *made, "Disease Diagnosis" if lesion else "Organ Recognition",

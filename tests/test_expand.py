@@ -111,7 +111,7 @@ def test_offline_expansion_validates_and_states_what_was_detected(expander):
     synthetic = expander.expand(_record(synthetic=True), ANATOMY, regions).image.overview
     assert synthetic == ("A colour fundus photograph of the right eye (OD), 400x400 pixels, of good quality, "
                          "with a circular field of view covering 69% of the frame.")
-    assert "cup-to-disc ratio of 0.35." in image.anatomy and "The macula is centred on a visible fovea." in image.anatomy
+    assert "cup-to-disc ratio of 0.35." in image.anatomy and "The fovea is visible at the centre of the macula." in image.anatomy
     assert image.positive_findings == ["2 microaneurysms, the nearest 0.8 disc diameters from the fovea",
                                        "1 haemorrhage, the nearest 0.6 disc diameters from the fovea"]
     assert image.negative_findings == ["hard exudate", "cotton-wool spot", "drusen", "neovascularisation of the disc"]
@@ -225,7 +225,7 @@ def test_a_weak_detector_states_no_absence_and_labels_do(expander):
 def test_provenance_names_the_offline_backend_and_its_prompt(expander):
     exp = expander.expand(_record(), ANATOMY, [])
     p = exp.provenance
-    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.3")
+    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.4")
     assert p.prompt_sha256 == hashlib.sha256((PROMPTS_DIR / "expand" / "offline.j2").read_bytes()).hexdigest()
     assert p.engine_version == fundus_engine.__version__
     assert make_expander(ExpandConfig()).name == "offline"
@@ -260,7 +260,7 @@ def test_expand_pairs_images_with_their_regions_and_isolates_failures(expander):
 
 def test_anatomy_sentences_are_separated_by_a_space(expander):
     exp = expander.expand(_record(), ANATOMY, _anatomy_regions())
-    assert "0.35. The macula" in exp.image.anatomy
+    assert "0.35. The fovea" in exp.image.anatomy
 
 
 def test_labelled_evidence_is_pluralised(expander):
