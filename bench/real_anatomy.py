@@ -76,6 +76,18 @@ def inside(mask: np.ndarray, point) -> bool:
     return 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and bool(mask[y, x])
 
 
+def box_iou(lm: Landmarks, mask: np.ndarray) -> float | None:
+    """Overlap (intersection over union) of the disc box a record states (the localiser's centre,
+    one diameter across: `crop._box_around`) with the box around the mask."""
+    if lm.disc_centre is None or not lm.disc_diameter_px:
+        return None
+    (x, y), half = lm.disc_centre, lm.disc_diameter_px / 2
+    ys, xs = np.nonzero(mask)
+    a, b = (x - half, y - half, x + half, y + half), (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    overlap = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return float(overlap / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - overlap))
+
+
 def fovea_distance_dd(lm: Landmarks) -> float | None:
     if lm.disc_centre is None or lm.fovea_centre is None or not lm.disc_diameter_px:
         return None
@@ -112,7 +124,8 @@ def measure(rgb: np.ndarray, lm: Landmarks, seconds: float, disc_truth, fov_trut
                in_mask=inside(disc_truth[0], lm.disc_centre) if disc_truth else None,
                in_fov=inside(fov_truth[0], lm.disc_centre) if fov_truth else None,
                diameter_error=(abs(lm.disc_diameter_px - disc_truth[1]) / disc_truth[1]
-                               if disc_truth and lm.disc_diameter_px else None))
+                               if disc_truth and lm.disc_diameter_px else None),
+               box_iou=box_iou(lm, disc_truth[0]) if disc_truth else None)
     if side and lm.disc_centre and lm.fovea_centre:  # the disc is nasal: right of the fovea in an OD
         row["side_ok"] = (lm.disc_centre[0] > lm.fovea_centre[0]) == (side == "OD")
     return row
@@ -134,9 +147,13 @@ def figures(rows: list[dict], name: str) -> dict[str, tuple[float, str]]:
     errors = [r["diameter_error"] for r in of("IDRiD") if r["diameter_error"] is not None]
     median_error = float(np.median(errors)) if errors else float("nan")
     seconds = float(np.mean([r["seconds"] for r in of()]))
+    ious = [r["box_iou"] or 0.0 for r in of("IDRiD")]  # no disc: no overlap
+    median_iou = float(np.median(ious)) if ious else float("nan")
     return {
         "IDRiD disc centre inside mask": count(of("IDRiD"), "in_mask"),
         "IDRiD disc diameter median error": (median_error, f"{median_error:.1%}"),
+        "IDRiD disc box median IoU with the mask's": (median_iou, f"{median_iou:.2f}"),
+        "IDRiD disc box IoU >= 0.5": (sum(i >= 0.5 for i in ious), f"{sum(i >= 0.5 for i in ious)}/{len(ious)}"),
         "disc found, all images": share(of(), "found"),
         "disc sure to state alone (>= 0.6), all": share(of(), "stated"),
         "DRIVE disc centre inside field": count(of("DRIVE"), "in_fov"),
