@@ -25,6 +25,8 @@ KEY_ENV = "FUNDUS_REDACTION_TEST_KEY"
 # (not the token shapes) can catch it when it is echoed without "Bearer".
 KEYS = {"sk-shaped": "sk-proj-Xq7Lm2Vb9pR4tWz8Kc1Nd6Hf3Jg5", "opaque": "q7Hx2mVb9LpR4tWz"}
 REDACTED = "[REDACTED]"
+# what a build publishes (the working files under OUT/stages keep source paths)
+PUBLISHED = ("dataset", "benchmark", "card", "manifest.json", "rejects.parquet", "exports")
 
 
 @pytest.fixture(scope="module")
@@ -178,11 +180,13 @@ def _build_with_record_numbers(source: Path, out: Path) -> tuple[dict, dict[str,
     return manifest, identifiers
 
 
-def _written_files_holding(out: Path, needles) -> list[tuple[str, str]]:
+def _written_files_holding(out: Path, needles, under: tuple[str, ...] = ("",)) -> list[tuple[str, str]]:
+    """(file, needle) for each needle found in a file written under OUT (or under the given names in it)."""
     import pyarrow.parquet as pq
 
     holding = []
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+    for path in sorted(f for name in under for f in ([out / name] if (out / name).is_file() else (out / name).rglob("*"))
+                       if f.is_file()):
         text = (json.dumps(pq.read_table(path).to_pylist(), default=str) if path.suffix == ".parquet"
                 else path.read_bytes().decode("latin-1"))
         holding += [(str(path.relative_to(out)), needle) for needle in needles if needle in text]
@@ -272,8 +276,6 @@ def test_file_names_carrying_identifiers_stay_out_of_the_published_outputs(tmp_p
     which hold the same bytes, and no source file name."""
     import time
 
-    import pyarrow.parquet as pq
-
     from fundus_engine.config import BuildConfig, WriteConfig
     from fundus_engine.export import export_all
     from fundus_engine.models import InstructionRecord
@@ -299,13 +301,7 @@ def test_file_names_carrying_identifiers_stay_out_of_the_published_outputs(tmp_p
     assert manifest["complete"] and manifest["benchmark"]["questions"] > 0
     export_all(out)
 
-    published = [out / name for name in ("dataset", "benchmark", "card", "manifest.json", "rejects.parquet", "exports")]
-    holding = []
-    for path in sorted(f for p in published for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()):
-        text = (json.dumps(pq.read_table(path).to_pylist(), default=str) if path.suffix == ".parquet"
-                else path.read_bytes().decode("latin-1"))
-        holding += [(str(path.relative_to(out)), name) for name in names if name in text]
-    assert holding == []
+    assert _written_files_holding(out, names, PUBLISHED) == []
 
     records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
     shown = {Path(r.source_image_path) for r in records}
@@ -340,8 +336,6 @@ def test_photographs_filed_under_their_patient_s_identifier_are_published_by_con
     the manifest and card say why; with `source` the records name the files and the card warns."""
     import time
 
-    import pyarrow.parquet as pq
-
     from fundus_engine.config import BuildConfig, WriteConfig
     from fundus_engine.export import export_all
     from fundus_engine.models import InstructionRecord
@@ -373,13 +367,7 @@ def test_photographs_filed_under_their_patient_s_identifier_are_published_by_con
     assert {Path(r.source_image_path).parent for r in records} == {out / "images"}
     assert "(6 of their file paths held the patient's identifier)" in (out / "card" / "README.md").read_text()
     export_all(out)
-    published = [out / name for name in ("dataset", "benchmark", "card", "manifest.json", "exports")]
-    holding = []
-    for path in sorted(f for p in published for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()):
-        text = (json.dumps(pq.read_table(path).to_pylist(), default=str) if path.suffix == ".parquet"
-                else path.read_bytes().decode("latin-1"))
-        holding += [(str(path.relative_to(out)), name) for name in names if name in text]
-    assert holding == []
+    assert _written_files_holding(out, names, PUBLISHED) == []
 
     manifest, records = build(tmp_path / "source", WriteConfig(test_fraction=0.5, image_paths="source"))
     assert manifest["labels"]["identifiers_in_paths"] == 6 and manifest["image_paths"] == "source"
