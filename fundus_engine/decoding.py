@@ -39,7 +39,7 @@ def decode(path: Path) -> np.ndarray:
 def decode_bgr(path: Path, data: np.ndarray | None = None) -> np.ndarray:
     """BGR uint8 pixels as the decoder gives them (OpenCV's order, what its encoders take), or
     ValueError saying why the file is unusable. `data`: the file's bytes, when already read."""
-    return in_colour(_to_uint8(_imdecode(np.fromfile(path, dtype=np.uint8) if data is None else data, cv2.IMREAD_COLOR)))
+    return in_colour(to_uint8(_imdecode(np.fromfile(path, dtype=np.uint8) if data is None else data, cv2.IMREAD_COLOR)))
 
 
 def in_colour(image: np.ndarray) -> np.ndarray:
@@ -69,17 +69,37 @@ def decode_for_measures(path: Path) -> tuple[np.ndarray, int, int]:
 def _imdecode(data: np.ndarray, flags: int) -> np.ndarray:
     # IMREAD_COLOR applies the EXIF orientation, as ultralytics and the model client do when they
     # read the same file, so boxes, crops and 0-999 coordinates share one frame; ANYDEPTH keeps
-    # 16-bit data (scaled by `_to_uint8`); a grayscale file comes back as three equal channels.
+    # 16-bit data (scaled by `to_uint8`); a grayscale file comes back as three equal channels.
     image = cv2.imdecode(data, flags | cv2.IMREAD_ANYDEPTH) if data.size else None
     if image is None:
         raise ValueError("cannot decode: not an image or a corrupt file")
     return image
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    if image.dtype != np.uint8:  # 16-bit TIFFs from some cameras
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """8-bit pixels; deeper data (16-bit PNGs and TIFFs, often 12 bits of a camera's) scaled by
+    its brightest value, so a 12-bit photograph is not read nearly black."""
+    if image.dtype != np.uint8:
         image = cv2.convertScaleAbs(image, alpha=255.0 / max(1, int(image.max())))
     return image
+
+
+def deeper_than_8_bits(path: Path) -> bool:
+    """True for a PNG or TIFF storing more than 8 bits a sample, from its header. Readers that keep
+    the high byte of such data (PIL; OpenCV without IMREAD_ANYDEPTH, as ultralytics reads) see a
+    12-bit photograph nearly black where `to_uint8` scales it."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        return head[24] > 8
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        try:
+            with Image.open(path) as im:
+                bits = im.tag_v2.get(258, 8)
+        except Exception:  # a header PIL cannot read: decoding says why, where it is decoded
+            return False
+        return max(bits if isinstance(bits, tuple) else (bits,)) > 8
+    return False
 
 
 def _has_colour(image: np.ndarray, beyond: int) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fundus_engine.config import IMAGE_EXTENSIONS, TrainDetectorParams
+from fundus_engine.decoding import decode_bgr
 from fundus_engine.detect import resolve_device
 from fundus_engine.importers import LabelledImage
 from fundus_engine.models import LabelBox
@@ -167,13 +168,18 @@ def export_onnx(weights: Path, imgsz: int = 512) -> Path:
 def pseudo_labels(weights: Path, images: list[Path], confidence: float, imgsz: int = 512, batch: int = 16
                   ) -> list[LabelledImage]:
     """Confident predictions on unlabelled images, as labels for the next round (one disc, cup
-    and fovea per image, as in the detect stage)."""
+    and fovea per image, as in the detect stage). The model sees the pixels the detect stage
+    reads (`decoding.decode_bgr`: 16-bit data scaled, not cut to its high byte); an image the
+    detect stage would reject (grayscale, undecodable) gets no labels."""
     model = ultralytics().YOLO(str(weights))
     labelled = []
     for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        for path, result in zip(chunk, model.predict([str(p) for p in chunk], imgsz=imgsz, conf=confidence,
-                                                     device=resolve_device("auto"), verbose=False)):
+        chunk = [(path, pixels) for path in images[start:start + batch] if (pixels := _pixels(path)) is not None]
+        if not chunk:
+            continue
+        for (path, _), result in zip(chunk, model.predict([pixels for _, pixels in chunk], imgsz=imgsz,
+                                                          conf=confidence, device=resolve_device("auto"),
+                                                          verbose=False)):
             height, width = result.orig_shape
             found = sorted(zip(result.boxes.conf.tolist(), result.boxes.cls.tolist(), result.boxes.xyxy.tolist()),
                            reverse=True)
@@ -187,6 +193,14 @@ def pseudo_labels(weights: Path, images: list[Path], confidence: float, imgsz: i
             labelled.append(LabelledImage(image=Path(path), width=width, height=height, boxes=boxes,
                                           source=f"pseudo:{Path(weights).name}"))
     return labelled
+
+
+def _pixels(path: Path):
+    """The pixels the detect stage would read, or None where it would reject the image."""
+    try:
+        return decode_bgr(Path(path))
+    except ValueError:
+        return None
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from fundus_engine.config import IMAGE_EXTENSIONS, TrainDetectorParams
+from fundus_engine.decoding import deeper_than_8_bits, to_uint8
 from fundus_engine import layouts
 from fundus_engine.importers import (IMAGE_SUFFIXES, LabelledImage, _image_size, dataset_images, from_coco,
                                       from_masks, from_yolo)
@@ -101,30 +102,37 @@ def _yolo_line(box: LabelBox, width: int, height: int) -> str | None:
 _ENCODABLE = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 
-def _downscaled(path: Path, content: bytes, max_side: int | None, synthetic: bool) -> bytes:
-    """The image's bytes, re-encoded at most `max_side` pixels on its long side when larger
-    (ultralytics shrinks every image to `imgsz` on loading anyway; a 4288-px photograph costs
-    far more to decode each epoch than a 640-px one). Orientation is kept as stored, as the
-    labels were measured on the stored pixels, and a synthetic image keeps its mark."""
+def _training_copy(path: Path, content: bytes, max_side: int | None, synthetic: bool) -> bytes:
+    """The bytes ultralytics trains on: the image as it is, or re-encoded 8-bit when it stores
+    more (ultralytics would keep the high byte, where the detect stage scales by the brightest
+    value: `decoding.to_uint8`) or is longer than `max_side` (ultralytics shrinks every image to
+    `imgsz` on loading anyway; a 4288-px photograph costs far more to decode each epoch than a
+    640-px one). Orientation is kept as stored, as the labels were measured on the stored pixels,
+    and a synthetic image keeps its mark."""
     suffix = path.suffix.lower()
-    if max_side is None or suffix not in _ENCODABLE:  # kept as it is; ultralytics still shrinks it on loading
+    if suffix not in _ENCODABLE:  # kept as it is; ultralytics still shrinks it on loading
         return content
+    deep = deeper_than_8_bits(path)
     width, height = _image_size(path)
-    if max(width, height) <= max_side:
+    shrink = max_side is not None and max(width, height) > max_side
+    if not deep and not shrink:
         return content
-    image = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    image = cv2.imdecode(np.frombuffer(content, np.uint8),
+                         cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION | cv2.IMREAD_ANYDEPTH)
     if image is None:
-        raise ValueError(f"{path}: cannot decode image to downscale it")
-    scale = max_side / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        raise ValueError(f"{path}: cannot decode image to re-encode it for training")
+    image = to_uint8(image)
+    if shrink:
+        scale = max_side / max(width, height)
+        image = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
+                           interpolation=cv2.INTER_AREA)
     if suffix in (".jpg", ".jpeg") and synthetic:
         with tempfile.TemporaryDirectory() as tmp:
-            write_marked_jpeg(Path(tmp) / "small.jpg", cv2.cvtColor(small, cv2.COLOR_BGR2RGB), quality=95)
+            write_marked_jpeg(Path(tmp) / "small.jpg", cv2.cvtColor(image, cv2.COLOR_BGR2RGB), quality=95)
             return (Path(tmp) / "small.jpg").read_bytes()
-    ok, encoded = cv2.imencode(suffix, small, [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix in (".jpg", ".jpeg") else [])
+    ok, encoded = cv2.imencode(suffix, image, [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix in (".jpg", ".jpeg") else [])
     if not ok:
-        raise ValueError(f"{path}: cannot re-encode the downscaled image")
+        raise ValueError(f"{path}: cannot re-encode the image for training")
     return encoded.tobytes()
 
 
@@ -140,6 +148,7 @@ def write_yolo_dataset(items: list[LabelledImage], out: Path, val_fraction: floa
     and boxes with no area dropped. The yaml uses an absolute path and no download key, so
     training stays offline. With `max_side`, larger images are stored downscaled to that long
     side (labels are normalised, so they stay as they are); the split still hashes the originals.
+    An image stored in more than 8 bits a sample is stored 8-bit, scaled as the detect stage reads it.
     """
     if not 0 <= val_fraction <= 1:
         raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
@@ -173,7 +182,7 @@ def write_yolo_dataset(items: list[LabelledImage], out: Path, val_fraction: floa
                 name = f"{path.stem}__{counter}{path.suffix}"
                 counter += 1
         used.add(Path(name).stem.lower())
-        (out / "images" / part / name).write_bytes(_downscaled(path, content, max_side, bool(item.synthetic)))
+        (out / "images" / part / name).write_bytes(_training_copy(path, content, max_side, bool(item.synthetic)))
         (out / "labels" / part / (Path(name).stem + ".txt")).write_text("".join(f"{line}\n" for line in lines))
 
     dataset_yaml = out / "dataset.yaml"

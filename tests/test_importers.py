@@ -512,3 +512,29 @@ def test_write_downscales_large_images_and_keeps_labels(tmp_path):
     with Image.open(synthetic_copy) as im:
         assert im.size == (100, 100)
     assert is_synthetic(synthetic_copy)  # downscaled, still marked as generated
+
+
+def test_an_image_deeper_than_8_bits_is_stored_8_bit_as_the_detect_stage_reads_it(tmp_path):
+    """ultralytics reads a training image with OpenCV's 8-bit decode, which keeps the high byte of
+    16-bit data: a 12-bit photograph (values up to 4095) would train nearly black while the detect
+    stage scales it by its brightest value (`decoding.to_uint8`). The copy is that scaled image."""
+    from fundus_engine.decoding import deeper_than_8_bits
+
+    bgr = np.random.default_rng(5).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    bgr[0, 0] = 255  # the brightest value: 4080 in 12 bits scales back to 255 exactly
+    original = tmp_path / "src" / "eye.png"
+    original.parent.mkdir(parents=True)
+    assert cv2.imwrite(str(original), bgr)
+    deep = {"eye12.png": bgr.astype(np.uint16) * 16, "eye12b.tif": bgr.astype(np.uint16) * 16}
+    items = [LabelledImage(original, 60, 40, [LabelBox(label="optic_disc", xyxy=[10, 10, 20, 20])])]
+    for name, pixels in deep.items():
+        assert cv2.imwrite(str(tmp_path / "src" / name), pixels)
+        items.append(LabelledImage(tmp_path / "src" / name, 60, 40, [LabelBox(label="optic_disc", xyxy=[10, 10, 20, 20])]))
+    assert [deeper_than_8_bits(i.image) for i in items] == [False, True, True]
+    assert cv2.imread(str(tmp_path / "src" / "eye12.png")).max() <= 16  # what ultralytics would train on
+    root = write_yolo_dataset(items, tmp_path / "out", val_fraction=0).parent
+    written = {p.name: p for p in (root / "images" / "train").iterdir()}
+    assert written["eye.png"].read_bytes() == original.read_bytes()  # 8-bit: copied as it is
+    for name in deep:
+        assert not deeper_than_8_bits(written[name])
+        assert np.array_equal(cv2.imread(str(written[name])), bgr)

@@ -236,3 +236,19 @@ def test_cross_validated_flow_records_real_and_synthetic_validations(tmp_path):
     assert synthetic["datasets"] == ["synthetic"] and synthetic["images"] >= 1
     assert weights_validations(out) == meta["validations"]
     assert json.loads(out.with_suffix(".json").read_text()) == meta
+
+
+def test_pseudo_labels_of_a_12_bit_photograph_are_those_of_its_8_bit_original(tmp_path):
+    """Pseudo-labels come from the pixels the detect stage reads (`decoding.decode_bgr`); given
+    the path, ultralytics kept the high byte of 16-bit data and saw the photograph nearly black."""
+    truths = generate(tmp_path / "synth", 2, seed=808)
+    images = []
+    for i, truth in enumerate(truths):
+        bgr = cv2.imread(str(tmp_path / "synth" / truth.image))
+        assert cv2.imwrite(str(tmp_path / f"eye{i}.png"), bgr)
+        assert cv2.imwrite(str(tmp_path / f"eye{i}_12bit.png"), bgr.astype(np.uint16) * 16)
+        images += [tmp_path / f"eye{i}.png", tmp_path / f"eye{i}_12bit.png"]
+    labelled = pseudo_labels(DEMO_WEIGHTS, images, confidence=0.25)
+    assert [p.image for p in labelled] == images
+    for original, deep in zip(labelled[::2], labelled[1::2]):
+        assert original.boxes and deep.boxes == original.boxes
