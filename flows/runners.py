@@ -5,16 +5,20 @@ extra installs them).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
 import socket
+import subprocess
+import sys
 from typing import Iterator
 from urllib.parse import urlsplit
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows import server_watch
 from fundus_engine.config import DetectConfig, RunnerConfig
 from fundus_engine.runner import RunContext, code_version
 
@@ -136,16 +140,24 @@ def check_api_reachable(address: str | None) -> None:
 
 
 @contextlib.contextmanager
-def api_for_workers(kind: str):
-    """Task runs in worker processes report to the flow's Prefect API. With no PREFECT_API_URL, the flow
-    uses a temporary local server; it is started here and named in the settings the workers receive
-    (else each worker process would start a temporary server of its own)."""
-    if kind == "thread" or PREFECT_API_URL.value():
+def temporary_api():
+    """The Prefect API of a build run from the command line: PREFECT_API_URL's server, else a
+    temporary local one started here and named in the settings the task runs receive (worker
+    processes too: else each would start a temporary server of its own). Prefect stops it at exit;
+    `flows.server_watch` stops it if this process is killed first."""
+    if PREFECT_API_URL.value():
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
     server.start()
+    watcher = subprocess.Popen([sys.executable, server_watch.__file__, str(os.getpid()), str(server.server_process.pid)])
+    atexit.register(_stop_watcher, watcher)  # runs before Prefect's stop of the server, registered earlier
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield
+
+
+def _stop_watcher(watcher: subprocess.Popen) -> None:
+    watcher.terminate()
+    watcher.wait()

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-# The temporary server that `build` starts (Prefect's ephemeral mode) would try to send telemetry,
+# The temporary server that `build` starts would try to send telemetry,
 # which fails loudly on an offline machine; a user's own setting still wins.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -51,7 +51,7 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
                                                 "local cluster for the run)"),
           no_cache: bool = typer.Option(False, "--no-cache", help="recompute every stage and re-send every model request"),
           verbose: bool = typer.Option(False, "--verbose", help="Prefect's log lines on the console (default: OUT/logs/build.log)")):
-    """Run the build-fundusgen flow here (Prefect's ephemeral mode unless PREFECT_API_URL names a server),
+    """Run the build-fundusgen flow here (on a temporary Prefect server unless PREFECT_API_URL names one),
     its shard-stages on threads, or on a Dask or Ray cluster (`--runner`)."""
     from fundus_engine.config import BuildConfig, RunnerConfig
     from fundus_engine.labels import patient_key
@@ -64,7 +64,7 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
         patient_key(cfg.ingest)  # a key too short to be secret stops the build before it starts
         # Prefect (and its logging) only for a build that will run
         from flows.build_fundusgen import build_fundusgen
-        from flows.runners import api_for_workers, check_api_reachable
+        from flows.runners import check_api_reachable, temporary_api
 
         task_runner = _task_runner(cfg)
         check_api_reachable(cfg.runner.address)
@@ -73,7 +73,7 @@ def build(input: Path = typer.Option(..., "--input", help="folder of fundus imag
         raise typer.Exit(EXIT_USAGE)
     flow = build_fundusgen.with_options(task_runner=task_runner)
     try:
-        with _progress_display(out, quiet_logs=not verbose), api_for_workers(cfg.runner.kind):
+        with _progress_display(out, quiet_logs=not verbose), temporary_api():
             manifest = flow(input_dir=str(input), output_dir=str(out), config=cfg, no_cache=no_cache)
     except Exception as exc:  # the flow has written what finished; say why it is not whole
         console.print(f"[red]build failed:[/red] {exc}")

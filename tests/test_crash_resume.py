@@ -2,6 +2,7 @@
 records of an uninterrupted build: same ids and content, none twice."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,12 +19,18 @@ from fundus_engine.tables import read_rows
 CLI = [sys.executable, "-m", "fundus_engine.cli"]
 
 
+def _start_build(source: Path, out: Path, config: Path | None = None) -> subprocess.Popen:
+    """`fundus-engine build` in a session of its own (its Prefect server and all), with no PREFECT_API_URL."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(out.parent / "prefect")})
+    options = ["--config", str(config)] if config else []
+    return subprocess.Popen([*CLI, "build", "--input", str(source), "--out", str(out), "--workers", "1", *options],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def _build(source: Path, out: Path, kill_when=None, timeout: float = 300, config: Path | None = None) -> int | None:
     """Run `fundus-engine build`; with `kill_when`, SIGKILL it as soon as that holds."""
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(out.parent / "prefect")}
-    options = ["--config", str(config)] if config else []
-    proc = subprocess.Popen([*CLI, "build", "--input", str(source), "--out", str(out), "--workers", "1", *options],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = _start_build(source, out, config)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         if kill_when and kill_when():
@@ -105,3 +112,27 @@ def test_a_build_killed_mid_expand_resends_no_answered_request(tmp_path):
         # Every answer kept before the kill is served from the cache; only the rest is sent again.
         assert server.count() == answered_whole - kept
         assert sent_before_kill + server.count() <= answered_whole + 2  # + at most what was in flight
+
+
+def test_a_build_killed_alone_leaves_no_prefect_server_running(tmp_path):
+    """Prefect stops its temporary server at exit, which a SIGKILL (or the OOM killer) skips:
+    `flows.server_watch` stops it once the build's process is gone, and then ends itself."""
+    import psutil
+
+    generate(tmp_path / "in", 16, seed=5)
+    proc = _start_build(tmp_path / "in", tmp_path / "out")
+    try:
+        deadline, started, watchers = time.monotonic() + 120, [], []
+        while not (started and watchers) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            children = {c: " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children()}
+            started = [c for c, line in children.items() if "uvicorn" in line]
+            watchers = [c for c, line in children.items() if "server_watch" in line]
+        assert len(started) == 1 and len(watchers) == 1, "the build started no Prefect server, or no watcher beside it"
+        os.kill(proc.pid, signal.SIGKILL)  # the build alone, not its process group
+        proc.wait()
+        _, alive = psutil.wait_procs([*started, *watchers], timeout=20)
+        assert not alive, f"still running after the build was killed: {[p.cmdline() for p in alive]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
