@@ -32,6 +32,10 @@ class IngestConfig(Section):
         "FUNDUS_ENGINE_PATIENT_KEY", description="environment variable holding the secret (16 characters or more) "
         "that keys patient pseudonyms (HMAC-SHA256); unset, they are plain digests, which an identifier from a small "
         "space (a record number) can be matched to by hashing candidates, and the build warns")
+    label_layouts: list[str] = Field(
+        [], description="folders of photographs with masks in a public layout (IDRiD, DDR, FGADR, e-ophtha, "
+                        "images/<DATASET> + masks/<DATASET>, YOLO): their boxes join the labels of the same photographs "
+                        "in the input folder (matched by content), and each dataset's mask classes count as annotated")
     annotated_classes: list[str] | None = Field(
         None, description="classes the manifest's boxes annotate exhaustively (an image's missing box means "
                           "absent); default: every class that has a box anywhere in the manifest")

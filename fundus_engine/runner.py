@@ -32,6 +32,7 @@ from fundus_engine import write as write_stage
 from fundus_engine import handoff
 from fundus_engine.image_paths import content_paths, published_paths, renamed_paths
 from fundus_engine import tables
+from fundus_engine.layout_labels import layout_items, with_layout_boxes
 from fundus_engine.labels import (ambiguous_keys, identifier_in_path, labels_for, load_labels, patient_key,
                                   patient_key_id)
 from fundus_engine.photo_files import scan
@@ -196,7 +197,8 @@ def run_shard_stage(stage: Stage | str, ctx: RunContext, shard: Shard, upstream:
 
 
 def plan_build(ctx: RunContext) -> Plan:
-    """Labels, photographs and their shards (membership kept from build to build)."""
+    """Labels (the manifest's, and boxes from `ingest.label_layouts`), photographs and their shards
+    (membership kept from build to build)."""
     labels, rejects = load_labels(ctx.input_dir, ctx.config.ingest)
     sources, scan_rejects = scan(ctx.input_dir, exclude=ctx.out, labelled=lambda rel: labels_for(rel, labels) is not None)
     rejects += scan_rejects
@@ -205,6 +207,8 @@ def plan_build(ctx: RunContext) -> Plan:
                        reason="names several images in the input folder; use the relative path")
                 for key in sorted(ambiguous)]
     matched = {s.relpath: labels_for(s.relpath, labels, ambiguous) for s in sources}
+    for relpath, items in layout_items(ctx.config.ingest.label_layouts, ctx.input_dir, sources).items():
+        matched[relpath] = with_layout_boxes(matched[relpath], items)
     secret = patient_key(ctx.config.ingest)
     size = ctx.config.shard_size
     shards = assign_shards(sources, load_assignment(ctx.out, size), size)

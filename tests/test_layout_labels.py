@@ -1,0 +1,96 @@
+"""Masks of a public dataset layout as a build's labels (`ingest.label_layouts`): the IDRiD
+photographs of ../shared/real_fundus built from their own folder, their disc and hard-exudate
+masks read from the dataset's root, matched by content."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flows.build_fundusgen import build_fundusgen
+from fundus_engine.config import BuildConfig
+from fundus_engine.crop import box_999
+from fundus_engine.labels import load_labels
+from fundus_engine.layout_labels import layout_items, with_layout_boxes
+from fundus_engine.layouts import from_layout
+from fundus_engine.models import Detection, InstructionRecord
+from fundus_engine.photo_files import scan, sha256_file
+from fundus_engine.runner import RunContext, plan_build
+from fundus_engine.tables import read_rows
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real_fundus"
+pytestmark = pytest.mark.usefixtures("prefect_local")
+
+
+@pytest.fixture(scope="module")
+def idrid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("idrid") / "out"
+    config = BuildConfig(ingest={"label_layouts": [str(REAL)]})
+    manifest = build_fundusgen(str(REAL / "images" / "IDRiD"), str(out), config)
+    masks = {sha256_file(i.image): i for i in from_layout(REAL) if i.dataset == "IDRiD"}
+    return out, manifest, masks
+
+
+def test_the_masks_boxes_are_the_boxes_the_records_state(idrid):
+    out, manifest, masks = idrid
+    assert len(masks) == 20 and manifest["labels"]["matched_images"] == 20
+    found = read_rows(sorted((out / "stages" / "detect").glob("*.detections.parquet")), Detection)
+    for sha, item in masks.items():
+        expected = sorted((b.label, [round(v, 1) for v in b.xyxy]) for b in item.boxes)
+        mine = sorted((d.label, [round(v, 1) for v in d.xyxy]) for d in found
+                      if d.sha256 == sha and d.label in ("optic_disc", "hard_exudate"))
+        assert mine == expected and all(d.source == "ground_truth" for d in found
+                                        if d.sha256 == sha and d.label in ("optic_disc", "hard_exudate"))
+        assert sum(b.label == "hard_exudate" for b in item.boxes) >= 1  # every IDRiD photograph here has exudates
+    records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
+    located = [r for r in records if r.task == "region_detection" and r.boxes and r.boxes[0].label == "hard_exudate"]
+    assert len(located) >= 10  # asked on most photographs (region questions are sampled)
+    for r in located:
+        item = masks[r.sha256]
+        width, height = item.width, item.height
+        assert sorted(b.box_999 for b in r.boxes) == sorted(box_999(b.xyxy, width, height) for b in item.boxes
+                                                             if b.label == "hard_exudate")
+
+
+def test_what_the_masks_do_not_annotate_is_never_stated_absent(idrid):
+    out, _, masks = idrid
+    records = read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
+    assert {r.sha256 for r in records} == set(masks)
+    answers = [t.value for r in records for t in r.conversations if t.from_ == "gpt"]
+    stated = [a for a in answers if "hard exudate" in a.lower()]
+    assert len(stated) >= 60
+    for answer in answers:
+        assert not re.search(r"\bno (hard exudate|microaneurysm|haemorrhage|drusen|cotton|soft exudate)|\babsent:|"
+                             r"\bthe absence of\b|normal fundus|no lesion is seen", answer, re.I), answer
+    # the masks give no grade: no diagnosis is stated, and the records say why
+    assert all(r.diagnosis is None for r in records)
+    chains = [r for r in records if r.task == "cognitive_chain"]
+    assert len(chains) == 20 and all("not determined" in r.conversations[-1].value for r in chains)
+
+
+def test_layout_boxes_join_a_manifest_entry_of_the_same_photograph(tmp_path):
+    """A photograph in the labels manifest (its grade, its patient) and in a layout: one entry
+    with both, the layout's classes annotated."""
+    idrid = REAL / "images" / "IDRiD"
+    (tmp_path / "labels.csv").write_text("image,patient_id,dr_grade\nIDRiD_03.jpg,P7,2\n")
+    labels, rejects = load_labels(tmp_path, BuildConfig().ingest)
+    assert not rejects
+    sources, _ = scan(idrid)
+    items = layout_items([str(REAL)], idrid, sources)
+    assert sorted(items) == sorted(s.relpath for s in sources) and len(items) == 20
+    entry = with_layout_boxes(labels["IDRiD_03.jpg"], items["IDRiD_03.jpg"])
+    assert entry["dr_grade"] == 2 and entry["patient_id"] == labels["IDRiD_03.jpg"]["patient_id"]
+    assert entry["labelled_classes"] == ["hard_exudate", "optic_disc"]
+    assert entry["label_boxes"] == items["IDRiD_03.jpg"][0].boxes
+    assert len(entry["_from"]["boxes"]) == len(entry["label_boxes"])  # each box named for the checks at ingest
+    assert labels["IDRiD_03.jpg"]["label_boxes"] == []  # the manifest's entry is left as it was
+
+
+def test_a_folder_in_no_known_layout_stops_the_build_naming_it(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "nothing").mkdir()
+    config = BuildConfig(ingest={"label_layouts": [str(tmp_path / "nothing")]})
+    ctx = RunContext.create(tmp_path / "in", tmp_path / "out", config, run_id="x")
+    with pytest.raises(ValueError, match=re.escape(f"ingest.label_layouts: {tmp_path / 'nothing'}: ")):
+        plan_build(ctx)
