@@ -25,6 +25,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from fundus_engine.user_cache import user_cache_dir
+
 BACKENDS = ("torch", "onnx", "openvino")
 CPU_PREFERENCE = ("openvino", "onnx", "torch")  # fastest first (bench/detect_throughput.py)
 # What each backend needs importable to export and to run; the `onnx` extra installs both sets.
@@ -63,10 +65,6 @@ def resolve_backend(backend: str, device: str) -> str:
     return backend
 
 
-def user_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fundus-engine" / "exports"
-
-
 def export_key(weights_sha256: str, backend: str, imgsz: int) -> str:
     recipe = {**RECIPES[backend], "ultralytics": importlib.metadata.version("ultralytics")}
     if not recipe.get("dynamic"):
@@ -95,7 +93,7 @@ def model_file(weights: Path, backend: str, imgsz: int, weights_sha256: str) -> 
     if backend == "torch":
         return weights
     name = export_name(weights, export_key(weights_sha256, backend, imgsz), backend)
-    places = [weights.parent, user_cache_dir()]
+    places = [weights.parent, user_cache_dir("exports")]
     for folder in places:
         if is_complete(folder / name, backend):
             return folder / name

@@ -23,15 +23,20 @@ squared) are dropped; anatomy (disc, cup, fovea) gets one box, its largest compo
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from fundus_engine import importers
+from fundus_engine import importers, mask_boxes
 from fundus_engine.importers import IMAGE_SUFFIXES, MASK_FILE_SUFFIXES, LabelledImage
 from fundus_engine.models import LabelBox
+from fundus_engine.user_cache import user_cache_dir
 from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 
 log = logging.getLogger(__name__)
@@ -135,7 +140,11 @@ def from_layout(folder: Path, layout: str | None = None, merge_fraction: float |
 
 
 class _MaskBoxes:
-    """Mask files -> boxes with the layout's size-relative settings."""
+    """Mask files -> boxes with the layout's size-relative settings, kept in the user's cache by
+    the masks' bytes, the settings and this code (reading and labelling a 12-megapixel mask takes
+    about 0.1 s, and a build reads its layouts' masks every time it is planned)."""
+
+    CODE = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (importers, mask_boxes))).hexdigest()
 
     def __init__(self, merge_fraction: float | None, min_area: int | None):
         self.merge_fraction, self.min_area = merge_fraction, min_area
@@ -143,10 +152,21 @@ class _MaskBoxes:
     def __call__(self, image: Path, size: tuple[int, int], label: str, masks: list[Path]) -> list[LabelBox]:
         width = size[0]
         min_area = self.min_area if self.min_area is not None else max(4, round(4 * (width / 1000) ** 2))
-        if label in ANATOMY:  # one disc per eye: its largest component
-            return importers.mask_files_to_boxes(image, size, label, masks, min_area, None, max_boxes=1)
-        merge = self.merge_fraction * width if self.merge_fraction else None
-        return importers.mask_files_to_boxes(image, size, label, masks, min_area, merge)
+        merge, most = (None, 1) if label in ANATOMY else (self.merge_fraction * width if self.merge_fraction else None,
+                                                          None)  # one disc per eye: its largest component
+        key = hashlib.sha256(json.dumps([self.CODE, list(size), label, min_area, merge, most]).encode())
+        for mask in masks:
+            key.update(hashlib.sha256(Path(mask).read_bytes()).digest())
+        kept = user_cache_dir("mask-boxes") / f"{key.hexdigest()[:32]}.json"
+        with contextlib.suppress(OSError, ValueError):
+            return [LabelBox(label=label, xyxy=xyxy) for xyxy in json.loads(kept.read_text())]
+        boxes = importers.mask_files_to_boxes(image, size, label, masks, min_area, merge, max_boxes=most)
+        with contextlib.suppress(OSError):  # a read-only cache: computed again next time
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps([b.xyxy for b in boxes]))
+            os.replace(tmp, kept)
+        return boxes
 
 
 def _items(pairs: dict[Path, dict[str, list[Path]]], annotated: dict[Path, Iterable[str]], dataset: str | dict,

@@ -78,6 +78,33 @@ def test_idrid_segmentation_layout(idrid):
     assert "IDRiD_01_MA.tif" in one.source
 
 
+
+def test_boxes_from_masks_are_kept_in_the_user_cache_by_content(idrid, tmp_path, monkeypatch):
+    """A build reads its layouts' masks whenever it is planned: the second time from the cache,
+    and a mask whose bytes changed is read again."""
+    from fundus_engine import importers
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = from_layout(idrid, merge_fraction=None, min_area=1)
+    assert len(list((tmp_path / "cache" / "fundus-engine" / "mask-boxes").glob("*.json"))) == 5  # one per mask set
+    read = importers.mask_files_to_boxes
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a cached mask was read again")
+
+    monkeypatch.setattr(importers, "mask_files_to_boxes", not_again)
+    assert from_layout(idrid, merge_fraction=None, min_area=1) == first
+    with pytest.raises(AssertionError, match="read again"):  # other settings: another key
+        from_layout(idrid, merge_fraction=0.5, min_area=1)
+    calls = []
+    monkeypatch.setattr(importers, "mask_files_to_boxes", lambda *a, **k: calls.append(a[2]) or read(*a, **k))
+    gt = idrid / "A. Segmentation" / "2. All Segmentation Groundtruths" / "a. Training Set"
+    mask(gt / "3. Hard Exudates" / "IDRiD_01_EX.tif", (40, 5, 45, 9), (1, 30, 6, 36))
+    again = by_name(from_layout(idrid, merge_fraction=None, min_area=1))
+    assert calls == ["hard_exudate"]
+    assert [b.xyxy for b in again["IDRiD_01.jpg"].boxes if b.label == "hard_exudate"] == [[40.0, 5.0, 45.0, 9.0],
+                                                                                        [1.0, 30.0, 6.0, 36.0]]
+
 def test_merge_fraction_is_relative_to_the_image_width(idrid):
     # the two microaneurysms of IDRiD_01 are 26 px apart edge to edge (hypot(26, 26) ~ 36.8)
     assert len([b for b in from_layout(idrid, merge_fraction=0.5, min_area=1)[0].boxes
