@@ -101,18 +101,24 @@ def implied_lesions(record: ImageRecord) -> set[str]:
     return implied
 
 
-def counted_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:
+def complete_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:
     """Lesion classes whose boxes on this image are complete: annotated exhaustively by its
-    labels, or found reliably by the detector on this kind of photograph. Only these are counted."""
+    labels, or found reliably by the detector on this kind of photograph."""
     assessed = set(record.labelled_classes) | set(evidence.trusted_for(record))
     return [label for label in LESIONS if label in assessed]
 
 
+def counted_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:
+    """The complete classes whose boxes are one lesion each: only these are counted (a box made
+    from a mask, `clustered_classes`, may hold several)."""
+    return [label for label in complete_lesions(record, evidence) if label not in record.clustered_classes]
+
+
 def assessed_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:
-    """Lesion classes whose absence may be stated for this image: the counted ones minus what its
+    """Lesion classes whose absence may be stated for this image: the complete ones minus what its
     labelled diagnosis implies. A weak or out-of-domain detector's silence is no evidence."""
     implied = implied_lesions(record)
-    return [label for label in counted_lesions(record, evidence) if label not in implied]
+    return [label for label in complete_lesions(record, evidence) if label not in implied]
 
 
 class DomainReport:

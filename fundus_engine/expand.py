@@ -7,6 +7,7 @@ support, so its output can be trusted as a baseline and costs nothing.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -47,22 +48,28 @@ def absence_phrase(labels: list[str]) -> str:
     return f"the absence of {listed}"
 
 
-def _counted(label: str, count: int) -> str:
-    """"3 haemorrhages", "1 drusen": a finding stated as its count."""
-    return f"{count} {BY_NAME[label].display.lower()}{'s' if count > 1 and label != 'drusen' else ''}"
+def _counted(label: str, count: int, areas: Collection[str] = ()) -> str:
+    """"3 haemorrhages", "1 drusen": a finding stated as its count; for a class in `areas`
+    (`ImageRecord.clustered_classes`: boxes from masks) as its boxes, "hard exudates in 12 areas"."""
+    name = BY_NAME[label].display.lower()
+    if label in areas:
+        return f"{name}{'' if label == 'drusen' else 's'} in {count} area{'s' if count > 1 else ''}"
+    return f"{count} {name}{'s' if count > 1 and label != 'drusen' else ''}"
 
 
-def infer_diagnosis(counts: Counter, cup_to_disc: float | None) -> tuple[str, str | None, list[str]]:
+def infer_diagnosis(counts: Counter, cup_to_disc: float | None, areas: Collection[str] = ()
+                    ) -> tuple[str, str | None, list[str]]:
     """Diagnosis, grade and the findings that justify them, from lesion counts alone.
 
     A simplified international DR scale: new vessels make it proliferative; many haemorrhages
     or cotton-wool spots severe; haemorrhages or exudates moderate; microaneurysms only mild.
+    A class in `areas` counts its boxes, each one lesion or more: a lower bound.
     """
     def n(label):
         return counts.get(label, 0)
 
     def plural(label):
-        return _counted(label, n(label))
+        return _counted(label, n(label), areas)
 
     if n("neovascularisation"):
         return DR, DR_GRADES[4], [f"{plural('neovascularisation')} at the disc"]
@@ -79,9 +86,10 @@ def infer_diagnosis(counts: Counter, cup_to_disc: float | None) -> tuple[str, st
     return NORMAL, None, []  # the caller states which lesions were assessed absent
 
 
-def _supporting(diagnosis: str, counts: Counter, cup_to_disc: float | None) -> list[str]:
-    """Findings that bear on a labelled diagnosis, stated as counts."""
-    evidence = [_counted(label, c) for label, c in sorted(counts.items())
+def _supporting(diagnosis: str, counts: Counter, cup_to_disc: float | None, areas: Collection[str] = ()
+                ) -> list[str]:
+    """Findings that bear on a labelled diagnosis, stated as counts (or areas)."""
+    evidence = [_counted(label, c, areas) for label, c in sorted(counts.items())
                 if label in LESIONS and any(diagnosis.lower() in d.lower() or d.lower() in diagnosis.lower()
                                             for d in BY_NAME[label].diseases)]
     if diagnosis == GLAUCOMA and cup_to_disc is not None:
@@ -111,25 +119,27 @@ class OfflineExpander:
         lesions = [r for r in regions if r.label in LESIONS]
         counts = Counter(r.label for r in lesions)
         assessed = assessed_lesions(record, self.evidence)
+        areas = record.clustered_classes
         if record.diagnosis:
             diagnosis, grade, source = record.diagnosis, record.grade, "label"
-            evidence = _supporting(diagnosis, counts, anatomy.cup_to_disc)
+            evidence = _supporting(diagnosis, counts, anatomy.cup_to_disc, areas)
         elif record.grade and record.dr_grade == 0:
             grade, source = record.grade, "label"
             if self.evidence.grounds_diagnosis(record):  # every lesion class assessed: normal is measured
-                diagnosis, evidence = NORMAL, _supporting(NORMAL, counts, anatomy.cup_to_disc)
+                diagnosis, evidence = NORMAL, _supporting(NORMAL, counts, anatomy.cup_to_disc, areas)
             else:  # a DR grade says nothing of other diseases: the label's own words ("No DR"), no more
                 diagnosis, evidence = record.grade, []
         elif self.evidence.grounds_diagnosis(record):
-            diagnosis, grade, evidence = infer_diagnosis(counts, anatomy.cup_to_disc)
+            diagnosis, grade, evidence = infer_diagnosis(counts, anatomy.cup_to_disc, areas)
             source = "inferred"
         else:  # a lesion nothing looked for may be there: say less, never guess "normal"
             diagnosis, grade, source = None, None, "undetermined"
-            evidence = [_counted(label, c) for label, c in sorted(counts.items(), key=lambda kv: LESIONS.index(kv[0]))]
+            evidence = [_counted(label, c, areas) for label, c in sorted(counts.items(), key=lambda kv: LESIONS.index(kv[0]))]
         absent = [label for label in assessed if label not in counts]
         if diagnosis == NORMAL and not counts and absent:
             evidence = [absence_phrase(absent)]
-        positives = [str(text.finding(label=label, count=c, regions=[r for r in lesions if r.label == label]))
+        positives = [str(text.finding(label=label, count=c, regions=[r for r in lesions if r.label == label],
+                                      areas=label in areas))
                      for label, c in sorted(counts.items(), key=lambda kv: LESIONS.index(kv[0]))]
         if anatomy.cup_to_disc is not None and anatomy.cup_to_disc >= GLAUCOMA_CUP_TO_DISC:
             positives.append(f"an enlarged cup-to-disc ratio of {anatomy.cup_to_disc:.2f}")
@@ -140,7 +150,7 @@ class OfflineExpander:
             positive_findings=[p.strip() for p in positives], negative_findings=negatives,
             diagnosis=diagnosis, grade=grade, diagnosis_source=source, evidence=evidence)
         region_texts = [RegionDescription(region_id=r.region_id, label=r.label,
-                                          description=str(text.region(r=r)).strip(),
+                                          description=str(text.region(r=r, area=r.label in areas)).strip(),
                                           significance=BY_NAME[r.label].significance) for r in regions]
         return Expansion(sha256=record.sha256, image=description, regions=region_texts, provenance=self.provenance(),
                          assessed_lesions=assessed, counted_lesions=counted_lesions(record, self.evidence))

@@ -40,10 +40,15 @@ def facts_of(region: Region) -> dict:
 
 
 def image_facts(record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> dict:
-    lesions = Counter(r.display for r in regions if r.label in LESIONS)
-    return {"laterality": anatomy.laterality, "diagnosis": record.diagnosis, "grade": record.grade,
-            "cup_to_disc": anatomy.cup_to_disc, "quality": stated_grade(record),
-            "lesion_counts": dict(lesions), "regions": [facts_of(r) for r in regions]}
+    """The measured facts the model is given. Boxes made from masks (`clustered_classes`) may each
+    hold several lesions: they are given as areas, not as a count of lesions."""
+    lesions = Counter(r.display for r in regions if r.label in LESIONS and r.label not in record.clustered_classes)
+    areas = Counter(r.display for r in regions if r.label in record.clustered_classes)
+    facts = {"laterality": anatomy.laterality, "diagnosis": record.diagnosis, "grade": record.grade,
+             "cup_to_disc": anatomy.cup_to_disc, "quality": stated_grade(record), "lesion_counts": dict(lesions)}
+    if areas:
+        facts["lesion_areas_of_one_or_more_lesions"] = dict(areas)
+    return {**facts, "regions": [facts_of(r) for r in regions]}
 
 
 class OpenAIExpander:

@@ -6,7 +6,8 @@ masks by `layouts.from_layout`, as for training) join the labels of the same pho
 input folder, matched by content, so the input may be the dataset's own folder or a copy. The
 classes a dataset annotates count as annotated on its photographs: a box is a lesion the records
 may state, with its place and size measured; a class annotated and without a box is absent; any
-other class stays unassessed.
+other class stays unassessed. A box made from a mask surrounds one or more lesions, so those
+classes are `clustered_classes`: located, never counted.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from fundus_engine.importers import LabelledImage
 from fundus_engine.layouts import from_layout
 from fundus_engine.photo_files import SourceFile, sha256_file
-from fundus_engine.vocabulary import CLASS_NAMES
+from fundus_engine.vocabulary import CLASS_NAMES, LESIONS
 
 
 def layout_items(folders: list[str], input_dir: Path, sources: list[SourceFile]) -> dict[str, list[LabelledImage]]:
@@ -42,13 +43,16 @@ def with_layout_boxes(entry: dict | None, items: list[LabelledImage]) -> dict:
     """A labels entry (or a new one) with the items' boxes added and their classes annotated."""
     entry = copy.deepcopy(entry) if entry else {"_from": {"boxes": []}, "label_boxes": []}
     origin = entry.setdefault("_from", {"boxes": []})
-    annotated = set(entry.get("labelled_classes", []))
+    annotated, clustered = set(entry.get("labelled_classes", [])), set(entry.get("clustered_classes", []))
     for item in items:
         for n, box in enumerate(item.boxes):
             entry["label_boxes"] = [*entry.get("label_boxes", []), box]
             origin["boxes"] = [*origin.get("boxes", []), f"{item.source} box {n}"]
         annotated |= set(item.annotated_classes or CLASS_NAMES)
+        clustered |= set(item.from_masks) & set(LESIONS)
     entry["labelled_classes"] = sorted(annotated)
+    if clustered:
+        entry["clustered_classes"] = sorted(clustered)
     sources = " + ".join(item.source for item in items)
     origin["entry"] = f"{origin['entry']} + {sources}" if origin.get("entry") else sources
     return entry

@@ -180,7 +180,7 @@ def _items(pairs: dict[Path, dict[str, list[Path]]], annotated: dict[Path, Itera
         files = [str(m) for label in CLASS_NAMES for m in masks.get(label, [])]
         name = dataset[image] if isinstance(dataset, dict) else dataset
         out.append(LabelledImage(image, *size, boxes, f"{layout}:" + (", ".join(files) if files else str(image)),
-                                 tuple(annotated[image]), name))
+                                 tuple(annotated[image]), name, from_masks=tuple(annotated[image])))
     return out
 
 

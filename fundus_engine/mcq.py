@@ -41,7 +41,7 @@ COUNT_NOUNS: dict[str, str] = {
     "soft_exudate": "cotton-wool spots",
     "drusen": "drusen",
 }
-MAX_COUNT = 10  # above this an exact count is not a fair question (mask-derived boxes merge clusters)
+MAX_COUNT = 10  # above this an exact count is not a fair question; boxes from masks (clustered) are never counted
 BOX_MIN_CONFIDENCE = 0.5  # a detector box weaker than this is not trusted as a benchmark truth
 QUADRANTS = ("superotemporal", "inferotemporal", "superonasal", "inferonasal")
 
@@ -154,7 +154,7 @@ def image_questions(record: ImageRecord, regions: list[Region], seed: int = 0, i
     counts = truth_counts(record, regions)
     for label in LESIONS:
         n = counts.get(label, 0)
-        if label not in COUNT_NOUNS or not 1 <= n <= MAX_COUNT:
+        if label not in COUNT_NOUNS or label in record.clustered_classes or not 1 <= n <= MAX_COUNT:
             continue
         rng = _rng(seed, sha, "counting", label)
         below = min(rng.randint(0, 4), n)  # where the truth sits in the run of numbers is random too
@@ -164,14 +164,18 @@ def image_questions(record: ImageRecord, regions: list[Region], seed: int = 0, i
     return out
 
 
-def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0, max_box_questions: int = 2
-                  ) -> list[BenchmarkQuestion]:
+def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0, max_box_questions: int = 2,
+                  record: ImageRecord | None = None) -> list[BenchmarkQuestion]:
     """Organ Recognition, lesion Disease Diagnosis and quadrant Attribute Recognition about one
     marked box each (GMAI-MMBench has no lesion-recognition task: naming a marked lesion is
     diagnosis at box granularity).
 
     The quadrant question is box-level rather than image-level: with several lesions of a class
     in the eye, only the drawn box says which one is meant.
+
+    A distractor is never a class with a box overlapping the marked one (it may be what is marked).
+    A box made from a mask (`record.clustered_classes`) may be wide and hold more than its class:
+    its distractors are only what is known not to be in it (`_not_in`).
     """
     out: list[BenchmarkQuestion] = []
     trusted = _trusted_marked(regions)
@@ -184,8 +188,11 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
     for r in rng.sample(trusted, min(max_box_questions, len(trusted))):
         lesion = r.label in LESIONS
         also = BY_NAME[_ALSO_MARKED[r.label]].display if r.label in _ALSO_MARKED else None
-        tiers = tuple([n for n in tier if n != also]
+        inside = {BY_NAME[o.label].display for o in regions if o is not r and _overlap(r, o)}
+        tiers = tuple([n for n in tier if n != also and n not in inside]
                       for tier in ((lesion_names, anatomy_names) if lesion else (anatomy_names, lesion_names)))
+        if record is not None and r.label in record.clustered_classes:
+            tiers = (_not_in(r, regions, record),)
         made = _options(_rng(seed, sha, "recognition", r.region_id), BY_NAME[r.label].display, *tiers)
         if made:
             out.append(_question(RECOGNITION_QUESTION, *made, "Disease Diagnosis" if lesion else "Organ Recognition",
@@ -198,6 +205,20 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
             out.append(_question(QUADRANT_QUESTION, *made, "Attribute Recognition", "Box level", r.marked_path, sha,
                                  BY_NAME[r.label].display))
     return out
+
+
+def _overlap(a: Region, b: Region) -> bool:
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = a.xyxy, b.xyxy
+    return ax1 < bx2 and bx1 < ax2 and ay1 < by2 and by1 < ay2
+
+
+def _not_in(box: Region, regions: list[Region], record: ImageRecord) -> list[str]:
+    """Names known not to be inside `box`: a located structure whose box does not overlap it, and
+    a lesion class annotated on the image with no box overlapping it."""
+    located = {r.label for r in regions if r.label in ANATOMY}
+    inside = {r.label for r in regions if r is not box and _overlap(box, r)}
+    known = [c for c in ANATOMY if c in located] + [c for c in LESIONS if c in record.labelled_classes]
+    return [BY_NAME[c].display for c in known if c not in inside and c != box.label]
 
 
 def build_benchmark(records: list[ImageRecord], anatomies: list[Anatomy], regions: list[Region], held_out: set[str],
@@ -216,7 +237,7 @@ def build_benchmark(records: list[ImageRecord], anatomies: list[Anatomy], region
         own = regions_of.get(record.sha256, [])
         anatomy = anatomy_of.get(record.sha256)
         questions += image_questions(record, own, seed, anatomy.upright_path if anatomy else None)
-        questions += box_questions(own, anatomy, seed, max_box_questions)
+        questions += box_questions(own, anatomy, seed, max_box_questions, record)
     return [q.model_copy(update={"index": i}) for i, q in enumerate(questions)]
 
 

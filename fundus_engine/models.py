@@ -73,6 +73,9 @@ class ImageRecord(Row):
     # Classes the labels annotate exhaustively for this image (absent box = absent finding);
     # empty when its labels give no boxes. The detector predicts only the other classes.
     labelled_classes: list[str] = []
+    # Lesion classes whose label boxes were made from masks: each box surrounds one or more
+    # lesions, so the records say in how many areas, never how many lesions.
+    clustered_classes: list[str] = []
     quality: Quality
     phash: str | None = None  # 256-bit dHash, hex: near-duplicates are kept in one split
     # Marked as such by `fundus_engine.synth`; everything else is a real photograph, and only

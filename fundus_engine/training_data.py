@@ -37,7 +37,7 @@ def merge(*sources: list[LabelledImage]) -> list[LabelledImage]:
             key = Path(item.image).resolve()
             if key not in merged:
                 merged[key] = LabelledImage(item.image, item.width, item.height, list(item.boxes), item.source,
-                                            item.annotated_classes, item.dataset, item.synthetic)
+                                            item.annotated_classes, item.dataset, item.synthetic, item.from_masks)
                 continue
             into = merged[key]
             if (into.width, into.height) != (item.width, item.height):
@@ -50,6 +50,7 @@ def merge(*sources: list[LabelledImage]) -> list[LabelledImage]:
                                       else tuple(c for c in CLASS_NAMES
                                                  if c in {*into.annotated_classes, *item.annotated_classes}))
             into.dataset = into.dataset or item.dataset
+            into.from_masks = tuple(c for c in CLASS_NAMES if c in {*into.from_masks, *item.from_masks})
     return list(merged.values())
 
 

@@ -444,3 +444,35 @@ def test_read_answers_table(tmp_path, suffix, delimiter):
     bad.write_text(f"index{delimiter}answer\n0{delimiter}B\n")
     with pytest.raises(ValueError, match="prediction"):
         read_answers(bad)
+
+
+def test_a_marked_box_is_never_offered_a_distractor_that_may_be_inside_it():
+    """A class with a box overlapping the marked one may be what is marked: never a distractor.
+    A box made from a mask (clustered) may hold anything not annotated: its distractors are only
+    located structures and annotated lesion classes with no box overlapping it."""
+    lesions = [("hard_exudate", [60, 100, 200, 240], 1.0), ("haemorrhage", [150, 150, 170, 170], 1.0),
+               ("microaneurysm", [20, 20, 26, 26], 1.0)]
+    annotated = ["optic_disc", "hard_exudate", "haemorrhage", "microaneurysm", "soft_exudate"]
+    for clustered in ([], ["hard_exudate"]):
+        record, anat, regions = _image(A, lesions=lesions, source="ground_truth", labelled_classes=annotated,
+                                       clustered_classes=clustered)
+        questions = [q for q in build_benchmark([record], [anat], regions, held_out={A}, max_box_questions=10)
+                     if q.question == RECOGNITION_QUESTION and q.category == "Hard exudate"]
+        assert len(questions) == 1
+        offered = set(options_of(questions[0]).values()) - {"Hard exudate"}
+        assert "Haemorrhage" not in offered  # its box lies inside the exudates' box
+        if clustered:  # only what is known not to be inside: not drusen, never annotated here
+            assert offered <= {"Optic disc", "Optic cup", "Fovea", "Microaneurysm", "Cotton-wool spot"}
+            assert "Fovea" not in offered and "Microaneurysm" in offered  # the fovea box overlaps; the MA is apart
+        else:
+            assert len(offered) == 4
+
+
+def test_boxes_made_from_masks_are_never_counted_in_the_benchmark():
+    lesions = [("hard_exudate", [60, 100, 120, 160], 1.0), ("hard_exudate", [300, 40, 330, 70], 1.0)]
+    boxes = [(label, xyxy) for label, xyxy, _ in lesions]
+    for clustered, counted in (([], 1), (["hard_exudate"], 0)):
+        record, anat, regions = _image(A, lesions=lesions, source="ground_truth", label_boxes=boxes,
+                                       labelled_classes=["hard_exudate"], clustered_classes=clustered)
+        questions = build_benchmark([record], [anat], regions, held_out={A})
+        assert sum(q.question == COUNTING_QUESTION.format(noun="hard exudates") for q in questions) == counted

@@ -225,7 +225,7 @@ def test_a_weak_detector_states_no_absence_and_labels_do(expander):
 def test_provenance_names_the_offline_backend_and_its_prompt(expander):
     exp = expander.expand(_record(), ANATOMY, [])
     p = exp.provenance
-    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.4")
+    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.5")
     assert p.prompt_sha256 == hashlib.sha256((PROMPTS_DIR / "expand" / "offline.j2").read_bytes()).hexdigest()
     assert p.engine_version == fundus_engine.__version__
     assert make_expander(ExpandConfig()).name == "offline"
@@ -266,3 +266,26 @@ def test_anatomy_sentences_are_separated_by_a_space(expander):
 def test_labelled_evidence_is_pluralised(expander):
     exp = expander.expand(_record(diagnosis=DR, grade=DR_GRADES[2], dr_grade=2), ANATOMY, _lesions())
     assert exp.image.evidence == ["1 haemorrhage", "2 microaneurysms"]
+
+
+def test_boxes_made_from_masks_are_stated_as_areas_never_as_a_count(expander):
+    """A box made from a mask may hold several lesions (`clustered_classes`): the findings, the
+    evidence and each box's description say in how many areas, and nothing is counted; the same
+    boxes from a manifest (one lesion each) are counted."""
+    exudates = [_region(6, "hard_exudate", [140, 100, 160, 120], colour="yellow"),
+                _region(7, "hard_exudate", [200, 300, 260, 340], colour="yellow")]
+    regions = [*_anatomy_regions(), *exudates, *_lesions()]
+    labelled = dict(diagnosis=DR, labelled_classes=["hard_exudate", "microaneurysm"])
+    masks = expander.expand(_record(**labelled, clustered_classes=["hard_exudate"]), ANATOMY, regions)
+    boxes = expander.expand(_record(**labelled), ANATOMY, regions)
+    assert "hard_exudate" not in masks.counted_lesions and "microaneurysm" in masks.counted_lesions
+    assert "hard_exudate" in boxes.counted_lesions
+    assert [f for f in masks.image.positive_findings if "exudat" in f] == [
+        "hard exudates in 2 areas, the nearest 1.5 disc diameters from the fovea"]
+    assert [f for f in boxes.image.positive_findings if "exudat" in f] == [
+        "2 hard exudates, the nearest 1.5 disc diameters from the fovea"]
+    assert "hard exudates in 2 areas" in masks.image.evidence and "2 hard exudates" in boxes.image.evidence
+    assert "2 microaneurysms" in masks.image.evidence  # other classes are still counted
+    described = {d.region_id: d.description for d in masks.regions}
+    assert described[exudates[0].region_id].startswith("An area of yellow hard exudates, about 0.20 disc diameters")
+    assert {d.region_id: d.description for d in boxes.regions}[exudates[0].region_id].startswith("A yellow hard exudate")

@@ -14,7 +14,7 @@ from fundus_engine.crop import box_999
 from fundus_engine.labels import load_labels
 from fundus_engine.layout_labels import layout_items, with_layout_boxes
 from fundus_engine.layouts import from_layout
-from fundus_engine.models import Detection, InstructionRecord
+from fundus_engine.models import BenchmarkQuestion, Detection, ImageRecord, InstructionRecord
 from fundus_engine.photo_files import scan, sha256_file
 from fundus_engine.runner import RunContext, plan_build
 from fundus_engine.tables import read_rows
@@ -35,6 +35,9 @@ def idrid(tmp_path_factory):
 def test_the_masks_boxes_are_the_boxes_the_records_state(idrid):
     out, manifest, masks = idrid
     assert len(masks) == 20 and manifest["labels"]["matched_images"] == 20
+    images = read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)
+    assert all(i.labelled_classes == ["hard_exudate", "optic_disc"] and i.clustered_classes == ["hard_exudate"]
+               for i in images) and len(images) == 20
     found = read_rows(sorted((out / "stages" / "detect").glob("*.detections.parquet")), Detection)
     for sha, item in masks.items():
         expected = sorted((b.label, [round(v, 1) for v in b.xyxy]) for b in item.boxes)
@@ -63,6 +66,15 @@ def test_what_the_masks_do_not_annotate_is_never_stated_absent(idrid):
     for answer in answers:
         assert not re.search(r"\bno (hard exudate|microaneurysm|haemorrhage|drusen|cotton|soft exudate)|\babsent:|"
                              r"\bthe absence of\b|normal fundus|no lesion is seen", answer, re.I), answer
+    # a box from a mask may hold several exudates: the records say in how many areas, never how many
+    assert not [r for r in records if r.task == "counting"]
+    assert not [a for a in answers if re.search(r"\b\d+ hard exudates?\b|\(\d+\)", a, re.I)]
+    assert sum(bool(re.search(r"\b\d+ areas? of <ref>Hard exudate|hard exudates in \d+ areas?", a)) for a in answers) >= 60
+    attributes = [r.conversations[0].value for r in records if r.task == "lesion_attribute"]
+    named = [q for q in attributes if "exudate" in q]  # some ask of "the lesion at <box>"
+    assert named and all("area of hard exudates at <box>" in q for q in named)
+    benchmark = read_rows([out / "benchmark" / "test.parquet"], BenchmarkQuestion)
+    assert benchmark and not [q for q in benchmark if q.clinical_task == "Counting"]
     # the masks give no grade: no diagnosis is stated, and the records say why
     assert all(r.diagnosis is None for r in records)
     chains = [r for r in records if r.task == "cognitive_chain"]
