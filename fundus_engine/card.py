@@ -152,6 +152,9 @@ def render_card(out: Path, stats: RecordStats, boxes: BoxStats, about: dict) -> 
     lines += _table(("class", "boxes", "from labels", "from the detector", "from the localiser"),
                     [(c, per_class[c], sources[(c, "ground_truth")], sources[(c, "model")], sources[(c, "localiser")])
                      for c in CLASS_NAMES if per_class[c]])
+    lines += ["", "Where each stated box was drawn from. Where the detector and the localiser agreed on a landmark and "
+              "the detector is not validated on that kind of photograph, the box is the localiser's: the detector "
+              "domain section below counts those as `detector+localiser`."]
     lines += ["", "## Diagnoses (images)", ""] + _table(("diagnosis", "images"), sorted(stats.diagnoses.items()))
     lines += ["", "## Box sizes and positions", "", f"![box sizes]({sizes.name})", f"![box positions]({positions.name})",
               "", "## How it was made", "",

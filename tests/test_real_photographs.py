@@ -5,6 +5,7 @@ its domain."""
 from __future__ import annotations
 
 import csv
+import math
 import re
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def test_the_disc_used_by_the_records_is_inside_the_idrid_disc_mask(build):
     out, _ = build
     images = {i.sha256: i for i in read_rows(sorted((out / "stages" / "ingest").glob("*.images.parquet")), ImageRecord)}
     anatomies = read_rows(sorted((out / "stages" / "crop").glob("*.anatomy.parquet")), Anatomy)
-    # a disc stated on 60 of 69 (62 now): the localiser's unsure ones are left unsaid (below)
+    # a disc stated on 60 of 69 (61 now): the localiser's unsure ones are left unsaid (below)
     assert sum(a.disc_centre is not None for a in anatomies) >= 60
     boxes = {r.sha256: r.xyxy for r in read_rows(sorted((out / "stages" / "crop").glob("*.regions.parquet")), Region)
              if r.label == "optic_disc"}
@@ -126,6 +127,7 @@ REVIEWED = {
     "STARE/im0081.jpg": {"disc": (255, 1120)},
     "STARE/im0077.jpg": {"fovea": (1870, 1480)},
     "EyePACS/10_right.jpeg": {"fovea": (2300, 1610)},
+    "DRIVE/39_training.tif": {"disc": (108, 265)},  # a pale halo drew the localiser's region up and out
 }
 
 
@@ -150,8 +152,8 @@ def test_a_landmark_is_stated_where_it_is_or_not_at_all(build):
             if centre is None:
                 assert not stated, (relpath, landmark, stated)
                 continue
-            half = anat.disc_diameter_px / 2
-            assert abs(centre.x - x) <= half and abs(centre.y - y) <= half, (relpath, landmark, centre)
+            # a stated landmark within 0.3 of its disc diameter of the reviewed point (read by eye)
+            assert math.dist((centre.x, centre.y), (x, y)) <= 0.3 * anat.disc_diameter_px, (relpath, landmark, centre)
         if anat.disc_centre is None:
             assert anat.laterality_source in ("label", "unknown"), relpath
 
