@@ -152,8 +152,10 @@ def temporary_api():
 
     server = SubprocessASGIServer()
     server.start()
-    watcher = subprocess.Popen([sys.executable, server_watch.__file__, str(os.getpid()), str(server.server_process.pid)])
-    atexit.register(_stop_watcher, watcher)  # runs before Prefect's stop of the server, registered earlier
+    if sys.platform != "win32":
+        watcher = subprocess.Popen([sys.executable, server_watch.__file__, str(os.getpid()),
+                                    str(server.server_process.pid)])
+        atexit.register(_stop_watcher, watcher)  # runs before Prefect's stop of the server, registered earlier
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield
 

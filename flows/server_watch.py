@@ -2,9 +2,11 @@
 
 Prefect stops its temporary server at interpreter exit (`atexit`), which never runs when the
 build's process is killed (SIGKILL, the OOM killer, a SIGTERM without a handler): the server
-would live on, holding a port and a few hundred MB. `python -m flows.server_watch PARENT SERVER`
-runs beside it and sends the server SIGTERM once PARENT is gone (this watcher is then handed to
-another parent); it exits by itself once the server is gone. Imports nothing of Prefect.
+would live on, holding a port and a few hundred MB. `python flows/server_watch.py PARENT SERVER`
+runs beside it and stops the server once PARENT is gone (this watcher is then handed to another
+parent); it exits by itself once the server is gone. The server is known by its PID and start
+time, so a process that later took its PID is never touched. POSIX only (on Windows a parent's
+death is not seen this way, and the watcher is not started). Imports nothing of Prefect.
 """
 from __future__ import annotations
 
@@ -13,21 +15,25 @@ import signal
 import sys
 import time
 
+import psutil
+
 POLL_SECONDS = 0.5
 
 
-def watch(parent: int, server: int) -> None:
+def watch(parent: int, server: psutil.Process) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the terminal is the build's to handle
     while True:
         time.sleep(POLL_SECONDS)
-        try:
-            os.kill(server, 0)
-        except ProcessLookupError:  # stopped (and reaped) by the build: nothing left to do
+        if not server.is_running():  # stopped by the build (or its PID now another process's)
             return
         if os.getppid() != parent:  # the build's process died, and its server did not
-            os.kill(server, signal.SIGTERM)
+            server.terminate()
             return
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]), int(sys.argv[2]))
+    try:
+        watched = psutil.Process(int(sys.argv[2]))
+    except psutil.NoSuchProcess:  # gone already
+        sys.exit(0)
+    watch(int(sys.argv[1]), watched)

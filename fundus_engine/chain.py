@@ -16,7 +16,7 @@ from fundus_engine.config import ChainConfig
 from fundus_engine.models import (Anatomy, Expansion, GroundedBox, ImageRecord, InstructionRecord, Region,
                                   Reject, Turn)
 from fundus_engine.prompts import Prompt, load_dir
-from fundus_engine.vocabulary import ANATOMY, BY_NAME, CLASS_NAMES, DR_GRADES, LESIONS, chinese
+from fundus_engine.vocabulary import ANATOMY, BY_NAME, CLASS_NAMES, DR_GRADES, LESIONS, chinese, plural
 
 STAGE = "chain"
 
@@ -46,11 +46,6 @@ def all_templates(prompts_dir: str | None, languages: list[str]) -> list[Prompt]
 
 def _rng(seed: int, *parts: str) -> random.Random:
     return random.Random(hashlib.sha256(":".join([str(seed), *parts]).encode()).digest())
-
-
-def plural(display: str) -> str:
-    lower = display.lower()
-    return lower if lower.endswith(("s", "drusen", "neovascularisation")) else lower + "s"
 
 
 def grading_family(record: ImageRecord, grade: str) -> str:

@@ -19,7 +19,7 @@ from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageRec
                                   RegionDescription, Reject)
 from fundus_engine.prompts import Prompt, load
 from fundus_engine.quality import stated_grade
-from fundus_engine.vocabulary import AMD, BY_NAME, DR, DR_GRADES, GLAUCOMA, LESIONS, NORMAL
+from fundus_engine.vocabulary import AMD, BY_NAME, DR, DR_GRADES, GLAUCOMA, LESIONS, NORMAL, plural
 
 STAGE = "expand"
 GLAUCOMA_CUP_TO_DISC = 0.6  # vertical CDR at or above which the disc is called suspicious
@@ -53,7 +53,7 @@ def _counted(label: str, count: int, areas: Collection[str] = ()) -> str:
     (`ImageRecord.clustered_classes`: boxes from masks) as its boxes, "hard exudates in 12 areas"."""
     name = BY_NAME[label].display.lower()
     if label in areas:
-        return f"{name}{'' if label == 'drusen' else 's'} in {count} area{'s' if count > 1 else ''}"
+        return f"{plural(name)} in {count} area{'s' if count > 1 else ''}"
     return f"{count} {name}{'s' if count > 1 and label != 'drusen' else ''}"
 
 
@@ -115,7 +115,7 @@ class OfflineExpander:
                           engine_version=__version__)
 
     def expand(self, record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> Expansion:
-        text = self.prompt.module(knowledge=BY_NAME)
+        text = self.prompt.module(knowledge=BY_NAME, plural=plural)
         lesions = [r for r in regions if r.label in LESIONS]
         counts = Counter(r.label for r in lesions)
         assessed = assessed_lesions(record, self.evidence)

@@ -32,11 +32,15 @@ STAGE = "expand"
 OUTPUT_MODELS: dict[str, type[BaseModel]] = {"ImageFindings": ImageFindings, "RegionFindings": RegionFindings}
 
 
-def facts_of(region: Region) -> dict:
-    return {"label": region.label, "name": region.display, "box_0_999": region.box_999,
-            "confidence": round(region.confidence, 2), "source": region.source, "size_dd": region.size_dd,
-            "fovea_distance_dd": region.fovea_distance_dd, "clock_hour": region.clock_hour,
-            "quadrant": region.quadrant, "colour": region.colour}
+def facts_of(region: Region, record: ImageRecord) -> dict:
+    """A region's measured facts; a box made from a mask says it may hold several lesions."""
+    facts = {"label": region.label, "name": region.display, "box_0_999": region.box_999,
+             "confidence": round(region.confidence, 2), "source": region.source, "size_dd": region.size_dd,
+             "fovea_distance_dd": region.fovea_distance_dd, "clock_hour": region.clock_hour,
+             "quadrant": region.quadrant, "colour": region.colour}
+    if region.label in record.clustered_classes:
+        facts["area_of_one_or_more_lesions"] = True
+    return facts
 
 
 def image_facts(record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> dict:
@@ -48,7 +52,7 @@ def image_facts(record: ImageRecord, anatomy: Anatomy, regions: list[Region]) ->
              "cup_to_disc": anatomy.cup_to_disc, "quality": stated_grade(record), "lesion_counts": dict(lesions)}
     if areas:
         facts["lesion_areas_of_one_or_more_lesions"] = dict(areas)
-    return {**facts, "regions": [facts_of(r) for r in regions]}
+    return {**facts, "regions": [facts_of(r, record) for r in regions]}
 
 
 class OpenAIExpander:
@@ -102,7 +106,7 @@ class OpenAIExpander:
         paths = [{"full": record.path, "crop": region.crop_path, "marked": region.marked_path}[w] for w in wanted]
         paths = [p for p in paths if p]
         return self._request(self.region_prompt, region.region_id, paths, [cached_sha256(p) for p in paths],
-                             record=record, anatomy=anatomy, region=region, facts=facts_of(region),
+                             record=record, anatomy=anatomy, region=region, facts=facts_of(region, record),
                              with_marked=bool(region.marked_path and "marked" in wanted))
 
     # the shard ----------------------------------------------------------------------------

@@ -2,54 +2,83 @@
 
 A photograph of IDRiD, DDR, FGADR, e-ophtha or `images/<DATASET> + masks/<DATASET>` comes with
 masks, not a labels manifest. `ingest.label_layouts` names such folders; their boxes (made from the
-masks by `layouts.from_layout`, as for training) join the labels of the same photographs in the
-input folder, matched by content, so the input may be the dataset's own folder or a copy. The
-classes a dataset annotates count as annotated on its photographs: a box is a lesion the records
-may state, with its place and size measured; a class annotated and without a box is absent; any
-other class stays unassessed. A box made from a mask surrounds one or more lesions, so those
-classes are `clustered_classes`: located, never counted.
+masks by `layouts.from_layout`, as for training, but keeping every annotated piece) join the labels
+of the same photographs in the input folder, matched by content, so the input may be the dataset's
+own folder or a copy. The classes a dataset annotates count as annotated on its photographs: a box
+is a lesion the records may state, with its place and size measured; a class annotated and without
+a box is absent; any other class stays unassessed. A box made from a mask surrounds one or more
+lesions, so those classes are `clustered_classes`: located, never counted.
 """
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 from fundus_engine.importers import LabelledImage
 from fundus_engine.layouts import from_layout
-from fundus_engine.photo_files import SourceFile, sha256_file
+from fundus_engine.models import Reject
+from fundus_engine.photo_files import SourceFile, sha256_file, shown
 from fundus_engine.vocabulary import CLASS_NAMES, LESIONS
 
+# Every annotated piece is a box: training drops pieces under 4 px per 1000-px width squared
+# (74 px on a 4288-px photograph), but a microaneurysm is 20-50 px, and a class whose only
+# pieces were dropped would read as absent.
+MIN_AREA = 1
 
-def layout_items(folders: list[str], input_dir: Path, sources: list[SourceFile]) -> dict[str, list[LabelledImage]]:
-    """relpath of a photograph in the input folder -> the layout items of the same bytes. A
-    folder that is no known layout, or holds no annotated image, is a ValueError naming it."""
-    by_content = {s.sha256: s.relpath for s in sources}
+
+def layout_items(folders: list[str], input_dir: Path, sources: list[SourceFile]
+                 ) -> tuple[dict[str, list[LabelledImage]], list[Reject]]:
+    """relpath of a photograph in the input folder -> the layout items of the same bytes, and the
+    rejects: an image whose masks cannot be used, a folder that matches no photograph. A relative
+    folder is read from the input folder (as `ingest.labels`); one that is no known layout, or
+    holds no annotated image, is a ValueError naming it."""
     by_path = {(input_dir / s.relpath).resolve(): s.relpath for s in sources}
+    by_content = {s.sha256: s.relpath for s in sources}
+    sizes = {os.path.getsize(path) for path in by_path}  # only a file of one of these sizes is hashed
     found: dict[str, list[LabelledImage]] = {}
+    rejects: list[Reject] = []
     for folder in folders:
+        root = Path(folder) if Path(folder).is_absolute() else input_dir / folder
+        skipped: list[tuple[Path, str]] = []
         try:
-            items = from_layout(Path(folder))
+            items = from_layout(root, min_area=MIN_AREA, skipped=skipped)
         except (ValueError, OSError) as exc:
             raise ValueError(f"ingest.label_layouts: {folder}: {exc}") from exc
+        rejects += [Reject(stage="ingest", item=shown(image), reason=f"ingest.label_layouts: its masks are not used: "
+                           f"{reason}") for image, reason in skipped]
+        matched = 0
         for item in items:
             image = Path(item.image).resolve()
-            relpath = by_path.get(image) or by_content.get(sha256_file(image))
+            relpath = by_path.get(image) or (by_content.get(sha256_file(image)) if os.path.getsize(image) in sizes
+                                             else None)
             if relpath is not None:
                 found.setdefault(relpath, []).append(item)
-    return found
+                matched += 1
+        if not matched:
+            rejects.append(Reject(stage="ingest", item=str(folder), reason="ingest.label_layouts: no photograph of "
+                                  "the input folder is in this layout; its labels are not used"))
+    return found, rejects
 
 
 def with_layout_boxes(entry: dict | None, items: list[LabelledImage]) -> dict:
-    """A labels entry (or a new one) with the items' boxes added and their classes annotated."""
+    """A labels entry (or a new one) with the items' boxes added and their classes annotated. A
+    class the entry already has boxes of keeps them (one lesion each) and takes none from masks;
+    a box given twice (the same photograph in two layouts) is kept once."""
     entry = copy.deepcopy(entry) if entry else {"_from": {"boxes": []}, "label_boxes": []}
     origin = entry.setdefault("_from", {"boxes": []})
+    boxed = {b.label for b in entry.get("label_boxes", [])}
+    seen = {(b.label, tuple(b.xyxy)) for b in entry.get("label_boxes", [])}
     annotated, clustered = set(entry.get("labelled_classes", [])), set(entry.get("clustered_classes", []))
     for item in items:
         for n, box in enumerate(item.boxes):
+            if box.label in boxed or (box.label, tuple(box.xyxy)) in seen:
+                continue
+            seen.add((box.label, tuple(box.xyxy)))
             entry["label_boxes"] = [*entry.get("label_boxes", []), box]
             origin["boxes"] = [*origin.get("boxes", []), f"{item.source} box {n}"]
-        annotated |= set(item.annotated_classes or CLASS_NAMES)
-        clustered |= set(item.from_masks) & set(LESIONS)
+        annotated |= set(CLASS_NAMES if item.annotated_classes is None else item.annotated_classes)
+        clustered |= (set(item.from_masks) & set(LESIONS)) - boxed
     entry["labelled_classes"] = sorted(annotated)
     if clustered:
         entry["clustered_classes"] = sorted(clustered)

@@ -31,6 +31,7 @@ import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from pathlib import Path
 
 from fundus_engine import importers, mask_boxes
@@ -40,6 +41,9 @@ from fundus_engine.user_cache import user_cache_dir
 from fundus_engine.vocabulary import ANATOMY, CLASS_NAMES, canonical_class
 
 log = logging.getLogger(__name__)
+
+# where `from_layout` lists the images it leaves out (None: it raises)
+_SKIPPED: ContextVar[list[tuple[Path, str]] | None] = ContextVar("skipped", default=None)
 
 LAYOUTS = ("idrid", "ddr", "fgadr", "e-ophtha", "real_fundus", "yolo")
 DATASET_NAMES = {"idrid": "IDRiD", "ddr": "DDR", "fgadr": "FGADR", "e-ophtha": "e-ophtha"}
@@ -116,9 +120,19 @@ def detect_layout(folder: Path) -> str:
 
 
 def from_layout(folder: Path, layout: str | None = None, merge_fraction: float | None = 0.01,
-                min_area: int | None = None) -> list[LabelledImage]:
-    """Read a folder in one of the public layouts (recognised by `detect_layout` unless given)."""
-    folder = Path(folder)
+                min_area: int | None = None, skipped: list[tuple[Path, str]] | None = None) -> list[LabelledImage]:
+    """Read a folder in one of the public layouts (recognised by `detect_layout` unless given).
+    With `skipped`, an image whose masks cannot be used (unreadable, another size than the image)
+    is left out and listed there as (image, reason), instead of stopping the whole import."""
+    token = _SKIPPED.set(skipped)
+    try:
+        return _from_layout(Path(folder), layout, merge_fraction, min_area)
+    finally:
+        _SKIPPED.reset(token)
+
+
+def _from_layout(folder: Path, layout: str | None, merge_fraction: float | None, min_area: int | None
+                 ) -> list[LabelledImage]:
     layout = layout or detect_layout(folder)
     readers: dict[str, Callable[..., list[LabelledImage]]] = {
         "idrid": from_idrid, "ddr": from_ddr, "fgadr": from_fgadr, "e-ophtha": from_eophtha,
@@ -174,9 +188,15 @@ def _items(pairs: dict[Path, dict[str, list[Path]]], annotated: dict[Path, Itera
     """One item per image from {image: {class: mask files}}; `annotated` gives each image's classes."""
     out = []
     for image in sorted(annotated):
-        size = importers._image_size(image)
         masks = pairs.get(image, {})
-        boxes = [box for label in CLASS_NAMES if label in masks for box in to_boxes(image, size, label, masks[label])]
+        try:
+            size = importers._image_size(image)
+            boxes = [box for label in CLASS_NAMES if label in masks for box in to_boxes(image, size, label, masks[label])]
+        except ValueError as exc:
+            if (skipped := _SKIPPED.get()) is None:
+                raise
+            skipped.append((image, str(exc)))
+            continue
         files = [str(m) for label in CLASS_NAMES for m in masks.get(label, [])]
         name = dataset[image] if isinstance(dataset, dict) else dataset
         out.append(LabelledImage(image, *size, boxes, f"{layout}:" + (", ".join(files) if files else str(image)),

@@ -175,7 +175,7 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
 
     A distractor is never a class with a box overlapping the marked one (it may be what is marked).
     A box made from a mask (`record.clustered_classes`) may be wide and hold more than its class:
-    its distractors are only what is known not to be in it (`_not_in`).
+    its distractors are only what is known not to be in it (`_not_in`), one lesion class at least.
     """
     out: list[BenchmarkQuestion] = []
     trusted = _trusted_marked(regions)
@@ -192,7 +192,10 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
         tiers = tuple([n for n in tier if n != also and n not in inside]
                       for tier in ((lesion_names, anatomy_names) if lesion else (anatomy_names, lesion_names)))
         if record is not None and r.label in record.clustered_classes:
-            tiers = (_not_in(r, regions, record),)
+            known = _not_in(r, regions, record)
+            if not set(known) & set(lesion_names):  # structures alone would give the answer away
+                continue
+            tiers = (known,)
         made = _options(_rng(seed, sha, "recognition", r.region_id), BY_NAME[r.label].display, *tiers)
         if made:
             out.append(_question(RECOGNITION_QUESTION, *made, "Disease Diagnosis" if lesion else "Organ Recognition",

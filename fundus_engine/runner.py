@@ -207,7 +207,9 @@ def plan_build(ctx: RunContext) -> Plan:
                        reason="names several images in the input folder; use the relative path")
                 for key in sorted(ambiguous)]
     matched = {s.relpath: labels_for(s.relpath, labels, ambiguous) for s in sources}
-    for relpath, items in layout_items(ctx.config.ingest.label_layouts, ctx.input_dir, sources).items():
+    from_layouts, layout_rejects = layout_items(ctx.config.ingest.label_layouts, ctx.input_dir, sources)
+    rejects += layout_rejects
+    for relpath, items in from_layouts.items():
         matched[relpath] = with_layout_boxes(matched[relpath], items)
     secret = patient_key(ctx.config.ingest)
     size = ctx.config.shard_size

@@ -150,6 +150,12 @@ CHINESE: dict[str, str] = {
 }
 
 
+def plural(display: str) -> str:
+    """"hard exudates", "drusen", "neovascularisation": a class's name for more than one."""
+    lower = display.lower()
+    return lower if lower.endswith(("s", "drusen", "neovascularisation")) else lower + "s"
+
+
 def chinese(text: str) -> str:
     """The Chinese name of a class, diagnosis or grade; text outside the vocabulary stays as it is."""
     return CHINESE.get(text, text)

@@ -466,6 +466,12 @@ def test_a_marked_box_is_never_offered_a_distractor_that_may_be_inside_it():
             assert "Fovea" not in offered and "Microaneurysm" in offered  # the fovea box overlaps; the MA is apart
         else:
             assert len(offered) == 4
+    # annotated for the disc and exudates only (IDRiD's masks): structures alone would give it away
+    apart = [("hard_exudate", [150, 40, 250, 120], 1.0)]  # overlapping no structure: 3 of them to offer
+    record, anat, regions = _image(A, lesions=apart, source="ground_truth",
+                                   labelled_classes=["optic_disc", "hard_exudate"], clustered_classes=["hard_exudate"])
+    assert not [q for q in build_benchmark([record], [anat], regions, held_out={A}, max_box_questions=10)
+                if q.question == RECOGNITION_QUESTION and q.category == "Hard exudate"]
 
 
 def test_boxes_made_from_masks_are_never_counted_in_the_benchmark():

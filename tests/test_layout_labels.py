@@ -12,9 +12,10 @@ from flows.build_fundusgen import build_fundusgen
 from fundus_engine.config import BuildConfig
 from fundus_engine.crop import box_999
 from fundus_engine.labels import load_labels
-from fundus_engine.layout_labels import layout_items, with_layout_boxes
+from fundus_engine.layout_labels import MIN_AREA, layout_items, with_layout_boxes
 from fundus_engine.layouts import from_layout
-from fundus_engine.models import BenchmarkQuestion, Detection, ImageRecord, InstructionRecord
+from fundus_engine.importers import LabelledImage
+from fundus_engine.models import BenchmarkQuestion, Detection, ImageRecord, InstructionRecord, LabelBox
 from fundus_engine.photo_files import scan, sha256_file
 from fundus_engine.runner import RunContext, plan_build
 from fundus_engine.tables import read_rows
@@ -28,7 +29,7 @@ def idrid(tmp_path_factory):
     out = tmp_path_factory.mktemp("idrid") / "out"
     config = BuildConfig(ingest={"label_layouts": [str(REAL)]})
     manifest = build_fundusgen(str(REAL / "images" / "IDRiD"), str(out), config)
-    masks = {sha256_file(i.image): i for i in from_layout(REAL) if i.dataset == "IDRiD"}
+    masks = {sha256_file(i.image): i for i in from_layout(REAL, min_area=MIN_AREA) if i.dataset == "IDRiD"}
     return out, manifest, masks
 
 
@@ -89,8 +90,8 @@ def test_layout_boxes_join_a_manifest_entry_of_the_same_photograph(tmp_path):
     labels, rejects = load_labels(tmp_path, BuildConfig().ingest)
     assert not rejects
     sources, _ = scan(idrid)
-    items = layout_items([str(REAL)], idrid, sources)
-    assert sorted(items) == sorted(s.relpath for s in sources) and len(items) == 20
+    items, rejects = layout_items([str(REAL)], idrid, sources)
+    assert sorted(items) == sorted(s.relpath for s in sources) and len(items) == 20 and not rejects
     entry = with_layout_boxes(labels["IDRiD_03.jpg"], items["IDRiD_03.jpg"])
     assert entry["dr_grade"] == 2 and entry["patient_id"] == labels["IDRiD_03.jpg"]["patient_id"]
     assert entry["labelled_classes"] == ["hard_exudate", "optic_disc"]
@@ -106,3 +107,56 @@ def test_a_folder_in_no_known_layout_stops_the_build_naming_it(tmp_path):
     ctx = RunContext.create(tmp_path / "in", tmp_path / "out", config, run_id="x")
     with pytest.raises(ValueError, match=re.escape(f"ingest.label_layouts: {tmp_path / 'nothing'}: ")):
         plan_build(ctx)
+
+
+def _layout(root: Path, masks: dict[str, dict[str, list[tuple[int, int, int, int]]]], size=(200, 150)) -> Path:
+    """`images/DS/<id>.png` + `masks/DS/<id>__<class>.png` with the given rectangles (x1, y1, x2, y2)."""
+    import cv2
+    import numpy as np
+
+    for n, (stem, classes) in enumerate(masks.items()):
+        (root / "images" / "DS").mkdir(parents=True, exist_ok=True)
+        (root / "masks" / "DS").mkdir(parents=True, exist_ok=True)
+        pixels = np.full((size[1], size[0], 3), (40, 60, 150), np.uint8)
+        pixels[0, 0] = (n, 0, 0)
+        cv2.imwrite(str(root / "images" / "DS" / f"{stem}.png"), pixels)
+        for label, rects in classes.items():
+            mask = np.zeros((size[1], size[0]), np.uint8)
+            for x1, y1, x2, y2 in rects:
+                mask[y1:y2, x1:x2] = 255
+            cv2.imwrite(str(root / "masks" / "DS" / f"{stem}__{label}.png"), mask)
+    return root
+
+
+def test_every_annotated_piece_is_a_box_once_and_a_bad_mask_costs_only_its_image(tmp_path):
+    """A 2x2 microaneurysm is a box (training would drop it as a speck, and the class would read
+    as absent); the same photograph in two layouts gives its boxes once; a manifest's own boxes of
+    a class stand, and that class is counted; a mask of another size rejects its image alone; a
+    relative folder is read from the input folder; a folder that matches nothing is a reject."""
+    import cv2
+
+    root = _layout(tmp_path / "in" / "data", {"a": {"microaneurysm": [(10, 10, 12, 12)], "hard_exudate": [(50, 50, 70, 60)]},
+                                            "b": {"microaneurysm": [(30, 30, 34, 34)]}})
+    copy = _layout(tmp_path / "copy", {"a": {"microaneurysm": [(10, 10, 12, 12)], "hard_exudate": [(50, 50, 70, 60)]}})
+    cv2.imwrite(str(root / "masks" / "DS" / "b__microaneurysm.png"), cv2.imread(str(root / "masks" / "DS" / "b__microaneurysm.png"))[:50])
+    elsewhere = _layout(tmp_path / "other", {"z": {"drusen": [(5, 5, 9, 9)]}}, size=(120, 90))
+    sources, _ = scan(tmp_path / "in")
+    items, rejects = layout_items(["data", str(copy), str(elsewhere)], tmp_path / "in", sources)
+    assert sorted(items) == ["data/images/DS/a.png"] and len(items["data/images/DS/a.png"]) == 2
+    assert sorted((r.item.rsplit("/", 1)[-1], r.reason.split(":")[1].strip()) for r in rejects) == [
+        ("b.png", "its masks are not used"), ("other", "no photograph of the input folder is in this layout; its labels are not used")]
+    assert "must match its image pixel for pixel" in next(r.reason for r in rejects if r.item.endswith("b.png"))
+    merged = with_layout_boxes(None, items["data/images/DS/a.png"])
+    assert sorted((b.label, b.xyxy) for b in merged["label_boxes"]) == [
+        ("hard_exudate", [50.0, 50.0, 70.0, 60.0]), ("microaneurysm", [10.0, 10.0, 12.0, 12.0])]
+    assert merged["labelled_classes"] == ["hard_exudate", "microaneurysm"]
+    assert merged["clustered_classes"] == ["hard_exudate", "microaneurysm"]
+    manifest = {"_from": {"boxes": [0], "entry": "labels.json entry for a"}, "labelled_classes": ["microaneurysm"],
+                "label_boxes": [LabelBox(label="microaneurysm", xyxy=[9, 9, 13, 13])]}
+    kept = with_layout_boxes(manifest, items["data/images/DS/a.png"])
+    assert sorted((b.label, b.xyxy) for b in kept["label_boxes"]) == [
+        ("hard_exudate", [50.0, 50.0, 70.0, 60.0]), ("microaneurysm", [9.0, 9.0, 13.0, 13.0])]
+    assert kept["clustered_classes"] == ["hard_exudate"]  # the manifest's microaneurysm is one lesion: counted
+    assert len(kept["_from"]["boxes"]) == len(kept["label_boxes"])
+    no_classes = LabelledImage(items["data/images/DS/a.png"][0].image, 200, 150, [], "yolo:x", ())
+    assert with_layout_boxes(None, [no_classes])["labelled_classes"] == []  # annotates nothing, not everything
