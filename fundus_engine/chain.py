@@ -13,6 +13,7 @@ import random
 from collections import Counter, defaultdict
 
 from fundus_engine.config import ChainConfig
+from fundus_engine.evidence import area_classes
 from fundus_engine.models import (Anatomy, Expansion, GroundedBox, ImageRecord, InstructionRecord, Region,
                                   Reject, Turn)
 from fundus_engine.prompts import Prompt, load_dir
@@ -86,7 +87,7 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
                    landmarks=[label for label in ANATOMY if label in groups], ref=grounded,
                    facts={label: group_facts(items) for label, items in lesion_groups},
                    # classes whose boxes were made from masks: "12 areas of", never "12" lesions
-                   areas=set(record.clustered_classes),
+                   areas=area_classes(record, regions),
                    # "no lesion is seen" only where every lesion class was assessed absent
                    all_assessed=set(expansion.assessed_lesions) >= set(LESIONS))
     out: list[InstructionRecord] = []
@@ -175,7 +176,7 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
                                     ("position", r.fovea_distance_dd is not None), ("colour", True)) if known]
         kind = _rng(config.seed, record.sha256, r.region_id, "attribute").choice(kinds)
         question = pick("lesion_attribute", r.region_id, kind=kind).format(
-            target=f"area of {plural(r.display)}" if r.label in record.clustered_classes else r.display.lower(),
+            target=f"area of {plural(r.display)}" if r.label in context["areas"] else r.display.lower(),
             box=f"<box>{box_text([r.box_999])}</box>")
         add("lesion_attribute", [(question, answer("lesion_attribute", kind, r))], key=f"{r.region_id}:{kind}",
             boxes=[r])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from fundus_engine.models import ImageRecord
+from fundus_engine.models import ImageRecord, Region
 from fundus_engine.vocabulary import AMD, DR_GRADES, LESIONS, canonical_class
 
 DOMAINS = ("synthetic", "real")
@@ -112,6 +112,13 @@ def counted_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str
     """The complete classes whose boxes are one lesion each: only these are counted (a box made
     from a mask, `clustered_classes`, may hold several)."""
     return [label for label in complete_lesions(record, evidence) if label not in record.clustered_classes]
+
+
+def area_classes(record: ImageRecord, regions: list[Region]) -> set[str]:
+    """Lesion classes whose boxes on this image are areas of one lesion or more: made from masks
+    (`ImageRecord.clustered_classes`) and drawn from the labels. With `detect.ground_truth:
+    ignore` the detector's boxes stand instead, one lesion each."""
+    return {r.label for r in regions if r.label in record.clustered_classes and r.source == "ground_truth"}
 
 
 def assessed_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:

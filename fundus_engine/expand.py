@@ -14,7 +14,7 @@ from typing import Protocol
 
 from fundus_engine import __version__
 from fundus_engine.config import ExpandConfig
-from fundus_engine.evidence import DetectorEvidence, assessed_lesions, counted_lesions
+from fundus_engine.evidence import DetectorEvidence, area_classes, assessed_lesions, counted_lesions
 from fundus_engine.models import (Anatomy, Expansion, ImageDescription, ImageRecord, Provenance, Region,
                                   RegionDescription, Reject)
 from fundus_engine.prompts import Prompt, load
@@ -50,7 +50,7 @@ def absence_phrase(labels: list[str]) -> str:
 
 def _counted(label: str, count: int, areas: Collection[str] = ()) -> str:
     """"3 haemorrhages", "1 drusen": a finding stated as its count; for a class in `areas`
-    (`ImageRecord.clustered_classes`: boxes from masks) as its boxes, "hard exudates in 12 areas"."""
+    (`evidence.area_classes`: boxes made from masks) as its boxes, "hard exudates in 12 areas"."""
     name = BY_NAME[label].display.lower()
     if label in areas:
         return f"{plural(name)} in {count} area{'s' if count > 1 else ''}"
@@ -119,7 +119,7 @@ class OfflineExpander:
         lesions = [r for r in regions if r.label in LESIONS]
         counts = Counter(r.label for r in lesions)
         assessed = assessed_lesions(record, self.evidence)
-        areas = record.clustered_classes
+        areas = area_classes(record, regions)
         if record.diagnosis:
             diagnosis, grade, source = record.diagnosis, record.grade, "label"
             evidence = _supporting(diagnosis, counts, anatomy.cup_to_disc, areas)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from fundus_engine import __version__
 from fundus_engine.config import OpenAIConfig
-from fundus_engine.evidence import DetectorEvidence, assessed_lesions, counted_lesions
+from fundus_engine.evidence import DetectorEvidence, area_classes, assessed_lesions, counted_lesions
 from fundus_engine.photo_files import cached_sha256
 from fundus_engine.quality import stated_grade
 from fundus_engine.llm_cache import ResponseCache
@@ -38,7 +38,7 @@ def facts_of(region: Region, record: ImageRecord) -> dict:
              "confidence": round(region.confidence, 2), "source": region.source, "size_dd": region.size_dd,
              "fovea_distance_dd": region.fovea_distance_dd, "clock_hour": region.clock_hour,
              "quadrant": region.quadrant, "colour": region.colour}
-    if region.label in record.clustered_classes:
+    if region.label in area_classes(record, [region]):
         facts["area_of_one_or_more_lesions"] = True
     return facts
 
@@ -46,8 +46,9 @@ def facts_of(region: Region, record: ImageRecord) -> dict:
 def image_facts(record: ImageRecord, anatomy: Anatomy, regions: list[Region]) -> dict:
     """The measured facts the model is given. Boxes made from masks (`clustered_classes`) may each
     hold several lesions: they are given as areas, not as a count of lesions."""
-    lesions = Counter(r.display for r in regions if r.label in LESIONS and r.label not in record.clustered_classes)
-    areas = Counter(r.display for r in regions if r.label in record.clustered_classes)
+    area_labels = area_classes(record, regions)
+    lesions = Counter(r.display for r in regions if r.label in LESIONS and r.label not in area_labels)
+    areas = Counter(r.display for r in regions if r.label in area_labels)
     facts = {"laterality": anatomy.laterality, "diagnosis": record.diagnosis, "grade": record.grade,
              "cup_to_disc": anatomy.cup_to_disc, "quality": stated_grade(record), "lesion_counts": dict(lesions)}
     if areas:

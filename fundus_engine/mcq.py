@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from fundus_engine.evidence import area_classes
 from fundus_engine.models import Anatomy, BenchmarkQuestion, ImageRecord, Region
 from fundus_engine.tables import read_rows, write_rows
 from fundus_engine.vocabulary import ANATOMY, BY_NAME, DIAGNOSES, DR_GRADES, LESIONS, canonical_diagnosis
@@ -191,7 +192,7 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
         inside = {BY_NAME[o.label].display for o in regions if o is not r and _overlap(r, o)}
         tiers = tuple([n for n in tier if n != also and n not in inside]
                       for tier in ((lesion_names, anatomy_names) if lesion else (anatomy_names, lesion_names)))
-        if record is not None and r.label in record.clustered_classes:
+        if record is not None and r.label in area_classes(record, [r]):
             known = _not_in(r, regions, record)
             if not set(known) & set(lesion_names):  # structures alone would give the answer away
                 continue

@@ -272,12 +272,17 @@ def test_boxes_made_from_masks_are_stated_as_areas_never_as_a_count(expander):
     """A box made from a mask may hold several lesions (`clustered_classes`): the findings, the
     evidence and each box's description say in how many areas, and nothing is counted; the same
     boxes from a manifest (one lesion each) are counted."""
-    exudates = [_region(6, "hard_exudate", [140, 100, 160, 120], colour="yellow"),
-                _region(7, "hard_exudate", [200, 300, 260, 340], colour="yellow")]
+    exudates = [_region(n, "hard_exudate", xyxy, colour="yellow").model_copy(update={"source": "ground_truth"})
+                for n, xyxy in ((6, [140, 100, 160, 120]), (7, [200, 300, 260, 340]))]
     regions = [*_anatomy_regions(), *exudates, *_lesions()]
     labelled = dict(diagnosis=DR, labelled_classes=["hard_exudate", "microaneurysm"])
     masks = expander.expand(_record(**labelled, clustered_classes=["hard_exudate"]), ANATOMY, regions)
     boxes = expander.expand(_record(**labelled), ANATOMY, regions)
+    # `detect.ground_truth: ignore`: the detector's boxes stand, one lesion each, and are counted as such
+    detected = [r.model_copy(update={"source": "model"}) for r in exudates]
+    ignored = expander.expand(_record(**labelled, clustered_classes=["hard_exudate"]), ANATOMY,
+                              [*_anatomy_regions(), *detected, *_lesions()])
+    assert "2 hard exudates" in ignored.image.evidence
     assert "hard_exudate" not in masks.counted_lesions and "microaneurysm" in masks.counted_lesions
     assert "hard_exudate" in boxes.counted_lesions
     assert [f for f in masks.image.positive_findings if "exudat" in f] == [
