@@ -10,6 +10,7 @@ death is not seen this way, and the watcher is not started). Imports nothing of 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -27,7 +28,8 @@ def watch(parent: int, server: psutil.Process) -> None:
         if not server.is_running():  # stopped by the build (or its PID now another process's)
             return
         if os.getppid() != parent:  # the build's process died, and its server did not
-            server.terminate()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                server.terminate()
             return
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from fundus_engine.importers import LabelledImage
 from fundus_engine.layouts import from_layout
 from fundus_engine.models import Reject
-from fundus_engine.photo_files import SourceFile, sha256_file, shown
+from fundus_engine.photo_files import SourceFile, sha256_file
 from fundus_engine.vocabulary import CLASS_NAMES, LESIONS
 
 # Every annotated piece is a box: training drops pieces under 4 px per 1000-px width squared
@@ -36,23 +36,29 @@ def layout_items(folders: list[str], input_dir: Path, sources: list[SourceFile]
     by_path = {(input_dir / s.relpath).resolve(): s.relpath for s in sources}
     by_content = {s.sha256: s.relpath for s in sources}
     sizes = {os.path.getsize(path) for path in by_path}  # only a file of one of these sizes is hashed
+    def in_input(image: Path) -> str | None:
+        image = Path(image).resolve()
+        if image in by_path:
+            return by_path[image]
+        return by_content.get(sha256_file(image)) if image.is_file() and os.path.getsize(image) in sizes else None
+
     found: dict[str, list[LabelledImage]] = {}
     rejects: list[Reject] = []
-    for folder in folders:
+    for folder in dict.fromkeys(folders):
         root = Path(folder) if Path(folder).is_absolute() else input_dir / folder
         skipped: list[tuple[Path, str]] = []
         try:
             items = from_layout(root, min_area=MIN_AREA, skipped=skipped)
         except (ValueError, OSError) as exc:
             raise ValueError(f"ingest.label_layouts: {folder}: {exc}") from exc
-        rejects += [Reject(stage="ingest", item=shown(image), reason=f"ingest.label_layouts: its masks are not used: "
-                           f"{reason}") for image, reason in skipped]
         matched = 0
+        for image, reason in skipped:  # only the build's own photographs are its rejects
+            if (relpath := in_input(image)) is not None:
+                rejects.append(Reject(stage="ingest", item=relpath,
+                                      reason=f"ingest.label_layouts: its masks in {folder} are not used: {reason}"))
+                matched += 1
         for item in items:
-            image = Path(item.image).resolve()
-            relpath = by_path.get(image) or (by_content.get(sha256_file(image)) if os.path.getsize(image) in sizes
-                                             else None)
-            if relpath is not None:
+            if (relpath := in_input(item.image)) is not None:
                 found.setdefault(relpath, []).append(item)
                 matched += 1
         if not matched:
@@ -63,11 +69,13 @@ def layout_items(folders: list[str], input_dir: Path, sources: list[SourceFile]
 
 def with_layout_boxes(entry: dict | None, items: list[LabelledImage]) -> dict:
     """A labels entry (or a new one) with the items' boxes added and their classes annotated. A
-    class the entry already has boxes of keeps them (one lesion each) and takes none from masks;
+    class the entry annotates with boxes keeps them (one lesion each) and takes none from masks;
     a box given twice (the same photograph in two layouts) is kept once."""
     entry = copy.deepcopy(entry) if entry else {"_from": {"boxes": []}, "label_boxes": []}
     origin = entry.setdefault("_from", {"boxes": []})
-    boxed = {b.label for b in entry.get("label_boxes", [])}
+    # a class the manifest annotates exhaustively keeps its boxes (one lesion each); where it gives
+    # some boxes of a class without annotating it, the masks' boxes join them, as areas
+    boxed = {b.label for b in entry.get("label_boxes", [])} & set(entry.get("labelled_classes", []))
     seen = {(b.label, tuple(b.xyxy)) for b in entry.get("label_boxes", [])}
     annotated, clustered = set(entry.get("labelled_classes", [])), set(entry.get("clustered_classes", []))
     for item in items:

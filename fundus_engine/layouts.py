@@ -131,6 +131,14 @@ def from_layout(folder: Path, layout: str | None = None, merge_fraction: float |
         _SKIPPED.reset(token)
 
 
+def _skip(image: Path, error: Exception) -> bool:
+    """List an image whose labels cannot be read, where `from_layout` was asked to; else False."""
+    if (skipped := _SKIPPED.get()) is None:
+        return False
+    skipped.append((image, str(error)))
+    return True
+
+
 def _from_layout(folder: Path, layout: str | None, merge_fraction: float | None, min_area: int | None
                  ) -> list[LabelledImage]:
     layout = layout or detect_layout(folder)
@@ -143,7 +151,7 @@ def _from_layout(folder: Path, layout: str | None, merge_fraction: float | None,
         items = readers[layout](folder, merge_fraction=merge_fraction, min_area=min_area)
     else:
         raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
-    if not items:
+    if not items and not _SKIPPED.get():
         raise ValueError(f"{folder}: {layout} layout recognised but no annotated images found")
     log.info("%s (%s): %d images, %d boxes", folder, layout, len(items), sum(len(i.boxes) for i in items))
     return items
@@ -192,10 +200,9 @@ def _items(pairs: dict[Path, dict[str, list[Path]]], annotated: dict[Path, Itera
         try:
             size = importers._image_size(image)
             boxes = [box for label in CLASS_NAMES if label in masks for box in to_boxes(image, size, label, masks[label])]
-        except ValueError as exc:
-            if (skipped := _SKIPPED.get()) is None:
+        except (ValueError, OSError) as exc:
+            if not _skip(image, exc):
                 raise
-            skipped.append((image, str(exc)))
             continue
         files = [str(m) for label in CLASS_NAMES for m in masks.get(label, [])]
         name = dataset[image] if isinstance(dataset, dict) else dataset
@@ -297,10 +304,16 @@ def from_ddr(root: Path, merge_fraction: float | None = 0.01, min_area: int | No
             if xml is None or image.stem.lower() in seen:
                 continue
             seen.add(image.stem.lower())
-            width, height = importers._image_size(image)
-            items.append(LabelledImage(image, width, height, _voc_boxes(xml), f"ddr:{xml}",
+            try:
+                width, height = importers._image_size(image)
+                boxes = _voc_boxes(xml)
+            except (ValueError, OSError) as exc:
+                if not _skip(image, exc):
+                    raise
+                continue
+            items.append(LabelledImage(image, width, height, boxes, f"ddr:{xml}",
                                        tuple(DDR_LESIONS.values()), DATASET_NAMES["ddr"]))
-    if not items:
+    if not items and not _SKIPPED.get():
         raise ValueError(f"{root}: DDR layout without lesion_segmentation/*/image or lesion_detection xml files")
     return items
 

@@ -140,11 +140,18 @@ def test_every_annotated_piece_is_a_box_once_and_a_bad_mask_costs_only_its_image
     copy = _layout(tmp_path / "copy", {"a": {"microaneurysm": [(10, 10, 12, 12)], "hard_exudate": [(50, 50, 70, 60)]}})
     cv2.imwrite(str(root / "masks" / "DS" / "b__microaneurysm.png"), cv2.imread(str(root / "masks" / "DS" / "b__microaneurysm.png"))[:50])
     elsewhere = _layout(tmp_path / "other", {"z": {"drusen": [(5, 5, 9, 9)]}}, size=(120, 90))
+    broken = _layout(tmp_path / "broken", {"y": {"drusen": [(5, 5, 9, 9)]}}, size=(120, 90))  # not an input photograph
+    cv2.imwrite(str(broken / "masks" / "DS" / "y__drusen.png"), cv2.imread(str(broken / "masks" / "DS" / "y__drusen.png"))[:20])
     sources, _ = scan(tmp_path / "in")
-    items, rejects = layout_items(["data", str(copy), str(elsewhere)], tmp_path / "in", sources)
+    items, rejects = layout_items(["data", str(copy), str(elsewhere), str(broken), "data"], tmp_path / "in", sources)
     assert sorted(items) == ["data/images/DS/a.png"] and len(items["data/images/DS/a.png"]) == 2
+    # b: a photograph of the input whose mask is of another size; elsewhere and broken: no photograph
+    # of the input (broken's only image, its mask unusable, is not the build's to reject); "data" once
     assert sorted((r.item.rsplit("/", 1)[-1], r.reason.split(":")[1].strip()) for r in rejects) == [
-        ("b.png", "its masks are not used"), ("other", "no photograph of the input folder is in this layout; its labels are not used")]
+        ("b.png", "its masks in data are not used"),
+        ("broken", "no photograph of the input folder is in this layout; its labels are not used"),
+        ("other", "no photograph of the input folder is in this layout; its labels are not used")]
+    assert next(r.item for r in rejects if r.item.endswith("b.png")) == "data/images/DS/b.png"
     assert "must match its image pixel for pixel" in next(r.reason for r in rejects if r.item.endswith("b.png"))
     merged = with_layout_boxes(None, items["data/images/DS/a.png"])
     assert sorted((b.label, b.xyxy) for b in merged["label_boxes"]) == [
@@ -158,5 +165,10 @@ def test_every_annotated_piece_is_a_box_once_and_a_bad_mask_costs_only_its_image
         ("hard_exudate", [50.0, 50.0, 70.0, 60.0]), ("microaneurysm", [9.0, 9.0, 13.0, 13.0])]
     assert kept["clustered_classes"] == ["hard_exudate"]  # the manifest's microaneurysm is one lesion: counted
     assert len(kept["_from"]["boxes"]) == len(kept["label_boxes"])
+    # a microaneurysm box given without annotating the class: the masks' join it, and all are areas
+    partial = with_layout_boxes({**manifest, "labelled_classes": []}, items["data/images/DS/a.png"])
+    assert sorted(b.xyxy for b in partial["label_boxes"] if b.label == "microaneurysm") == [[9, 9, 13, 13],
+                                                                                         [10, 10, 12, 12]]
+    assert partial["clustered_classes"] == ["hard_exudate", "microaneurysm"]
     no_classes = LabelledImage(items["data/images/DS/a.png"][0].image, 200, 150, [], "yolo:x", ())
     assert with_layout_boxes(None, [no_classes])["labelled_classes"] == []  # annotates nothing, not everything

@@ -163,6 +163,13 @@ def test_ddr_voc_unknown_class_names_the_file(tmp_path):
     voc(det / "1.xml", [("IRMA", 1, 1, 5, 5)])
     with pytest.raises(ValueError, match=r"1\.xml.*IRMA"):
         from_layout(tmp_path)
+    image(det / "2.jpg", 2)
+    voc(det / "2.xml", [("EX", 1, 1, 5, 5)])
+    skipped = []  # as a build reads it: the image left out and said why, the others read
+    assert [Path(i.image).name for i in from_layout(tmp_path, skipped=skipped)] == ["2.jpg"]
+    assert [(p.name, "IRMA" in why) for p, why in skipped] == [("1.jpg", True)]
+    with pytest.raises(ValueError, match=r"1\.xml.*IRMA"):  # and a later call without `skipped` raises again
+        from_layout(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ FGADR
