@@ -150,9 +150,10 @@ def temporary_api():
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
+    server = SubprocessASGIServer()  # one per process: a second build here reuses it, and its watcher
+    started_here = not server.running
     server.start()
-    if sys.platform != "win32":
+    if started_here and sys.platform != "win32":
         watcher = subprocess.Popen([sys.executable, server_watch.__file__, str(os.getpid()),
                                     str(server.server_process.pid)])
         atexit.register(_stop_watcher, watcher)  # runs before Prefect's stop of the server, registered earlier

@@ -136,3 +136,16 @@ def test_a_build_killed_alone_leaves_no_prefect_server_running(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_builds_run_one_after_another_in_a_process_share_one_server_and_one_watcher(tmp_path):
+    """The temporary server is one per process (Prefect's), so its watcher is too."""
+    script = ("import psutil\nfrom flows.runners import temporary_api\n"
+              "for _ in range(3):\n    with temporary_api():\n        pass\n"
+              "children = [' '.join(c.cmdline()) for c in psutil.Process().children()]\n"
+              "print(sum('uvicorn' in c for c in children), sum('server_watch' in c for c in children))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(tmp_path / "prefect")})
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["1", "1"]
