@@ -36,6 +36,7 @@ def layout_items(folders: list[str], input_dir: Path, sources: list[SourceFile]
     by_path = {(input_dir / s.relpath).resolve(): s.relpath for s in sources}
     by_content = {s.sha256: s.relpath for s in sources}
     sizes = {os.path.getsize(path) for path in by_path}  # only a file of one of these sizes is hashed
+
     def in_input(image: Path) -> str | None:
         image = Path(image).resolve()
         if image in by_path:
@@ -71,20 +72,21 @@ def with_layout_boxes(entry: dict | None, items: list[LabelledImage]) -> dict:
     """A labels entry (or a new one) with the items' boxes added and their classes annotated. A
     class the entry annotates with boxes keeps them (one lesion each) and takes none from masks;
     a box given twice (the same photograph in two layouts) is kept once."""
-    entry = copy.deepcopy(entry) if entry else {"_from": {"boxes": []}, "label_boxes": []}
-    origin = entry.setdefault("_from", {"boxes": []})
+    entry = copy.deepcopy(entry) if entry else {}
+    origin = entry.setdefault("_from", {})
+    boxes, named = entry.setdefault("label_boxes", []), origin.setdefault("boxes", [])
     # a class the manifest annotates exhaustively keeps its boxes (one lesion each); where it gives
     # some boxes of a class without annotating it, the masks' boxes join them, as areas
-    boxed = {b.label for b in entry.get("label_boxes", [])} & set(entry.get("labelled_classes", []))
-    seen = {(b.label, tuple(b.xyxy)) for b in entry.get("label_boxes", [])}
+    boxed = {b.label for b in boxes} & set(entry.get("labelled_classes", []))
+    seen = {(b.label, tuple(b.xyxy)) for b in boxes}
     annotated, clustered = set(entry.get("labelled_classes", [])), set(entry.get("clustered_classes", []))
     for item in items:
         for n, box in enumerate(item.boxes):
             if box.label in boxed or (box.label, tuple(box.xyxy)) in seen:
                 continue
             seen.add((box.label, tuple(box.xyxy)))
-            entry["label_boxes"] = [*entry.get("label_boxes", []), box]
-            origin["boxes"] = [*origin.get("boxes", []), f"{item.source} box {n}"]
+            boxes.append(box)
+            named.append(f"{item.source} box {n}")
         annotated |= set(CLASS_NAMES if item.annotated_classes is None else item.annotated_classes)
         clustered |= (set(item.from_masks) & set(LESIONS)) - boxed
     entry["labelled_classes"] = sorted(annotated)

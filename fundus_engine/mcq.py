@@ -186,17 +186,19 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
     anatomy_names = [BY_NAME[c].display for c in ANATOMY]
     lesion_names = [BY_NAME[c].display for c in LESIONS]
     rng = _rng(seed, sha, "boxes")
-    lesion_names_set = set(lesion_names)
-    askable = [r for r in trusted if record is None or r.label not in area_classes(record, [r])
-               or set(_not_in(r, regions, record)) & lesion_names_set]  # structures alone would give it away
+    # a box made from a mask is offered only what is known not to be in it, one lesion class at
+    # least (structures alone would give the answer away)
+    only = {r.region_id: _not_in(r, regions, record) for r in trusted
+            if record is not None and r.label in area_classes(record, [r])}
+    askable = [r for r in trusted if r.region_id not in only or set(only[r.region_id]) & set(lesion_names)]
     for r in rng.sample(askable, min(max_box_questions, len(askable))):
         lesion = r.label in LESIONS
         also = BY_NAME[_ALSO_MARKED[r.label]].display if r.label in _ALSO_MARKED else None
         inside = {BY_NAME[o.label].display for o in regions if o is not r and _overlap(r, o)}
         tiers = tuple([n for n in tier if n != also and n not in inside]
                       for tier in ((lesion_names, anatomy_names) if lesion else (anatomy_names, lesion_names)))
-        if record is not None and r.label in area_classes(record, [r]):
-            tiers = (_not_in(r, regions, record),)
+        if r.region_id in only:
+            tiers = (only[r.region_id],)
         made = _options(_rng(seed, sha, "recognition", r.region_id), BY_NAME[r.label].display, *tiers)
         if made:
             out.append(_question(RECOGNITION_QUESTION, *made, "Disease Diagnosis" if lesion else "Organ Recognition",
