@@ -67,10 +67,14 @@ class DetectorEvidence(BaseModel):
 
     validated: dict[str, list[str]] = {}  # classes measured on that domain at all
     trusted: dict[str, list[str]] = {}  # classes it places, and whose silence there means absent
+    # the labels' boxes are what the records state (`detect.ground_truth: prefer`); under `ignore`
+    # the detector's stand instead, and a labelled lesion it misses must not read as absent
+    labels_stated: bool = True
 
     @classmethod
-    def of(cls, weights: Path, negative_min_map50: float) -> "DetectorEvidence":
-        return cls(validated=validated_classes(weights), trusted=trusted_classes(weights, negative_min_map50))
+    def of(cls, weights: Path, negative_min_map50: float, labels_stated: bool = True) -> "DetectorEvidence":
+        return cls(validated=validated_classes(weights), trusted=trusted_classes(weights, negative_min_map50),
+                   labels_stated=labels_stated)
 
     def trusted_for(self, record: ImageRecord) -> list[str]:
         return self.trusted.get(image_domain(record), [])
@@ -79,8 +83,15 @@ class DetectorEvidence(BaseModel):
         """A diagnosis may be inferred from detections only when the detector was validated on
         this kind of photograph for every lesion class, or the labels annotate every one: a
         lesion it was never measured on could be there unseen."""
-        known = set(self.validated.get(image_domain(record), [])) | set(record.labelled_classes)
+        known = set(self.validated.get(image_domain(record), [])) | self.settled_by_labels(record)
         return known >= set(LESIONS)
+
+    def settled_by_labels(self, record: ImageRecord) -> set[str]:
+        """Classes whose boxes the labels settle on this image: every class they annotate where
+        their boxes are stated; where the detector's are (`ground_truth: ignore`), only the
+        classes they annotate and give no box of, which are absent either way."""
+        annotated = set(record.labelled_classes)
+        return annotated if self.labels_stated else annotated - {b.label for b in record.label_boxes}
 
 
 def implied_lesions(record: ImageRecord) -> set[str]:
@@ -104,14 +115,15 @@ def implied_lesions(record: ImageRecord) -> set[str]:
 def complete_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:
     """Lesion classes whose boxes on this image are complete: annotated exhaustively by its
     labels, or found reliably by the detector on this kind of photograph."""
-    assessed = set(record.labelled_classes) | set(evidence.trusted_for(record))
+    assessed = evidence.settled_by_labels(record) | set(evidence.trusted_for(record))
     return [label for label in LESIONS if label in assessed]
 
 
 def counted_lesions(record: ImageRecord, evidence: DetectorEvidence) -> list[str]:
     """The complete classes whose boxes are one lesion each: only these are counted (a box made
-    from a mask, `clustered_classes`, may hold several)."""
-    return [label for label in complete_lesions(record, evidence) if label not in record.clustered_classes]
+    from a mask, `clustered_classes`, may hold several, where the labels' boxes are stated)."""
+    clustered = set(record.clustered_classes) if evidence.labels_stated else set()
+    return [label for label in complete_lesions(record, evidence) if label not in clustered]
 
 
 def area_classes(record: ImageRecord, regions: list[Region]) -> set[str]:

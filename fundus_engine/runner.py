@@ -78,7 +78,8 @@ class RunContext(BaseModel):
         return cls(input_dir=Path(input_dir).resolve(), out=Path(out).resolve(), config=config, run_id=run_id,
                    no_cache=no_cache, weights=str(weights), weights_sha256=detect_stage.weights_sha256(weights),
                    # per kind of photograph: what the detector may say (present, absent)
-                   evidence=DetectorEvidence.of(weights, config.expand.negative_min_map50),
+                   evidence=DetectorEvidence.of(weights, config.expand.negative_min_map50,
+                                                labels_stated=config.detect.ground_truth == "prefer"),
                    prompt_fingerprints={"expand": fingerprint(expander.prompts), "chain": fingerprint(chain_prompts)},
                    prompts=[{"id": p.id, "version": p.version, "sha256": p.sha256}
                             for p in [*expander.prompts, *chain_prompts]],

@@ -6,9 +6,9 @@ import shutil
 
 from fundus_engine.config import DetectConfig
 from fundus_engine.detect import DEMO_WEIGHTS, in_domain
-from fundus_engine.evidence import (DetectorEvidence, assessed_lesions, trusted_classes,
+from fundus_engine.evidence import (DetectorEvidence, assessed_lesions, counted_lesions, trusted_classes,
                                     validated_classes)
-from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Quality, Region
+from fundus_engine.models import Anatomy, Detection, ImageRecord, LabelBox, Point, Quality, Region
 from fundus_engine.vocabulary import CLASS_NAMES, LESIONS
 from in_memory import domain_report
 
@@ -48,6 +48,24 @@ def test_a_real_validation_makes_it_trusted_on_real_photographs_per_class(tmp_pa
     bare = tmp_path / "bare.pt"
     bare.write_bytes(b"")
     assert DetectorEvidence.of(bare, 0.5).trusted == {"synthetic": [], "real": []}  # no metrics, no trust
+
+
+def test_with_the_labels_boxes_ignored_a_labelled_lesion_is_never_stated_absent():
+    """`detect.ground_truth: ignore` states the detector's boxes: a lesion the labels box and the
+    detector misses (every lesion on a real photograph, for the demo detector) must not read as
+    absent, nor ground a diagnosis; a class the labels annotate with no box is absent either way."""
+    labelled = _record(labelled_classes=list(LESIONS), clustered_classes=["hard_exudate"],
+                       label_boxes=[LabelBox(label="hard_exudate", xyxy=[10, 10, 40, 40])])
+    stated = DetectorEvidence.of(DEMO_WEIGHTS, 0.5)
+    ignored = DetectorEvidence.of(DEMO_WEIGHTS, 0.5, labels_stated=False)
+    assert assessed_lesions(labelled, stated) == list(LESIONS)
+    assert assessed_lesions(labelled, ignored) == [c for c in LESIONS if c != "hard_exudate"]
+    assert "hard_exudate" not in counted_lesions(labelled, stated)  # the masks' boxes are areas
+    assert stated.grounds_diagnosis(labelled) and not ignored.grounds_diagnosis(labelled)
+    # on a synthetic photograph the demo detector is trusted on drusen: its boxes there are counted
+    synthetic = labelled.model_copy(update={"synthetic": True, "clustered_classes": ["drusen"],
+                                            "label_boxes": [LabelBox(label="drusen", xyxy=[10, 10, 40, 40])]})
+    assert "drusen" in counted_lesions(synthetic, ignored) and "drusen" not in counted_lesions(synthetic, stated)
 
 
 def test_legacy_validation_counts_as_synthetic(tmp_path):
