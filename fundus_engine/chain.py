@@ -63,15 +63,19 @@ def grading_family(record: ImageRecord, grade: str) -> str:
 
 def group_facts(items: list[Region]) -> dict:
     """Measured facts of one lesion class on one image, for step 3 of the chain: count, size
-    range, the most frequent quadrant, and the nearest distances to the fovea and the disc (DD)."""
+    range, where the boxes lie (`quadrant`: the one holding all or most, over half, of them, as
+    `quadrant_share` says; else `quadrants`, by how many each holds), and how near the nearest
+    box comes to the fovea's centre and to the disc's margin (DD, `Region.fovea_reach_dd`)."""
     def known(attr):
         return [getattr(r, attr) for r in items if getattr(r, attr) is not None]
 
-    sizes, quadrants = known("size_dd"), Counter(known("quadrant"))
+    sizes, placed = known("size_dd"), Counter(known("quadrant")).most_common()
+    top, held = placed[0] if placed else (None, 0)
+    share = "all" if held == len(items) else "most" if held > len(items) / 2 else None
     return {"count": len(items), "size_min": min(sizes) if sizes else None, "size_max": max(sizes) if sizes else None,
-            "quadrant": quadrants.most_common(1)[0][0] if quadrants else None,
-            "nearest_fovea_dd": min(known("fovea_distance_dd"), default=None),
-            "nearest_disc_dd": min(known("disc_distance_dd"), default=None)}
+            "quadrant": top if share else None, "quadrant_share": share, "quadrants": [q for q, _ in placed],
+            "nearest_fovea_dd": min(known("fovea_reach_dd"), default=None),
+            "nearest_disc_dd": min(known("disc_reach_dd"), default=None)}
 
 
 def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], expansion: Expansion,
@@ -173,7 +177,7 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
     lesions = [r for _, items in lesion_groups for r in items]
     for r in rng.sample(lesions, min(config.max_attribute_questions, len(lesions))):
         kinds = [k for k, known in (("size", r.size_dd is not None and r.area_disc_areas is not None),
-                                    ("position", r.fovea_distance_dd is not None), ("colour", True)) if known]
+                                    ("position", r.fovea_reach_dd is not None), ("colour", True)) if known]
         kind = _rng(config.seed, record.sha256, r.region_id, "attribute").choice(kinds)
         question = pick("lesion_attribute", r.region_id, kind=kind).format(
             target=f"area of {plural(r.display)}" if r.label in context["areas"] else r.display.lower(),

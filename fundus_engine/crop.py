@@ -241,10 +241,25 @@ def colour_name(rgb: tuple[float, float, float]) -> str:
     return "red" if sat > 0.5 else "pink"
 
 
+def _box_reach(xyxy: list[float], point: Point) -> float:
+    """Pixels from a point to the nearest point of a box, 0 inside it: how near what the box
+    holds may come (a box's centre says nothing of that for a large box or an area of lesions)."""
+    x1, y1, x2, y2 = xyxy
+    return math.hypot(max(x1 - point.x, 0, point.x - x2), max(y1 - point.y, 0, point.y - y2))
+
+
+def _straddles(xyxy: list[float], point: Point) -> bool:
+    """The box crosses the horizontal or vertical line through the point: it lies in more than one quadrant."""
+    return xyxy[0] <= point.x <= xyxy[2] or xyxy[1] <= point.y <= xyxy[3]
+
+
 def region_facts(xyxy: list[float], anat: Anatomy) -> dict:
-    """Size and position in disc diameters; None where the disc or fovea was not found."""
+    """Size and position in disc diameters; None where the disc or fovea was not found. The
+    quadrant only of a box inside one quadrant; the reach distances (from the fovea's centre and
+    the disc's margin, taken as a circle one disc diameter across) to its nearest point."""
     facts: dict = {"size_dd": None, "area_disc_areas": None, "fovea_distance_dd": None,
-                   "disc_distance_dd": None, "clock_hour": None, "quadrant": None}
+                   "disc_distance_dd": None, "fovea_reach_dd": None, "disc_reach_dd": None,
+                   "clock_hour": None, "quadrant": None}
     w, h = xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]
     c = centre(xyxy)
     dd = anat.disc_diameter_px
@@ -253,13 +268,16 @@ def region_facts(xyxy: list[float], anat: Anatomy) -> dict:
         facts["area_disc_areas"] = round(w * h / dd ** 2, 3)  # ellipse in box / disc circle
         if anat.disc_centre:
             facts["disc_distance_dd"] = round(math.hypot(c.x - anat.disc_centre.x, c.y - anat.disc_centre.y) / dd, 2)
+            facts["disc_reach_dd"] = round(max(_box_reach(xyxy, anat.disc_centre) / dd - 0.5, 0), 2)
     if anat.fovea_centre:
         dx, dy = c.x - anat.fovea_centre.x, c.y - anat.fovea_centre.y
         if dd:
             facts["fovea_distance_dd"] = round(math.hypot(dx, dy) / dd, 2)
+            facts["fovea_reach_dd"] = round(_box_reach(xyxy, anat.fovea_centre) / dd, 2)
         if math.hypot(dx, dy) > 1:
             facts["clock_hour"] = clock_hour(dx, dy)
-            facts["quadrant"] = quadrant(dx, dy, _side_as_pictured(anat))
+            if not _straddles(xyxy, anat.fovea_centre):
+                facts["quadrant"] = quadrant(dx, dy, _side_as_pictured(anat))
     return facts
 
 
@@ -303,9 +321,18 @@ def _thickness(image: np.ndarray) -> int:
     return max(2, round(max(image.shape[:2]) / 300))
 
 
-def _draw_box(image: np.ndarray, xyxy: list[float]) -> None:
+def _outline(image: np.ndarray, xyxy: list[float]) -> tuple[int, int, int, int, int]:
+    """Where the box's line is drawn, and how thick: just outside the box, so that no pixel of
+    what it marks is hidden (a 14-px line on a 4288-px photograph would cover a 26-px exudate)."""
+    thickness = _thickness(image)
+    out = thickness // 2 + 1  # cv2 centres a thick line on the given edge
     x1, y1, x2, y2 = (int(round(v)) for v in xyxy)
-    cv2.rectangle(image, (x1, y1), (x2, y2), (0, 255, 0), _thickness(image))  # green in RGB and BGR alike
+    return min(x1, x2) - out, min(y1, y2) - out, max(x1, x2) + out, max(y1, y2) + out, thickness
+
+
+def _draw_box(image: np.ndarray, xyxy: list[float]) -> None:
+    x1, y1, x2, y2, thickness = _outline(image, xyxy)
+    cv2.rectangle(image, (x1, y1), (x2, y2), (0, 255, 0), thickness)  # green in RGB and BGR alike
 
 
 def mark(rgb: np.ndarray, xyxy: list[float]) -> np.ndarray:
@@ -318,10 +345,10 @@ def _write_marked(path: Path, bgr: np.ndarray, xyxy: list[float], quality: int) 
     """The photograph with the box drawn, written: drawn on the photograph itself and undrawn after
     (what `mark` draws, without a copy of the whole photograph)."""
     height, width = bgr.shape[:2]
-    margin = _thickness(bgr) + 2  # a thick line reaches half its thickness past the box's edge
-    x1, y1, x2, y2 = (int(round(v)) for v in xyxy)
-    left, top = max(0, min(x1, x2) - margin), max(0, min(y1, y2) - margin)
-    right, bottom = min(width, max(x1, x2) + margin + 1), min(height, max(y1, y2) + margin + 1)
+    x1, y1, x2, y2, thickness = _outline(bgr, xyxy)
+    margin = thickness + 2  # a thick line reaches half its thickness past the outline
+    left, top = max(0, x1 - margin), max(0, y1 - margin)
+    right, bottom = min(width, x2 + margin + 1), min(height, y2 + margin + 1)
     under = bgr[top:bottom, left:right].copy()
     try:
         _draw_box(bgr, xyxy)
@@ -354,7 +381,8 @@ def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, 
     image_dir = Path(out_dir) / record.sha256[:16]
     if exif_rotated(Path(record.path)):
         anat.upright_path = _write_jpeg(image_dir / "upright.jpg", bgr, max(config.jpeg_quality, 95))
-    for d in sorted(detections, key=lambda d: -d.confidence):
+    # the class's marked copy shows its most confident box, of those the largest (labels' are all 1.0)
+    for d in sorted(detections, key=lambda d: (-d.confidence, -(d.xyxy[2] - d.xyxy[0]) * (d.xyxy[3] - d.xyxy[1]))):
         left, top, right, bottom = context_window(d.xyxy, record.width, record.height, config)
         crop_path = _write_jpeg(image_dir / f"{d.region_id}.crop.jpg", bgr[top:bottom, left:right], config.jpeg_quality)
         marked_path = None

@@ -36,7 +36,8 @@ def facts_of(region: Region, record: ImageRecord) -> dict:
     """A region's measured facts; a box made from a mask says it may hold several lesions."""
     facts = {"label": region.label, "name": region.display, "box_0_999": region.box_999,
              "confidence": round(region.confidence, 2), "source": region.source, "size_dd": region.size_dd,
-             "fovea_distance_dd": region.fovea_distance_dd, "clock_hour": region.clock_hour,
+             "fovea_distance_dd": region.fovea_distance_dd, "nearest_point_to_fovea_dd": region.fovea_reach_dd,
+             "clock_hour": region.clock_hour,
              "quadrant": region.quadrant, "colour": region.colour}
     if region.label in area_classes(record, [region]):
         facts["area_of_one_or_more_lesions"] = True

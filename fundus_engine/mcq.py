@@ -109,18 +109,6 @@ def _trusted_marked(regions: list[Region]) -> list[Region]:
     return truth or [r for r in marked if r.confidence >= BOX_MIN_CONFIDENCE]
 
 
-def _clear_quadrant(region: Region, anatomy: Anatomy | None) -> str | None:
-    """The region's quadrant, only if its whole box lies inside it (no straddling of the lines
-    through the fovea) and the eye is known; otherwise the answer would be arguable."""
-    if anatomy is None or anatomy.fovea_centre is None or region.quadrant not in QUADRANTS:
-        return None
-    x1, y1, x2, y2 = region.xyxy
-    f = anatomy.fovea_centre
-    if x1 <= f.x <= x2 or y1 <= f.y <= y2:
-        return None
-    return region.quadrant
-
-
 def _question(question: str, options: list[str], answer: str, clinical_task: str, granularity: str,
               image_path: str, sha256: str, category: str | None = None) -> BenchmarkQuestion:
     """`category` is the label the question is about; by default the correct option (a diagnosis,
@@ -165,7 +153,7 @@ def image_questions(record: ImageRecord, regions: list[Region], seed: int = 0, i
     return out
 
 
-def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0, max_box_questions: int = 2,
+def box_questions(regions: list[Region], seed: int = 0, max_box_questions: int = 2,
                   record: ImageRecord | None = None) -> list[BenchmarkQuestion]:
     """Organ Recognition, lesion Disease Diagnosis and quadrant Attribute Recognition about one
     marked box each (GMAI-MMBench has no lesion-recognition task: naming a marked lesion is
@@ -203,7 +191,8 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
         if made:
             out.append(_question(RECOGNITION_QUESTION, *made, "Disease Diagnosis" if lesion else "Organ Recognition",
                                  "Box level", r.marked_path, sha))
-    placed = [r for r in trusted if r.label in LESIONS and _clear_quadrant(r, anatomy)]
+    # a box inside one quadrant (`Region.quadrant`); one straddling the lines through the fovea has none
+    placed = [r for r in trusted if r.label in LESIONS and r.quadrant in QUADRANTS]
     for r in rng.sample(placed, min(max_box_questions, len(placed))):
         names = [q.capitalize() for q in QUADRANTS]
         made = _options(_rng(seed, sha, "quadrant", r.region_id), r.quadrant.capitalize(), names)
@@ -243,7 +232,7 @@ def build_benchmark(records: list[ImageRecord], anatomies: list[Anatomy], region
         own = regions_of.get(record.sha256, [])
         anatomy = anatomy_of.get(record.sha256)
         questions += image_questions(record, own, seed, anatomy.upright_path if anatomy else None)
-        questions += box_questions(own, anatomy, seed, max_box_questions, record)
+        questions += box_questions(own, seed, max_box_questions, record)
     return [q.model_copy(update={"index": i}) for i, q in enumerate(questions)]
 
 

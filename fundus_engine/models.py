@@ -137,10 +137,15 @@ class Region(Row):
     marked_path: str | None = None  # full image with this box drawn, for region identification
     size_dd: float | None = None  # largest extent in disc diameters
     area_disc_areas: float | None = None
-    fovea_distance_dd: float | None = None
+    fovea_distance_dd: float | None = None  # from the box's centre
     disc_distance_dd: float | None = None
-    clock_hour: int | None = Field(default=None, ge=1, le=12)  # as viewed, 12 = superior
-    quadrant: str | None = None  # superotemporal, inferonasal, ... relative to the fovea
+    # from the fovea's centre (the disc's margin) to the box's nearest point, 0 where the box covers
+    # it: how near the lesion may come (an exudate within 1/3 DD of the fovea threatens central
+    # vision; new vessels within 1 DD of the disc margin are NVD)
+    fovea_reach_dd: float | None = None
+    disc_reach_dd: float | None = None
+    clock_hour: int | None = Field(default=None, ge=1, le=12)  # of the box's centre, as viewed, 12 = superior
+    quadrant: str | None = None  # superotemporal, inferonasal, ... around the fovea; None if the box straddles two
     mean_rgb: list[int] = Field(min_length=3, max_length=3)
     colour: str
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from fundus_engine.chain import box_text, chain, grounded, plural, templates
+from fundus_engine.chain import box_text, chain, grounded, group_facts, plural, templates
 from fundus_engine.config import ChainConfig, CropConfig, ExpandConfig, IngestConfig
 from fundus_engine.crop import box_999, crop, region_facts
 from fundus_engine.detect import from_labels
@@ -344,12 +344,13 @@ def test_cognitive_chain_and_multi_turn_walk_the_same_steps(built, images):
     assert steps == ["Step 1", "Step 2", "Step 3", "Step 4", "Step 5"]
     assert f"Step 5, diagnosis: {DR} ({DR_GRADES[2]})" in chain_answer
     assert "2 <ref>Microaneurysm</ref><box>" in chain_answer  # lesions cite their boxes with counts
-    # Step 3 measures each lesion kind: size range, quadrant, nearest distances to fovea and disc.
+    # Step 3 measures each lesion kind: size range, quadrants, how near the nearest comes to the
+    # fovea and the disc margin. One microaneurysm in each of two quadrants: neither is "mostly".
     ma = sorted((r for r in regions if r.label == "microaneurysm"), key=lambda r: r.size_dd)
-    nearest = min(ma, key=lambda r: r.fovea_distance_dd)
-    assert (f"{ma[0].size_dd:.2f} to {ma[-1].size_dd:.2f} disc diameters across, mostly in the "
-            f"{ma[0].quadrant} quadrant, the nearest {nearest.fovea_distance_dd:.1f} disc diameters from the fovea "
-            f"and {min(r.disc_distance_dd for r in ma):.1f} from the disc") in chain_answer
+    assert {r.quadrant for r in ma} == {"inferotemporal", "superonasal"}
+    assert (f"{ma[0].size_dd:.2f} to {ma[-1].size_dd:.2f} disc diameters across, in the inferotemporal and "
+            "superonasal quadrants, the nearest 0.7 disc diameters from the fovea and 1.6 from the disc margin"
+            ) in chain_answer  # [130, 170, 150, 190]: its corner (130, 190) 67 px from the fovea, 209 px from the disc's centre
     talk = _of(built, record.sha256, "multi_turn")[0].conversations
     assert len(talk) == 10 and talk[0].value.startswith("<image>\n") and "<image>" not in talk[2].value
     assert talk[3].value.startswith("<ref>Optic disc</ref><box>") and talk[9].value.startswith(DR)
@@ -370,3 +371,20 @@ def test_chinese_records_beside_english(images):
     english = [r for r in out if r.language == "en"]
     assert len({r.record_id for r in out}) == len(out)
     assert [r.record_id for r in english] == [r.record_id for r in _run(images)[0]]
+
+
+def test_a_class_is_mostly_in_a_quadrant_only_with_over_half_of_its_boxes_there():
+    """Fovea at (100, 250) of a right eye: above and right of it is superonasal. A box across the
+    line through the fovea is in no quadrant, and still counts among the boxes."""
+    def facts(*boxes):
+        _, _, regions = _image("44" * 32, "P3", "OD", lesions=[("haemorrhage", list(b), 0.5) for b in boxes])
+        return group_facts([r for r in regions if r.label == "haemorrhage"])
+
+    superonasal, inferonasal, across = (130, 170, 150, 190), (130, 300, 150, 320), (90, 100, 110, 120)
+    assert {k: facts(superonasal, superonasal)[k] for k in ("quadrant", "quadrant_share")} == {
+        "quadrant": "superonasal", "quadrant_share": "all"}
+    assert facts(superonasal, superonasal, across)["quadrant_share"] == "most"
+    tie = facts(superonasal, inferonasal, across, superonasal, inferonasal)
+    assert tie["quadrant"] is None and tie["quadrants"] == ["superonasal", "inferonasal"]
+    # how near the nearest comes: the inferonasal box's corner (130, 300), hypot(30, 50) px, not its centre's 0.81 DD
+    assert tie["nearest_fovea_dd"] == 0.58

@@ -109,13 +109,26 @@ def test_region_facts_on_a_hand_made_right_eye():
         "area_disc_areas": 0.04,  # (20 * 20) / 100^2
         "fovea_distance_dd": 0.81,  # hypot(40, 70) = 80.6 px
         "disc_distance_dd": 2.21,  # hypot(210, 70) = 221.4 px
+        "fovea_reach_dd": 0.67,  # to its nearest corner (130, 190): hypot(30, 60) = 67.1 px
+        "disc_reach_dd": 1.59,  # (150, 190) from the disc's centre: hypot(200, 60) = 208.8 px, less its radius
         "clock_hour": 1,  # atan2(40, 70) = 29.7 degrees clockwise from 12
         "quadrant": "superonasal",  # above, and toward the disc
     }
     # A 60 x 40 px haemorrhage centred at (50, 280): left of and below the fovea.
     facts = region_facts([20, 260, 80, 300], OD_ANATOMY)
     assert facts == {"size_dd": 0.6, "area_disc_areas": 0.24, "fovea_distance_dd": 0.58, "disc_distance_dd": 3.01,
-                     "clock_hour": 8, "quadrant": "inferotemporal"}
+                     "fovea_reach_dd": 0.22, "disc_reach_dd": 2.2, "clock_hour": 8, "quadrant": "inferotemporal"}
+
+
+def test_a_large_box_near_the_fovea_is_measured_from_its_nearest_point_and_placed_in_no_one_quadrant():
+    """An area of exudates 1.6 DD wide whose centre is 0.9 DD above the fovea reaches 0.1 DD from
+    it (IDRiD_10's records said 0.6 DD from centres while its exudates touched the fovea); a
+    box across the vertical line through the fovea lies in two quadrants, so it is in none."""
+    facts = region_facts([20, 100, 180, 240], OD_ANATOMY)
+    assert (facts["fovea_distance_dd"], facts["fovea_reach_dd"]) == (0.8, 0.1)
+    assert facts["clock_hour"] == 12 and facts["quadrant"] is None
+    on_disc = region_facts([390, 240, 420, 260], OD_ANATOMY)  # 40 px right of the disc's centre: on its margin
+    assert on_disc["disc_reach_dd"] == 0 and on_disc["disc_distance_dd"] == 0.55
 
 
 def test_region_facts_mirror_for_the_left_eye():
@@ -146,12 +159,14 @@ def test_disc_area_and_disc_diameter_units():
     # At the fovea itself there is no direction to state.
     at_fovea = region_facts([90, 240, 110, 260], OD_ANATOMY)
     assert at_fovea["fovea_distance_dd"] == 0.0 and at_fovea["clock_hour"] is None and at_fovea["quadrant"] is None
+    assert at_fovea["fovea_reach_dd"] == 0.0
 
 
 def test_region_facts_are_unknown_without_disc_or_fovea():
     nothing = Anatomy(sha256="x", laterality="unknown", laterality_source="unknown")
     assert region_facts([130, 170, 150, 190], nothing) == dict.fromkeys(
-        ("size_dd", "area_disc_areas", "fovea_distance_dd", "disc_distance_dd", "clock_hour", "quadrant"))
+        ("size_dd", "area_disc_areas", "fovea_distance_dd", "disc_distance_dd", "fovea_reach_dd", "disc_reach_dd",
+         "clock_hour", "quadrant"))
 
     no_disc = OD_ANATOMY.model_copy(update={"disc_centre": None, "disc_diameter_px": None})
     facts = region_facts([130, 170, 150, 190], no_disc)
@@ -305,8 +320,15 @@ def test_mark_draws_a_green_box_on_a_copy():
     rgb = np.full((300, 300, 3), 100, np.uint8)
     marked = mark(rgb, [50, 60, 150, 200])
     assert (rgb == 100).all()
-    assert tuple(marked[60, 100]) == (0, 255, 0) and tuple(marked[130, 50]) == (0, 255, 0)
-    assert tuple(marked[130, 100]) == (100, 100, 100)  # inside untouched
+    # the line runs just outside the box (57-59 and 201-203 down, 47-49 and 151-153 across), so no
+    # pixel of what it marks is hidden, however small the box
+    green = (marked == (0, 255, 0)).all(axis=2)
+    ys, xs = np.nonzero(green)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (57, 203, 47, 153)
+    assert green[58, 100] and green[130, 48] and green[202, 100] and green[130, 152]
+    assert (marked[60:201, 50:151] == 100).all()  # the box's every pixel, edges included, untouched
+    tiny = mark(rgb, [140, 140, 143, 142])  # a 3 x 2 px speck stays visible inside its line
+    assert (tiny[140:143, 140:144] == 100).all() and (tiny[141, 138] == (0, 255, 0)).all()
 
 
 @pytest.mark.parametrize("side", [256, 1500])  # thickness 2 and 5
@@ -381,7 +403,8 @@ def test_crop_image_writes_crops_and_one_marked_copy_per_class(synthetic, tmp_pa
         assert r.xyxy == d.xyxy and r.source == "ground_truth" and r.confidence == 1.0
         assert r.box_999 == box_999(d.xyxy, 256, 256)
         assert {k: getattr(r, k) for k in ("size_dd", "area_disc_areas", "fovea_distance_dd", "disc_distance_dd",
-                                          "clock_hour", "quadrant")} == region_facts(d.xyxy, anat)
+                                          "fovea_reach_dd", "disc_reach_dd", "clock_hour", "quadrant")
+                } == region_facts(d.xyxy, anat)
         left, top, right, bottom = context_window(d.xyxy, 256, 256, config)
         crop_pixels = cv2.imread(r.crop_path)
         assert crop_pixels.shape == (bottom - top, right - left, 3)
@@ -389,7 +412,7 @@ def test_crop_image_writes_crops_and_one_marked_copy_per_class(synthetic, tmp_pa
                              "microaneurysm": "Microaneurysm"}[r.label]
         if r.marked_path:
             marked = cv2.cvtColor(cv2.imread(r.marked_path), cv2.COLOR_BGR2RGB)
-            x1, y1 = int(round(d.xyxy[0])), int(round(d.xyxy[1]))
+            x1, y1 = int(round(d.xyxy[0])) - 2, int(round(d.xyxy[1])) - 2  # the line's 2 px outside the box
             edge = marked[y1, x1:x1 + 2].astype(int)
             assert (edge[:, 1] > 180).all() and (edge[:, 0] < 90).all(), r.label  # green (after JPEG)
     microaneurysms = [r for r in regions if r.label == "microaneurysm"]

@@ -112,8 +112,8 @@ def test_offline_expansion_validates_and_states_what_was_detected(expander):
     assert synthetic == ("A colour fundus photograph of the right eye (OD), 400x400 pixels, of good quality, "
                          "with a circular field of view covering 69% of the frame.")
     assert "cup-to-disc ratio of 0.35." in image.anatomy and "The fovea is visible at the centre of the macula." in image.anatomy
-    assert image.positive_findings == ["2 microaneurysms, the nearest 0.8 disc diameters from the fovea",
-                                       "1 haemorrhage, the nearest 0.6 disc diameters from the fovea"]
+    assert image.positive_findings == ["2 microaneurysms, the nearest 0.7 disc diameters from the fovea",
+                                       "1 haemorrhage, 0.2 disc diameters from the fovea"]
     assert image.negative_findings == ["hard exudate", "cotton-wool spot", "drusen", "neovascularisation of the disc"]
     assert (image.diagnosis, image.grade, image.diagnosis_source) == (DR, DR_GRADES[2], "inferred")
     assert image.evidence == ["1 haemorrhage", "2 microaneurysms"]
@@ -136,10 +136,10 @@ def test_region_descriptions_carry_the_measured_facts(expander):
     assert [d.label for d in exp.regions] == [r.label for r in regions]
     text = {d.label + str(i): d.description for i, d in enumerate(exp.regions)}
     assert text["microaneurysm3"] == (
-        "A red microaneurysm, about 0.20 disc diameters across, 0.8 disc diameters from the fovea at 1 o'clock, "
+        "A red microaneurysm, about 0.20 disc diameters across, 0.7 disc diameters from the fovea at 1 o'clock, "
         "in the superonasal quadrant. It appears as tiny, sharply outlined round red dots.")
     assert text["haemorrhage5"].startswith(
-        "A dark red haemorrhage, about 0.60 disc diameters across, 0.6 disc diameters from the fovea at 8 o'clock, "
+        "A dark red haemorrhage, about 0.60 disc diameters across, 0.2 disc diameters from the fovea at 8 o'clock, "
         "in the inferotemporal quadrant.")
     assert text["optic_disc0"] == ("The optic disc: a round, yellow-pink structure where the vessels enter the eye; "
                                    "here pale yellow and about 1.00 disc diameters across.")
@@ -225,7 +225,7 @@ def test_a_weak_detector_states_no_absence_and_labels_do(expander):
 def test_provenance_names_the_offline_backend_and_its_prompt(expander):
     exp = expander.expand(_record(), ANATOMY, [])
     p = exp.provenance
-    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.5")
+    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.6")
     assert p.prompt_sha256 == hashlib.sha256((PROMPTS_DIR / "expand" / "offline.j2").read_bytes()).hexdigest()
     assert p.engine_version == fundus_engine.__version__
     assert make_expander(ExpandConfig()).name == "offline"
@@ -286,9 +286,9 @@ def test_boxes_made_from_masks_are_stated_as_areas_never_as_a_count(expander):
     assert "hard_exudate" not in masks.counted_lesions and "microaneurysm" in masks.counted_lesions
     assert "hard_exudate" in boxes.counted_lesions
     assert [f for f in masks.image.positive_findings if "exudat" in f] == [
-        "hard exudates in 2 areas, the nearest 1.5 disc diameters from the fovea"]
+        "hard exudates in 2 areas, the nearest 1.1 disc diameters from the fovea"]
     assert [f for f in boxes.image.positive_findings if "exudat" in f] == [
-        "2 hard exudates, the nearest 1.5 disc diameters from the fovea"]
+        "2 hard exudates, the nearest 1.1 disc diameters from the fovea"]
     assert "hard exudates in 2 areas" in masks.image.evidence and "2 hard exudates" in boxes.image.evidence
     assert "2 microaneurysms" in masks.image.evidence  # other classes are still counted
     described = {d.region_id: d.description for d in masks.regions}
