@@ -25,7 +25,7 @@ from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Region,
 from fundus_engine.evidence import DetectorEvidence
 from fundus_engine.handoff import PixelHandoff
 from fundus_engine.landmarks import Landmarks, locate_landmarks
-from fundus_engine.vocabulary import ANATOMY, BY_NAME
+from fundus_engine.vocabulary import ANATOMY, BY_NAME, LESIONS
 
 STAGE = "crop"
 THREADS = min(4, os.cpu_count() or 1)  # photographs cropped at once (OpenCV and NumPy release the GIL)
@@ -310,6 +310,58 @@ def mean_colour(rgb: np.ndarray, xyxy: list[float]) -> list[int]:
     return [int(v) for v in patch.reshape(-1, 3).mean(axis=0)] if patch.size else [0, 0, 0]
 
 
+# Colour against the retina around a lesion, in OpenCV's 8-bit Lab (L 0-255, a and b offset by
+# 128): a difference below these is not stated. A speck's own colour is mostly its background's
+# (IDRiD's exudate pixels read "yellow-orange" or "dark red" by name on that orange fundus, while
+# against the retina around them they are brighter and yellower); so lesions are described by
+# how they differ from their surroundings, which is what a reader sees.
+MIN_LIGHTNESS_STEP = 6.0
+MIN_HUE_STEP = 3.0
+STANDOUT_FRACTION = 0.25  # of a box's pixels, those most unlike the ring around it
+
+
+def contrast_words(delta: tuple[float, float, float]) -> str | None:
+    """(dL, da, db) of a lesion against the retina around it, in words: "brighter and yellower",
+    "darker and redder", "brighter and whiter"; None where it differs too little to say."""
+    dl, da, db = delta
+    light = "brighter" if dl >= MIN_LIGHTNESS_STEP else "darker" if dl <= -MIN_LIGHTNESS_STEP else None
+    if db >= MIN_HUE_STEP and da <= 0:
+        hue = "yellower"  # toward yellow, away from the fundus's red
+    elif da <= -MIN_HUE_STEP and db <= -MIN_HUE_STEP:
+        hue = "whiter" if light == "brighter" else "greyer"  # less of both: less saturated
+    elif da >= MIN_HUE_STEP or (db <= -MIN_HUE_STEP and da > -MIN_HUE_STEP):
+        hue = "redder"
+    else:
+        hue = None
+    words = [w for w in (light, hue) if w]
+    return " and ".join(words) if words else None
+
+
+def lesion_contrast(rgb: np.ndarray, xyxy: list[float]) -> tuple[list[int], tuple[float, float, float]]:
+    """Mean RGB of the box's pixels that stand out most from the ring of retina around it (a
+    quarter of them, by Lab distance from the ring's median), and their Lab difference from it."""
+    height, width = rgb.shape[:2]
+    x1, y1 = max(0, int(xyxy[0])), max(0, int(xyxy[1]))
+    x2, y2 = min(width, max(int(math.ceil(xyxy[2])), x1 + 1)), min(height, max(int(math.ceil(xyxy[3])), y1 + 1))
+    pad = max(x2 - x1, y2 - y1) // 2 + 2
+    left, top, right, bottom = max(0, x1 - pad), max(0, y1 - pad), min(width, x2 + pad), min(height, y2 + pad)
+    window = np.ascontiguousarray(rgb[top:bottom, left:right])
+    lab = cv2.cvtColor(window, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float32)
+    inside = np.zeros((bottom - top, right - left), bool)
+    inside[y1 - top:y2 - top, x1 - left:x2 - left] = True
+    inside = inside.reshape(-1)
+    ring, box = lab[~inside], lab[inside]
+    if not len(ring) or not len(box):  # the box fills the photograph
+        return [int(v) for v in window.reshape(-1, 3).mean(axis=0)], (0.0, 0.0, 0.0)
+    background = np.median(ring, axis=0)
+    distance = np.linalg.norm(box - background, axis=1)
+    keep = max(1, int(len(box) * STANDOUT_FRACTION))
+    standout = np.argpartition(-distance, keep - 1)[:keep]
+    colour = window.reshape(-1, 3)[inside][standout].mean(axis=0)
+    dl, da, db = (box[standout].mean(axis=0) - background).tolist()
+    return [int(v) for v in colour], (round(dl, 1), round(da, 1), round(db, 1))
+
+
 def _write_jpeg(path: Path, bgr: np.ndarray, quality: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, quality]):
@@ -389,12 +441,17 @@ def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, 
         if d.label not in marked_labels:  # one marked copy per class bounds the disk cost
             marked_labels.add(d.label)
             marked_path = _write_marked(image_dir / f"{d.region_id}.marked.jpg", bgr, d.xyxy, config.jpeg_quality)
-        colour = mean_colour(rgb, d.xyxy)
+        if d.label in LESIONS:  # how it stands out from the retina around it
+            colour, delta = lesion_contrast(rgb, d.xyxy)
+            named = contrast_words(delta)
+        else:
+            colour = mean_colour(rgb, d.xyxy)
+            named = colour_name(tuple(colour))
         regions.append(Region(
             sha256=record.sha256, region_id=d.region_id, label=d.label, display=BY_NAME[d.label].display,
             xyxy=d.xyxy, box_999=box_999(d.xyxy, record.width, record.height), confidence=d.confidence,
             source=d.source, crop_path=crop_path, marked_path=marked_path, mean_rgb=colour,
-            colour=colour_name(tuple(colour)), **region_facts(d.xyxy, anat)))
+            colour=named, **region_facts(d.xyxy, anat)))
     regions.sort(key=lambda r: r.region_id)
     return anat, regions
 

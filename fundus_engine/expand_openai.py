@@ -38,7 +38,11 @@ def facts_of(region: Region, record: ImageRecord) -> dict:
              "confidence": round(region.confidence, 2), "source": region.source, "size_dd": region.size_dd,
              "fovea_distance_dd": region.fovea_distance_dd, "nearest_point_to_fovea_dd": region.fovea_reach_dd,
              "clock_hour": region.clock_hour,
-             "quadrant": region.quadrant, "colour": region.colour}
+             "quadrant": region.quadrant}
+    if region.label in LESIONS:  # measured against the retina around it, not named on its own
+        facts["colour_against_surrounding_retina"] = region.colour
+    else:
+        facts["colour"] = region.colour
     if region.label in area_classes(record, [region]):
         facts["area_of_one_or_more_lesions"] = True
     return facts

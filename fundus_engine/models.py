@@ -146,8 +146,10 @@ class Region(Row):
     disc_reach_dd: float | None = None
     clock_hour: int | None = Field(default=None, ge=1, le=12)  # of the box's centre, as viewed, 12 = superior
     quadrant: str | None = None  # superotemporal, inferonasal, ... around the fovea; None if the box straddles two
-    mean_rgb: list[int] = Field(min_length=3, max_length=3)
-    colour: str
+    mean_rgb: list[int] = Field(min_length=3, max_length=3)  # a lesion's: of its pixels that stand out
+    # a structure's colour by name; a lesion's difference from the retina around it ("brighter and
+    # yellower"), None where too small to state
+    colour: str | None
 
 
 class Provenance(Row):

@@ -11,8 +11,8 @@ import pytest
 
 from fundus_engine.config import CropConfig, IngestConfig
 from fundus_engine.landmarks import Landmarks
-from fundus_engine.crop import (anatomy, centre, box_999, clock_hour, colour_name, context_window, crop, crop_image,
-                                mark, mean_colour, quadrant, region_facts)
+from fundus_engine.crop import (anatomy, centre, box_999, clock_hour, colour_name, context_window, contrast_words, crop,
+                                crop_image, lesion_contrast, mark, mean_colour, quadrant, region_facts)
 from fundus_engine.detect import from_labels
 from fundus_engine.ingest import ingest
 from fundus_engine.labels import load_labels
@@ -416,7 +416,8 @@ def test_crop_image_writes_crops_and_one_marked_copy_per_class(synthetic, tmp_pa
             edge = marked[y1, x1:x1 + 2].astype(int)
             assert (edge[:, 1] > 180).all() and (edge[:, 0] < 90).all(), r.label  # green (after JPEG)
     microaneurysms = [r for r in regions if r.label == "microaneurysm"]
-    assert all(r.colour in ("red", "dark red") for r in microaneurysms)
+    # measured against the retina around them: the synthetic microaneurysms are dark red dots
+    assert microaneurysms and all(r.colour in ("darker", "darker and redder") for r in microaneurysms)
     # Every lesion of a right eye to the left of the fovea is temporal.
     for r in microaneurysms:
         cx = (r.xyxy[0] + r.xyxy[2]) / 2
@@ -521,3 +522,19 @@ def test_an_exif_rotated_photograph_gets_an_upright_copy_that_trainers_read_in_t
         assert patch[..., 1].mean() > 200  # the box holds the yellow patch in the copy's pixels
     plain_anat, _ = crop_image(plain, [], tmp_path / "crops", CropConfig())
     assert plain_anat.upright_path is None  # no copy where the file is upright already
+
+
+def test_a_lesion_is_described_by_how_it_differs_from_the_retina_around_it():
+    """A small exudate on an orange fundus is mostly its background by mean colour (IDRiD's were
+    named "dark red"); against the ring around it, it is brighter and yellower."""
+    fundus = np.full((200, 200, 3), (170, 80, 30), np.uint8)  # RGB, orange-red retina
+    fundus[94:100, 94:100] = (230, 200, 90)  # a 6-px yellow exudate in a 12-px box: a quarter of its pixels
+    box = [91.0, 91.0, 103.0, 103.0]
+    rgb, delta = lesion_contrast(fundus, box)
+    assert rgb == [230, 200, 90] and contrast_words(delta) == "brighter and yellower"
+    fundus[40:46, 40:46] = (90, 15, 10)  # a haemorrhage: dark red
+    assert contrast_words(lesion_contrast(fundus, [38.0, 38.0, 48.0, 48.0])[1]) == "darker and redder"
+    fundus[150:155, 150:155] = (245, 240, 235)  # a cotton-wool spot: white
+    assert contrast_words(lesion_contrast(fundus, [148.0, 148.0, 157.0, 157.0])[1]) == "brighter and whiter"
+    assert lesion_contrast(fundus, [120.0, 20.0, 130.0, 30.0])[1] == (0, 0, 0)  # nothing there
+    assert contrast_words((2.0, -1.0, 1.0)) is None  # too little to state

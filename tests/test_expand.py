@@ -48,7 +48,8 @@ def _record(**kw) -> ImageRecord:
     return ImageRecord(**{**base, **kw})
 
 
-def _region(n: int, label: str, xyxy: list[float], anat: Anatomy = ANATOMY, colour: str = "red") -> Region:
+def _region(n: int, label: str, xyxy: list[float], anat: Anatomy = ANATOMY,
+            colour: str | None = "darker and redder") -> Region:
     return Region(sha256=anat.sha256, region_id=f"{anat.sha256[:12]}-{n:03d}", label=label,
                   display=BY_NAME[label].display, xyxy=xyxy, box_999=box_999(xyxy, 400, 400), confidence=0.9,
                   source="model", crop_path=f"/crops/{n}.jpg", marked_path=None, mean_rgb=[150, 30, 20],
@@ -64,7 +65,7 @@ def _anatomy_regions() -> list[Region]:
 def _lesions() -> list[Region]:
     return [_region(3, "microaneurysm", [130, 170, 150, 190]),  # 0.81 DD from the fovea at 1 o'clock
             _region(4, "microaneurysm", [40, 330, 46, 336]),
-            _region(5, "haemorrhage", [20, 260, 80, 300], colour="dark red")]
+            _region(5, "haemorrhage", [20, 260, 80, 300], colour="darker")]
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +137,16 @@ def test_region_descriptions_carry_the_measured_facts(expander):
     assert [d.label for d in exp.regions] == [r.label for r in regions]
     text = {d.label + str(i): d.description for i, d in enumerate(exp.regions)}
     assert text["microaneurysm3"] == (
-        "A red microaneurysm, about 0.20 disc diameters across, 0.7 disc diameters from the fovea at 1 o'clock, "
-        "in the superonasal quadrant. It appears as tiny, sharply outlined round red dots.")
+        "A microaneurysm, about 0.20 disc diameters across, 0.7 disc diameters from the fovea at 1 o'clock, "
+        "in the superonasal quadrant, darker and redder than the retina around it. It appears as tiny, sharply "
+        "outlined round red dots.")
     assert text["haemorrhage5"].startswith(
-        "A dark red haemorrhage, about 0.60 disc diameters across, 0.2 disc diameters from the fovea at 8 o'clock, "
-        "in the inferotemporal quadrant.")
+        "A haemorrhage, about 0.60 disc diameters across, 0.2 disc diameters from the fovea at 8 o'clock, "
+        "in the inferotemporal quadrant, darker than the retina around it.")
+    # a lesion too like its surroundings to state a colour: nothing is said of it
+    faint = expander.expand(_record(), ANATOMY, [_region(3, "microaneurysm", [130, 170, 150, 190], colour=None)])
+    assert "than the retina" not in faint.regions[0].description
+    assert faint.regions[0].description.startswith("A microaneurysm, about 0.20 disc diameters across, 0.7 disc")
     assert text["optic_disc0"] == ("The optic disc: a round, yellow-pink structure where the vessels enter the eye; "
                                    "here pale yellow and about 1.00 disc diameters across.")
     assert all(d.significance == BY_NAME[d.label].significance for d in exp.regions)
@@ -225,7 +231,7 @@ def test_a_weak_detector_states_no_absence_and_labels_do(expander):
 def test_provenance_names_the_offline_backend_and_its_prompt(expander):
     exp = expander.expand(_record(), ANATOMY, [])
     p = exp.provenance
-    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.6")
+    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.7")
     assert p.prompt_sha256 == hashlib.sha256((PROMPTS_DIR / "expand" / "offline.j2").read_bytes()).hexdigest()
     assert p.engine_version == fundus_engine.__version__
     assert make_expander(ExpandConfig()).name == "offline"
@@ -272,7 +278,7 @@ def test_boxes_made_from_masks_are_stated_as_areas_never_as_a_count(expander):
     """A box made from a mask may hold several lesions (`clustered_classes`): the findings, the
     evidence and each box's description say in how many areas, and nothing is counted; the same
     boxes from a manifest (one lesion each) are counted."""
-    exudates = [_region(n, "hard_exudate", xyxy, colour="yellow").model_copy(update={"source": "ground_truth"})
+    exudates = [_region(n, "hard_exudate", xyxy, colour="brighter and yellower").model_copy(update={"source": "ground_truth"})
                 for n, xyxy in ((6, [140, 100, 160, 120]), (7, [200, 300, 260, 340]))]
     regions = [*_anatomy_regions(), *exudates, *_lesions()]
     labelled = dict(diagnosis=DR, labelled_classes=["hard_exudate", "microaneurysm"])
@@ -292,5 +298,6 @@ def test_boxes_made_from_masks_are_stated_as_areas_never_as_a_count(expander):
     assert "hard exudates in 2 areas" in masks.image.evidence and "2 hard exudates" in boxes.image.evidence
     assert "2 microaneurysms" in masks.image.evidence  # other classes are still counted
     described = {d.region_id: d.description for d in masks.regions}
-    assert described[exudates[0].region_id].startswith("An area of yellow hard exudates, about 0.20 disc diameters")
-    assert {d.region_id: d.description for d in boxes.regions}[exudates[0].region_id].startswith("A yellow hard exudate")
+    assert described[exudates[0].region_id].startswith("An area of hard exudates, about 0.20 disc diameters")
+    assert {d.region_id: d.description for d in boxes.regions}[exudates[0].region_id].startswith(
+        "A hard exudate, about 0.20 disc diameters")
