@@ -108,10 +108,10 @@ def test_offline_expansion_validates_and_states_what_was_detected(expander):
     image = exp.image
     # a real photograph: its quality grade is stated nowhere (calibrated on synthetic ones only)
     assert image.overview == ("A colour fundus photograph of the right eye (OD), 400x400 pixels, "
-                              "with a circular field of view covering 69% of the frame.")
+                              "with a field of view covering 69% of the frame.")
     synthetic = expander.expand(_record(synthetic=True), ANATOMY, regions).image.overview
     assert synthetic == ("A colour fundus photograph of the right eye (OD), 400x400 pixels, of good quality, "
-                         "with a circular field of view covering 69% of the frame.")
+                         "with a field of view covering 69% of the frame.")
     assert "cup-to-disc ratio of 0.35." in image.anatomy and "The fovea is visible at the centre of the macula." in image.anatomy
     assert image.positive_findings == ["2 microaneurysms, the nearest 0.7 disc diameters from the fovea",
                                        "1 haemorrhage, 0.2 disc diameters from the fovea"]
@@ -231,7 +231,7 @@ def test_a_weak_detector_states_no_absence_and_labels_do(expander):
 def test_provenance_names_the_offline_backend_and_its_prompt(expander):
     exp = expander.expand(_record(), ANATOMY, [])
     p = exp.provenance
-    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.7")
+    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.8")
     assert p.prompt_sha256 == hashlib.sha256((PROMPTS_DIR / "expand" / "offline.j2").read_bytes()).hexdigest()
     assert p.engine_version == fundus_engine.__version__
     assert make_expander(ExpandConfig()).name == "offline"

@@ -159,7 +159,7 @@ def test_a_landmark_is_stated_where_it_is_or_not_at_all(build):
 
 
 def test_field_of_view_coverage_matches_the_masks_and_leaves_out_film_borders(build):
-    """The coverage the records state ("a circular field of view covering N% of the frame"):
+    """The coverage the records state ("a field of view covering N% of the frame"):
     within a point of DRIVE's field-of-view masks, and on STARE's scanned film (a dim green
     border, not black) the retina's 72-80%, not the 77-96% a fixed threshold gave."""
     out, _ = build
