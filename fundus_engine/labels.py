@@ -282,14 +282,19 @@ def fit_labels(labels: dict, width: int, height: int, item: str) -> tuple[dict, 
     return fields, [Reject(stage=STAGE, item=where, reason=f"{field}: {reason}") for field, reason in problems]
 
 
-def _short_keys(relpath: str) -> tuple[str, str]:
-    name = relpath.rsplit("/", 1)[-1]
-    return name, name.rsplit(".", 1)[0]
+def _short_keys(relpath: str) -> tuple[str, ...]:
+    """The other names of an image's relative path: its path from each folder below the input's
+    top (a manifest beside the images, read as `ingest.labels: images/labels.csv`, names
+    `EyePACS/16_left.jpeg` of `images/EyePACS/16_left.jpeg`), its file name and its bare id."""
+    parts = relpath.split("/")
+    name = parts[-1]
+    return (*("/".join(parts[n:]) for n in range(1, len(parts) - 1)), name, name.rsplit(".", 1)[0])
 
 
 def labels_for(relpath: str, labels: dict[str, dict], ambiguous: frozenset[str] = frozenset()) -> dict | None:
-    """Manifests name images by relative path, file name, or bare id (APTOS id_code); a name or
-    id shared by several images in the folder identifies none of them."""
+    """Manifests name images by relative path (from the input folder or one below it), file name,
+    or bare id (APTOS id_code); a name or id shared by several images in the folder identifies
+    none of them."""
     if relpath in labels:
         return labels[relpath]
     for key in _short_keys(relpath):

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from fundus_engine.importers import LabelledImage
-from fundus_engine.layouts import from_layout
+from fundus_engine.layouts import from_layout, label_folders
 from fundus_engine.models import Reject
 from fundus_engine.photo_files import SourceFile, sha256_file
 from fundus_engine.vocabulary import CLASS_NAMES, LESIONS
@@ -46,7 +46,7 @@ def layout_items(folders: list[str], input_dir: Path, sources: list[SourceFile]
     found: dict[str, list[LabelledImage]] = {}
     rejects: list[Reject] = []
     for folder in dict.fromkeys(folders):
-        root = Path(folder) if Path(folder).is_absolute() else input_dir / folder
+        root = _root(folder, input_dir)
         skipped: list[tuple[Path, str]] = []
         try:
             items = from_layout(root, min_area=MIN_AREA, skipped=skipped)
@@ -66,6 +66,22 @@ def layout_items(folders: list[str], input_dir: Path, sources: list[SourceFile]
             rejects.append(Reject(stage="ingest", item=str(folder), reason="ingest.label_layouts: no photograph of "
                                   "the input folder is in this layout; its labels are not used"))
     return found, rejects
+
+
+def _root(folder: str, input_dir: Path) -> Path:
+    return Path(folder) if Path(folder).is_absolute() else input_dir / folder
+
+
+def mask_folders(folders: list[str], input_dir: Path) -> list[Path]:
+    """The layouts' label folders (masks, annotations): inside the input folder they are no
+    photographs of the build. A folder in no known layout has none (`layout_items` names it)."""
+    found = []
+    for folder in dict.fromkeys(folders):
+        try:
+            found += label_folders(_root(folder, input_dir))
+        except (ValueError, OSError):
+            continue
+    return found
 
 
 def with_layout_boxes(entry: dict | None, items: list[LabelledImage]) -> dict:

@@ -119,6 +119,26 @@ def detect_layout(folder: Path) -> str:
         f"or a YOLO folder; give the masks explicitly with a `masks:` entry instead")
 
 
+def label_folders(folder: Path, layout: str | None = None) -> list[Path]:
+    """The folders of a layout that hold its labels (masks, annotations), not photographs: a
+    build reading the layout's photographs from inside it leaves these out of its scan."""
+    root = Path(folder)
+    layout = layout or detect_layout(root)
+    found = [root, *_dirs(root)]
+    if layout == "real_fundus":
+        return [root / "masks"]
+    if layout == "idrid":
+        return [d for d in found if _idrid_class(d)]
+    if layout == "ddr":
+        return [d for d in found if d.name.lower() in ("label", "labels") and "lesion_segmentation"
+                in (p.name.lower() for p in d.parents)]
+    if layout == "fgadr":
+        return [d for d in found if d.name.lower().endswith("_masks")]
+    if layout == "e-ophtha":
+        return [d for d in found if d.name.lower().startswith("annotation_")]
+    return []  # yolo: its labels are text files
+
+
 def from_layout(folder: Path, layout: str | None = None, merge_fraction: float | None = 0.01,
                 min_area: int | None = None, skipped: list[tuple[Path, str]] | None = None) -> list[LabelledImage]:
     """Read a folder in one of the public layouts (recognised by `detect_layout` unless given).

@@ -10,6 +10,7 @@ import errno
 import functools
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
@@ -81,9 +82,10 @@ def utf8_path(path: Path) -> Path:
     return link
 
 
-def scan(input_dir: Path, exclude: Path | None = None, labelled=lambda relpath: False
+def scan(input_dir: Path, exclude: Path | Iterable[Path] | None = None, labelled=lambda relpath: False
          ) -> tuple[list[SourceFile], list[Reject]]:
-    """List image files under input_dir by content hash.
+    """List image files under input_dir by content hash, outside the `exclude` folders (the
+    build's output; the label folders of `ingest.label_layouts`, whose masks are no photographs).
 
     Byte-identical copies are rejected; the copy kept is the one the labels manifest names,
     else the first by path, so a stray duplicate never costs an image its labels.
@@ -110,14 +112,15 @@ def scan(input_dir: Path, exclude: Path | None = None, labelled=lambda relpath: 
     return sorted(sources, key=lambda s: s.relpath), rejects
 
 
-def _walk(input_dir: Path, exclude: Path | None) -> tuple[list[Path], list[Reject]]:
-    """Every file under input_dir, hidden ones and the exclude folder aside. Linked folders are
+def _walk(input_dir: Path, exclude: Path | Iterable[Path] | None) -> tuple[list[Path], list[Reject]]:
+    """Every file under input_dir, hidden ones and the exclude folders aside. Linked folders are
     followed; a link back into its own ancestors (a loop) or to nothing is a reject, never
     skipped in silence nor followed for ever."""
     def identity(st: os.stat_result) -> tuple[int, int]:
         return st.st_dev, st.st_ino
 
-    skip = identity(exclude.stat()) if exclude is not None and exclude.is_dir() else None
+    excluded = [] if exclude is None else [exclude] if isinstance(exclude, (str, os.PathLike)) else list(exclude)
+    skip = {identity(Path(e).stat()) for e in excluded if Path(e).is_dir()}
     files, rejects = [], []
     todo = [(input_dir, frozenset([identity(input_dir.stat())]))]
     while todo:
@@ -145,7 +148,7 @@ def _walk(input_dir: Path, exclude: Path | None) -> tuple[list[Path], list[Rejec
             if S_ISDIR(st.st_mode):
                 if identity(st) in ancestors:
                     rejects.append(Reject(stage=STAGE, item=shown(path), reason="symlink loop"))
-                elif identity(st) != skip:
+                elif identity(st) not in skip:
                     todo.append((path, ancestors | {identity(st)}))
             elif S_ISREG(st.st_mode):
                 files.append(path)

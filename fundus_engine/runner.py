@@ -32,7 +32,7 @@ from fundus_engine import write as write_stage
 from fundus_engine import handoff
 from fundus_engine.image_paths import content_paths, published_paths, renamed_paths
 from fundus_engine import tables
-from fundus_engine.layout_labels import layout_items, with_layout_boxes
+from fundus_engine.layout_labels import layout_items, mask_folders, with_layout_boxes
 from fundus_engine.labels import (ambiguous_keys, identifier_in_path, labels_for, load_labels, patient_key,
                                   patient_key_id)
 from fundus_engine.photo_files import scan
@@ -201,7 +201,9 @@ def plan_build(ctx: RunContext) -> Plan:
     """Labels (the manifest's, and boxes from `ingest.label_layouts`), photographs and their shards
     (membership kept from build to build)."""
     labels, rejects = load_labels(ctx.input_dir, ctx.config.ingest)
-    sources, scan_rejects = scan(ctx.input_dir, exclude=ctx.out, labelled=lambda rel: labels_for(rel, labels) is not None)
+    masks = mask_folders(ctx.config.ingest.label_layouts, ctx.input_dir)
+    sources, scan_rejects = scan(ctx.input_dir, exclude=[ctx.out, *masks],
+                                 labelled=lambda rel: labels_for(rel, labels) is not None)
     rejects += scan_rejects
     ambiguous = ambiguous_keys([s.relpath for s in sources], labels)
     rejects += [Reject(stage="ingest", item=f"labels entry {key}",

@@ -393,3 +393,16 @@ def test_a_bare_name_shared_by_two_images_labels_neither(tmp_path):
     assert labels_for("a/001.jpg", labels, ambiguous) is None and labels_for("b/001.jpg", labels, ambiguous) is None
     assert labels_for("b/002.jpg", labels, ambiguous) == {"diagnosis": "Normal fundus"}
     assert labels_for("c/003.png", labels, ambiguous) == {}
+
+
+def test_a_path_from_a_folder_below_the_input_names_its_image_unless_two_share_it():
+    """A manifest beside the images (`images/labels.csv`, paths from there) labels the input's
+    `images/...`; a sub-path two images share labels neither."""
+    from fundus_engine.labels import ambiguous_keys
+
+    labels = {"EyePACS/16_left.jpeg": {"dr_grade": 4}, "site/x.jpg": {"dr_grade": 0}}
+    relpaths = ["images/EyePACS/16_left.jpeg", "a/site/x.jpg", "b/site/x.jpg"]
+    ambiguous = ambiguous_keys(relpaths, labels)
+    assert ambiguous == {"site/x.jpg"}
+    assert labels_for("images/EyePACS/16_left.jpeg", labels, ambiguous) == {"dr_grade": 4}
+    assert labels_for("a/site/x.jpg", labels, ambiguous) is None and labels_for("b/site/x.jpg", labels, ambiguous) is None

@@ -109,6 +109,16 @@ def test_a_folder_in_no_known_layout_stops_the_build_naming_it(tmp_path):
         plan_build(ctx)
 
 
+def test_the_dataset_root_as_input_reads_its_masks_as_labels_not_as_photographs(tmp_path):
+    """../shared/real_fundus itself as the input, its own layout as labels: the 69 photographs,
+    and not one of its 93 mask files among them nor among the rejects (grayscale, before)."""
+    config = BuildConfig(ingest={"label_layouts": ["."], "labels": "images/labels.csv"})
+    plan = plan_build(RunContext.create(REAL, tmp_path / "out", config, run_id="x"))
+    relpaths = [s.relpath for shard in plan.shards for s in shard.sources]
+    assert len(relpaths) == 69 and all(r.startswith("images/") for r in relpaths)
+    assert plan.rejects == [] and plan.labelled_images == 28  # 20 IDRiD (masks) + 8 EyePACS (images/labels.csv)
+
+
 def _layout(root: Path, masks: dict[str, dict[str, list[tuple[int, int, int, int]]]], size=(200, 150)) -> Path:
     """`images/DS/<id>.png` + `masks/DS/<id>__<class>.png` with the given rectangles (x1, y1, x2, y2)."""
     import cv2

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fundus_engine.mask_boxes import mask_to_boxes
-from fundus_engine.layouts import detect_layout, from_layout
+from fundus_engine.layouts import detect_layout, from_layout, label_folders
+from fundus_engine.photo_files import scan
 from fundus_engine.synth import generate
 
 REAL_FUNDUS = Path(__file__).resolve().parents[1].parent / "shared" / "real_fundus"
@@ -37,6 +38,15 @@ def mask(path: Path, *blobs: tuple[int, int, int, int]) -> Path:
 
 def by_name(items) -> dict[str, object]:
     return {Path(i.image).name: i for i in items}
+
+
+def photos(root: Path) -> list[str]:
+    """What a build with the layout as its input and its labels reads as photographs: its masks
+    are labels, so they are neither photographs nor grayscale rejects."""
+    sources, rejects = scan(root, exclude=label_folders(root))
+    # the fixtures' tiny JPEGs may encode alike: a copy is scanned, and rejected as a duplicate
+    assert all(r.reason.startswith("duplicate") for r in rejects), rejects
+    return sorted([s.relpath for s in sources] + [Path(r.item).relative_to(root).as_posix() for r in rejects])
 
 
 def boxes(item) -> list[tuple[str, list[float]]]:
@@ -76,6 +86,9 @@ def test_idrid_segmentation_layout(idrid):
                                           "soft_exudate")
         assert item.dataset == "IDRiD" and item.synthetic is False and (item.width, item.height) == (W, H)
     assert "IDRiD_01_MA.tif" in one.source
+    assert photos(idrid) == ["A. Segmentation/1. Original Images/a. Training Set/IDRiD_01.jpg",
+                             "A. Segmentation/1. Original Images/a. Training Set/IDRiD_02.jpg",
+                             "B. Disease Grading/1. Original Images/a. Training Set/IDRiD_001.jpg"]
 
 
 
@@ -155,6 +168,11 @@ def test_ddr_segmentation_and_detection(tmp_path):
     for item in items.values():
         assert set(item.annotated_classes) == {"microaneurysm", "haemorrhage", "hard_exudate", "soft_exudate"}
         assert item.dataset == "DDR"
+    assert photos(tmp_path) == ["DDR-dataset/lesion_detection/train/007-1.jpg",
+                                "DDR-dataset/lesion_detection/train/007-8.jpg",
+                                "DDR-dataset/lesion_detection/train/007-9.jpg",
+                                "DDR-dataset/lesion_segmentation/train/image/007-1.jpg",
+                                "DDR-dataset/lesion_segmentation/valid/image/007-2.jpg"]
 
 
 def test_ddr_voc_unknown_class_names_the_file(tmp_path):
@@ -195,6 +213,7 @@ def test_fgadr_seg_set_skips_irma_with_a_log_line(tmp_path, caplog):
     assert items["0001_1.png"].annotated_classes == ("microaneurysm", "haemorrhage", "hard_exudate", "soft_exudate",
                                                      "neovascularisation")
     assert {i.dataset for i in items.values()} == {"FGADR"}
+    assert photos(tmp_path / "FGADR") == ["Seg-set/Original_Images/0001_1.png", "Seg-set/Original_Images/0002_1.png"]
 
 
 # --------------------------------------------------------------------------------------- e-ophtha
@@ -219,6 +238,7 @@ def test_eophtha_ex_and_ma_subsets(tmp_path):
     for key in (("E0003", "C01.jpg"), ("E0004", "C01.jpg"), ("E0005", "C05.jpg")):
         assert items[key].annotated_classes == ("microaneurysm",)
     assert {i.dataset for i in items.values()} == {"e-ophtha"}
+    assert len(photos(tmp_path)) == 5 and not any("Annotation" in p for p in photos(tmp_path))
 
 
 # ------------------------------------------------------------------- images/<DATASET> + masks/<DATASET>
@@ -241,6 +261,9 @@ def test_real_fundus_layout_by_double_underscore_names(tmp_path, caplog):
                                             ("hard_exudate", [30.0, 30.0, 35.0, 34.0])]
     assert boxes(items["IDRiD_02.jpg"]) == [("optic_disc", [35.0, 5.0, 50.0, 20.0])]
     assert all(i.annotated_classes == ("optic_disc", "hard_exudate") and i.dataset == "IDRiD" for i in items.values())
+    # every mask, of a vocabulary class or not (vessels), is a label, not a photograph
+    assert photos(tmp_path) == ["images/DRIVE/21_training.tif", "images/HRF/01_h.jpg", "images/IDRiD/IDRiD_01.jpg",
+                                "images/IDRiD/IDRiD_02.jpg"]
 
 
 def test_yolo_folder_and_unknown_folder(tmp_path):
