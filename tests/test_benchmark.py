@@ -208,6 +208,16 @@ def test_quadrant_questions_only_where_the_quadrant_is_clear(images, bench):
     assert attrs[C] == []  # unknown eye: no quadrant
 
 
+def test_a_quadrant_is_asked_only_of_a_box_a_quarter_disc_diameter_clear_of_the_lines_through_the_fovea():
+    """Fovea at (100, 250), 100-px disc: a microaneurysm 10 px (0.1 DD) above the horizontal line
+    is superonasal only as long as the fovea is placed within 0.1 DD; one 25 px above is asked."""
+    near = _image(A, "OD", lesions=[("microaneurysm", [130, 230, 140, 240], 0.9)])
+    clear = _image(B, "OD", lesions=[("microaneurysm", [130, 215, 140, 225], 0.9)])
+    assert near[2][-1].quadrant == clear[2][-1].quadrant == "superonasal"
+    asked = _of(build_benchmark(*_rows([near, clear]), held_out={A, B}), "Attribute Recognition")
+    assert [(q.sha256, getattr(q, q.answer)) for q in asked] == [(B, "Superonasal")]
+
+
 def test_options_unique_answer_is_category_and_letters_valid(bench):
     for q in bench:
         options = list(options_of(q).values())
