@@ -188,6 +188,10 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
     add("report_generation", [(pick("report_generation"), answer("report_generation", None, grounded=False,
                                                                   **{"ref": lambda d, _: d}))])
     add("grounded_report", [(pick("grounded_report"), answer("grounded_report", None, grounded=True))], boxes=regions)
+    if image.diagnosis and not (image.positive_findings or image.negative_findings):
+        # a diagnosis known from a grade alone, with no finding to reason from: a chain would
+        # teach a conclusion that follows from nothing it says (EyePACS grades)
+        return out
     add("cognitive_chain", [(pick("cognitive_chain"), answer("cognitive_chain"))], boxes=regions)
     steps = by_task["multi_turn"].meta["tasks"]["multi_turn"]["steps"]
     macros = by_task["multi_turn"].module(**context)
