@@ -174,11 +174,14 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
 
     if language != "en":
         return out
-    lesions = [r for _, items in lesion_groups for r in items]
+    def measured(r: Region) -> list[str]:
+        return [k for k, known in (("size", r.size_dd is not None and r.area_disc_areas is not None),
+                                   ("position", r.fovea_reach_dd is not None), ("colour", r.colour is not None)) if known]
+
+    # a lesion with nothing measured (no disc, no fovea, too faint for its colour) is not asked about
+    lesions = [r for _, items in lesion_groups for r in items if measured(r)]
     for r in rng.sample(lesions, min(config.max_attribute_questions, len(lesions))):
-        kinds = [k for k, known in (("size", r.size_dd is not None and r.area_disc_areas is not None),
-                                    ("position", r.fovea_reach_dd is not None), ("colour", r.colour is not None)) if known]
-        kind = _rng(config.seed, record.sha256, r.region_id, "attribute").choice(kinds)
+        kind = _rng(config.seed, record.sha256, r.region_id, "attribute").choice(measured(r))
         question = pick("lesion_attribute", r.region_id, kind=kind).format(
             target=f"area of {plural(r.display)}" if r.label in context["areas"] else r.display.lower(),
             box=f"<box>{box_text([r.box_999])}</box>")

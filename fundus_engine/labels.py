@@ -306,4 +306,6 @@ def labels_for(relpath: str, labels: dict[str, dict], ambiguous: frozenset[str] 
 def ambiguous_keys(relpaths: list[str], labels: dict[str, dict]) -> frozenset[str]:
     """Label keys that are the file name or id of more than one image (clinicA/001.jpg, clinicB/001.jpg)."""
     seen = Counter(key for rel in relpaths for key in set(_short_keys(rel)))
-    return frozenset(key for key in labels if seen[key] > 1 and key not in relpaths)
+    full = set(relpaths)
+    # one image's whole path names that image alone, never another whose path ends with it
+    return frozenset(key for key in labels if seen[key] > 1 and key not in full or seen[key] and key in full)

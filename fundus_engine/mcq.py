@@ -42,7 +42,6 @@ COUNT_NOUNS: dict[str, str] = {
     "soft_exudate": "cotton-wool spots",
     "drusen": "drusen",
 }
-QUADRANT_MARGIN_DD = 0.25  # a quadrant question's box keeps this far from the lines through the fovea
 MAX_COUNT = 10  # above this an exact count is not a fair question; boxes from masks (clustered) are never counted
 BOX_MIN_CONFIDENCE = 0.5  # a detector box weaker than this is not trusted as a benchmark truth
 QUADRANTS = ("superotemporal", "inferotemporal", "superonasal", "inferonasal")
@@ -154,7 +153,7 @@ def image_questions(record: ImageRecord, regions: list[Region], seed: int = 0, i
     return out
 
 
-def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0, max_box_questions: int = 2,
+def box_questions(regions: list[Region], seed: int = 0, max_box_questions: int = 2,
                   record: ImageRecord | None = None) -> list[BenchmarkQuestion]:
     """Organ Recognition, lesion Disease Diagnosis and quadrant Attribute Recognition about one
     marked box each (GMAI-MMBench has no lesion-recognition task: naming a marked lesion is
@@ -192,7 +191,8 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
         if made:
             out.append(_question(RECOGNITION_QUESTION, *made, "Disease Diagnosis" if lesion else "Organ Recognition",
                                  "Box level", r.marked_path, sha))
-    placed = [r for r in trusted if r.label in LESIONS and r.quadrant in QUADRANTS and _clear_of_the_lines(r, anatomy)]
+    # `Region.quadrant`: only of a box well inside one (`crop.QUADRANT_MARGIN_DD` from the lines through the fovea)
+    placed = [r for r in trusted if r.label in LESIONS and r.quadrant in QUADRANTS]
     for r in rng.sample(placed, min(max_box_questions, len(placed))):
         names = [q.capitalize() for q in QUADRANTS]
         made = _options(_rng(seed, sha, "quadrant", r.region_id), r.quadrant.capitalize(), names)
@@ -200,17 +200,6 @@ def box_questions(regions: list[Region], anatomy: Anatomy | None, seed: int = 0,
             out.append(_question(QUADRANT_QUESTION, *made, "Attribute Recognition", "Box level", r.marked_path, sha,
                                  BY_NAME[r.label].display))
     return out
-
-
-def _clear_of_the_lines(region: Region, anatomy: Anatomy | None) -> bool:
-    """The box lies at least QUADRANT_MARGIN_DD from both lines through the fovea: a fovea placed
-    a little off (the localiser's is within about 0.2 DD) must not change the answer."""
-    if anatomy is None or anatomy.fovea_centre is None or not anatomy.disc_diameter_px:
-        return False
-    x1, y1, x2, y2 = region.xyxy
-    f = anatomy.fovea_centre
-    gap = min(max(x1 - f.x, f.x - x2), max(y1 - f.y, f.y - y2))
-    return gap >= QUADRANT_MARGIN_DD * anatomy.disc_diameter_px
 
 
 def _overlap(a: Region, b: Region) -> bool:
@@ -243,7 +232,7 @@ def build_benchmark(records: list[ImageRecord], anatomies: list[Anatomy], region
         own = regions_of.get(record.sha256, [])
         anatomy = anatomy_of.get(record.sha256)
         questions += image_questions(record, own, seed, anatomy.upright_path if anatomy else None)
-        questions += box_questions(own, anatomy, seed, max_box_questions, record)
+        questions += box_questions(own, seed, max_box_questions, record)
     return [q.model_copy(update={"index": i}) for i, q in enumerate(questions)]
 
 

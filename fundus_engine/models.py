@@ -145,7 +145,7 @@ class Region(Row):
     fovea_reach_dd: float | None = None
     disc_reach_dd: float | None = None
     clock_hour: int | None = Field(default=None, ge=1, le=12)  # of the box's centre, as viewed, 12 = superior
-    quadrant: str | None = None  # superotemporal, inferonasal, ... around the fovea; None if the box straddles two
+    quadrant: str | None = None  # superotemporal, ... around the fovea; None unless the box is well inside one
     mean_rgb: list[int] = Field(min_length=3, max_length=3)  # a lesion's: of its pixels that stand out
     # a structure's colour by name; a lesion's difference from the retina around it ("brighter and
     # yellower"), None where too small to state

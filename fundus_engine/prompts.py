@@ -44,9 +44,18 @@ class Prompt:
         return self.template.make_module(context)
 
 
+def dd_from(distance_dd: float, what: str) -> str:
+    """A measured distance in words, to the 0.1 DD it is stated in: under 0.05 DD is "within
+    0.1 disc diameters of" (never "at" or "over": a fovea is placed to about 0.1-0.2 DD)."""
+    if distance_dd < 0.05:
+        return f"within 0.1 disc diameters of {what}"
+    return f"{distance_dd:.1f} disc diameters from {what}"
+
+
 _env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                           keep_trailing_newline=False)
 _env.filters["zh"] = chinese
+_env.filters["dd_from"] = dd_from
 
 
 @functools.cache

@@ -213,7 +213,7 @@ def test_a_quadrant_is_asked_only_of_a_box_a_quarter_disc_diameter_clear_of_the_
     is superonasal only as long as the fovea is placed within 0.1 DD; one 25 px above is asked."""
     near = _image(A, "OD", lesions=[("microaneurysm", [130, 230, 140, 240], 0.9)])
     clear = _image(B, "OD", lesions=[("microaneurysm", [130, 215, 140, 225], 0.9)])
-    assert near[2][-1].quadrant == clear[2][-1].quadrant == "superonasal"
+    assert (near[2][-1].quadrant, clear[2][-1].quadrant) == (None, "superonasal")  # no record states it either
     asked = _of(build_benchmark(*_rows([near, clear]), held_out={A, B}), "Attribute Recognition")
     assert [(q.sha256, getattr(q, q.answer)) for q in asked] == [(B, "Superonasal")]
 

@@ -349,7 +349,7 @@ def test_cognitive_chain_and_multi_turn_walk_the_same_steps(built, images):
     ma = sorted((r for r in regions if r.label == "microaneurysm"), key=lambda r: r.size_dd)
     assert {r.quadrant for r in ma} == {"inferotemporal", "superonasal"}
     assert (f"{ma[0].size_dd:.2f} to {ma[-1].size_dd:.2f} disc diameters across, in the inferotemporal and "
-            "superonasal quadrants, the nearest 0.7 disc diameters from the fovea and 1.6 from the disc margin"
+            "superonasal quadrants, the nearest 0.7 disc diameters from the fovea and 1.6 disc diameters from the disc margin"
             ) in chain_answer  # [130, 170, 150, 190]: its corner (130, 190) 67 px from the fovea, 209 px from the disc's centre
     talk = _of(built, record.sha256, "multi_turn")[0].conversations
     assert len(talk) == 10 and talk[0].value.startswith("<image>\n") and "<image>" not in talk[2].value
@@ -405,3 +405,17 @@ def test_a_grade_with_no_finding_to_reason_from_gets_no_reasoning_chain():
     some = expand(OfflineExpander(ExpandConfig(), evidence=trusting(["drusen"])), [record], [anat], regions).expansions
     assert {"cognitive_chain", "multi_turn"} <= {r.task for r in chain([record], [anat], regions, some,
                                                                        ChainConfig())[0]}
+
+
+def test_a_lesion_with_nothing_measured_costs_no_record():
+    """No disc or fovea located (8 of the 69 real photographs) and a lesion too faint for its
+    colour to be stated: it gets no attribute question, and the image keeps its other records
+    (a choice among no kinds rejected the whole image before)."""
+    record, anat, regions = _image("66" * 32, "P6", "OD", lesions=[("hard_exudate", [150, 300, 170, 312], 0.9)])
+    blind = Anatomy(sha256=record.sha256, laterality="OD", laterality_source="label")
+    regions = [r.model_copy(update={**region_facts(r.xyxy, blind), "colour": None}) for r in regions]
+    expansions = expand(OfflineExpander(ExpandConfig(), evidence=trusting(LESIONS)), [record], [blind],
+                        regions).expansions
+    out, rejects = chain([record], [blind], regions, expansions, ChainConfig())
+    assert rejects == [] and "lesion_attribute" not in {r.task for r in out}
+    assert {"finding_presence", "grounded_report", "cognitive_chain"} <= {r.task for r in out}

@@ -19,6 +19,7 @@ from fundus_engine.labels import load_labels
 from fundus_engine.photo_files import scan
 from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Quality, Reject
 from fundus_engine.synth import generate, render
+from fundus_engine.vocabulary import ANATOMY
 
 QUALITY = Quality(sharpness=40.0, exposure=0.3, fov_coverage=0.69, grade="good")
 
@@ -116,8 +117,10 @@ def test_region_facts_on_a_hand_made_right_eye():
     }
     # A 60 x 40 px haemorrhage centred at (50, 280): left of and below the fovea.
     facts = region_facts([20, 260, 80, 300], OD_ANATOMY)
+    # 10 px (0.1 DD) below the horizontal line through the fovea: too near it to be in a quadrant
     assert facts == {"size_dd": 0.6, "area_disc_areas": 0.24, "fovea_distance_dd": 0.58, "disc_distance_dd": 3.01,
-                     "fovea_reach_dd": 0.22, "disc_reach_dd": 2.2, "clock_hour": 8, "quadrant": "inferotemporal"}
+                     "fovea_reach_dd": 0.22, "disc_reach_dd": 2.2, "clock_hour": 8, "quadrant": None}
+    assert region_facts([20, 280, 70, 320], OD_ANATOMY)["quadrant"] == "inferotemporal"  # 30 px clear of both
 
 
 def test_a_large_box_near_the_fovea_is_measured_from_its_nearest_point_and_placed_in_no_one_quadrant():
@@ -172,7 +175,8 @@ def test_region_facts_are_unknown_without_disc_or_fovea():
     facts = region_facts([130, 170, 150, 190], no_disc)
     assert facts["size_dd"] is None and facts["area_disc_areas"] is None and facts["disc_distance_dd"] is None
     assert facts["fovea_distance_dd"] is None  # no disc diameter to measure in
-    assert (facts["clock_hour"], facts["quadrant"]) == (1, "superonasal")  # direction needs only the fovea
+    # direction needs only the fovea; a quadrant, a box's clearance of the lines in disc diameters
+    assert (facts["clock_hour"], facts["quadrant"]) == (1, None)
 
     no_fovea = OD_ANATOMY.model_copy(update={"fovea_centre": None})
     facts = region_facts([130, 170, 150, 190], no_fovea)
@@ -327,6 +331,8 @@ def test_mark_draws_a_green_box_on_a_copy():
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (57, 203, 47, 153)
     assert green[58, 100] and green[130, 48] and green[202, 100] and green[130, 152]
     assert (marked[60:201, 50:151] == 100).all()  # the box's every pixel, edges included, untouched
+    corner = (mark(rgb, [0, 0, 50, 50]) == (0, 255, 0)).all(axis=2)  # at the picture's edge: drawn on it
+    assert corner[1:53, 0].all() and corner[0, 1:53].all() and corner[52, 10] and corner[10, 52]
     tiny = mark(rgb, [140, 140, 143, 142])  # a 3 x 2 px speck stays visible inside its line
     assert (tiny[140:143, 140:144] == 100).all() and (tiny[141, 138] == (0, 255, 0)).all()
 
@@ -402,9 +408,13 @@ def test_crop_image_writes_crops_and_one_marked_copy_per_class(synthetic, tmp_pa
         d = by_id[r.region_id]
         assert r.xyxy == d.xyxy and r.source == "ground_truth" and r.confidence == 1.0
         assert r.box_999 == box_999(d.xyxy, 256, 256)
+        boxed = region_facts(d.xyxy, anat)  # a lesion's reach is from its pixels told apart: no nearer than its box
         assert {k: getattr(r, k) for k in ("size_dd", "area_disc_areas", "fovea_distance_dd", "disc_distance_dd",
-                                          "fovea_reach_dd", "disc_reach_dd", "clock_hour", "quadrant")
-                } == region_facts(d.xyxy, anat)
+                                          "clock_hour", "quadrant")} == {k: v for k, v in boxed.items() if "reach" not in k}
+        if r.label in ANATOMY:
+            assert (r.fovea_reach_dd, r.disc_reach_dd) == (boxed["fovea_reach_dd"], boxed["disc_reach_dd"])
+        else:
+            assert r.fovea_reach_dd >= boxed["fovea_reach_dd"] and r.disc_reach_dd >= boxed["disc_reach_dd"]
         left, top, right, bottom = context_window(d.xyxy, 256, 256, config)
         crop_pixels = cv2.imread(r.crop_path)
         assert crop_pixels.shape == (bottom - top, right - left, 3)
@@ -530,11 +540,14 @@ def test_a_lesion_is_described_by_how_it_differs_from_the_retina_around_it():
     fundus = np.full((200, 200, 3), (170, 80, 30), np.uint8)  # RGB, orange-red retina
     fundus[94:100, 94:100] = (230, 200, 90)  # a 6-px yellow exudate in a 12-px box: a quarter of its pixels
     box = [91.0, 91.0, 103.0, 103.0]
-    rgb, delta = lesion_contrast(fundus, box)
-    assert rgb == [230, 200, 90] and contrast_words(delta) == "brighter and yellower"
+    exudate = lesion_contrast(fundus, box)
+    assert exudate.rgb == [230, 200, 90] and contrast_words(exudate.delta) == "brighter and yellower"
+    # where it is: its 36 pixels, not the box's 144, so a distance is measured from the exudate itself
+    assert len(exudate.points) == 36 and exudate.points.min(axis=0).tolist() == [94, 94]
+    assert exudate.points.max(axis=0).tolist() == [99, 99]
     fundus[40:46, 40:46] = (90, 15, 10)  # a haemorrhage: dark red
-    assert contrast_words(lesion_contrast(fundus, [38.0, 38.0, 48.0, 48.0])[1]) == "darker and redder"
+    assert contrast_words(lesion_contrast(fundus, [38.0, 38.0, 48.0, 48.0]).delta) == "darker and redder"
     fundus[150:155, 150:155] = (245, 240, 235)  # a cotton-wool spot: white
-    assert contrast_words(lesion_contrast(fundus, [148.0, 148.0, 157.0, 157.0])[1]) == "brighter and whiter"
-    assert lesion_contrast(fundus, [120.0, 20.0, 130.0, 30.0])[1] == (0, 0, 0)  # nothing there
+    assert contrast_words(lesion_contrast(fundus, [148.0, 148.0, 157.0, 157.0]).delta) == "brighter and whiter"
+    assert lesion_contrast(fundus, [120.0, 20.0, 130.0, 30.0]).delta == (0, 0, 0)  # nothing there
     assert contrast_words((2.0, -1.0, 1.0)) is None  # too little to state

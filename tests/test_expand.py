@@ -142,7 +142,7 @@ def test_region_descriptions_carry_the_measured_facts(expander):
         "outlined round red dots.")
     assert text["haemorrhage5"].startswith(
         "A haemorrhage, about 0.60 disc diameters across, 0.2 disc diameters from the fovea at 8 o'clock, "
-        "in the inferotemporal quadrant, darker than the retina around it.")
+        "darker than the retina around it.")  # 0.1 DD below the horizontal through the fovea: no quadrant
     # a lesion too like its surroundings to state a colour: nothing is said of it
     faint = expander.expand(_record(), ANATOMY, [_region(3, "microaneurysm", [130, 170, 150, 190], colour=None)])
     assert "than the retina" not in faint.regions[0].description
@@ -231,7 +231,7 @@ def test_a_weak_detector_states_no_absence_and_labels_do(expander):
 def test_provenance_names_the_offline_backend_and_its_prompt(expander):
     exp = expander.expand(_record(), ANATOMY, [])
     p = exp.provenance
-    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.8")
+    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.9")
     assert p.prompt_sha256 == hashlib.sha256((PROMPTS_DIR / "expand" / "offline.j2").read_bytes()).hexdigest()
     assert p.engine_version == fundus_engine.__version__
     assert make_expander(ExpandConfig()).name == "offline"

@@ -406,3 +406,8 @@ def test_a_path_from_a_folder_below_the_input_names_its_image_unless_two_share_i
     assert ambiguous == {"site/x.jpg"}
     assert labels_for("images/EyePACS/16_left.jpeg", labels, ambiguous) == {"dr_grade": 4}
     assert labels_for("a/site/x.jpg", labels, ambiguous) is None and labels_for("b/site/x.jpg", labels, ambiguous) is None
+    # the image whose whole path it is keeps it; another whose path ends with it does not take it
+    relpaths = ["site/x.jpg", "backup/site/x.jpg"]
+    ambiguous = ambiguous_keys(relpaths, labels)
+    assert labels_for("site/x.jpg", labels, ambiguous) == {"dr_grade": 0}
+    assert labels_for("backup/site/x.jpg", labels, ambiguous) is None
