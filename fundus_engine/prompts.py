@@ -52,10 +52,25 @@ def dd_from(distance_dd: float, what: str) -> str:
     return f"{distance_dd:.1f} disc diameters from {what}"
 
 
+def placement(facts: dict) -> str:
+    """Where a lesion class lies, from `chain.group_facts`: ", mostly in the X quadrant" (over
+    half of its boxes), ", all in ...", ", in all four quadrants", ", in the X and Y quadrants"."""
+    if facts["quadrant"]:
+        share = "in" if facts["count"] == 1 else "all in" if facts["quadrant_share"] == "all" else "mostly in"
+        return f", {share} the {facts['quadrant']} quadrant"
+    quadrants = facts["quadrants"]
+    if len(quadrants) == 4:
+        return ", in all four quadrants"
+    if len(quadrants) > 1:
+        return f", in the {', '.join(quadrants[:-1])} and {quadrants[-1]} quadrants"
+    return ""
+
+
 _env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                           keep_trailing_newline=False)
 _env.filters["zh"] = chinese
 _env.filters["dd_from"] = dd_from
+_env.filters["placement"] = placement
 
 
 @functools.cache
