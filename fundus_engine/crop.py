@@ -265,8 +265,9 @@ def _clear_of_the_lines(xyxy: list[float], fovea: Point, dd: float) -> bool:
 
 def region_facts(xyxy: list[float], anat: Anatomy, lesion: np.ndarray | None = None) -> dict:
     """Size and position in disc diameters; None where the disc or fovea was not found. The
-    quadrant only of a box well inside one (`QUADRANT_MARGIN_DD`); the reach distances (from the fovea's centre and
-    the disc's margin, taken as a circle one disc diameter across) to its nearest point."""
+    quadrant only of a box well inside one (`QUADRANT_MARGIN_DD`); the reach distances from the
+    fovea's centre and the disc's margin (a circle one disc diameter across) to the nearest of the
+    `lesion`'s pixels, where given, else to the box's nearest point."""
     facts: dict = {"size_dd": None, "area_disc_areas": None, "fovea_distance_dd": None,
                    "disc_distance_dd": None, "fovea_reach_dd": None, "disc_reach_dd": None,
                    "clock_hour": None, "quadrant": None}
