@@ -64,18 +64,26 @@ def grading_family(record: ImageRecord, grade: str) -> str:
 def group_facts(items: list[Region]) -> dict:
     """Measured facts of one lesion class on one image, for step 3 of the chain: count, size
     range, where the boxes lie (`quadrant`: the one holding all or most, over half, of them, as
-    `quadrant_share` says; else `quadrants`, by how many each holds), and how near the nearest
-    box comes to the fovea's centre and to the disc's margin (DD, `Region.fovea_reach_dd`)."""
+    `quadrant_share` says; else `quadrants`, by how many each holds), how near the nearest
+    comes to the fovea's centre and to the disc's margin (DD, `Region.fovea_reach_dd`), and
+    which box leads a report's description (`lead`)."""
     def known(attr):
         return [getattr(r, attr) for r in items if getattr(r, attr) is not None]
 
     sizes, placed = known("size_dd"), Counter(known("quadrant")).most_common()
     top, held = placed[0] if placed else (None, 0)
     share = "all" if held == len(items) else "most" if held > len(items) / 2 else None
+    # the quadrants listed are all the class's, or all four: a box near the lines is in none, and
+    # a list of the others would read as where they all are
+    everywhere = len(placed) == 4 or sum(n for _, n in placed) == len(items)
+    reaches = [r for r in items if r.fovea_reach_dd is not None]
     return {"count": len(items), "size_min": min(sizes) if sizes else None, "size_max": max(sizes) if sizes else None,
-            "quadrant": top if share else None, "quadrant_share": share, "quadrants": [q for q, _ in placed],
+            "quadrant": top if share else None, "quadrant_share": share,
+            "quadrants": [q for q, _ in placed] if everywhere else [],
             "nearest_fovea_dd": min(known("fovea_reach_dd"), default=None),
-            "nearest_disc_dd": min(known("disc_reach_dd"), default=None)}
+            "nearest_disc_dd": min(known("disc_reach_dd"), default=None),
+            # the box a report describes: the one nearest the fovea, where that is known
+            "lead": min(reaches, key=lambda r: r.fovea_reach_dd).region_id if reaches else items[0].region_id}
 
 
 def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], expansion: Expansion,
@@ -91,7 +99,7 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
                    landmarks=[label for label in ANATOMY if label in groups], ref=grounded,
                    facts={label: group_facts(items) for label, items in lesion_groups},
                    # classes whose boxes were made from masks: "12 areas of", never "12" lesions
-                   areas=area_classes(record, regions),
+                   areas=area_classes(record, regions), plural=plural,
                    # "no lesion is seen" only where every lesion class was assessed absent
                    all_assessed=set(expansion.assessed_lesions) >= set(LESIONS))
     out: list[InstructionRecord] = []
@@ -188,13 +196,13 @@ def chain_image(record: ImageRecord, anatomy: Anatomy, regions: list[Region], ex
         add("lesion_attribute", [(question, answer("lesion_attribute", kind, r))], key=f"{r.region_id}:{kind}",
             boxes=[r])
 
+    if image.diagnosis and not (image.positive_findings or image.negative_findings):
+        # a diagnosis known from a grade alone, with no finding to reason from: a report or a
+        # chain would teach a conclusion that follows from nothing it says (EyePACS grades)
+        return out
     add("report_generation", [(pick("report_generation"), answer("report_generation", None, grounded=False,
                                                                   **{"ref": lambda d, _: d}))])
     add("grounded_report", [(pick("grounded_report"), answer("grounded_report", None, grounded=True))], boxes=regions)
-    if image.diagnosis and not (image.positive_findings or image.negative_findings):
-        # a diagnosis known from a grade alone, with no finding to reason from: a chain would
-        # teach a conclusion that follows from nothing it says (EyePACS grades)
-        return out
     add("cognitive_chain", [(pick("cognitive_chain"), answer("cognitive_chain"))], boxes=regions)
     steps = by_task["multi_turn"].meta["tasks"]["multi_turn"]["steps"]
     macros = by_task["multi_turn"].module(**context)

@@ -24,6 +24,7 @@ from fundus_engine.decoding import decode_bgr
 from fundus_engine.models import Anatomy, Detection, ImageRecord, Point, Region, Reject
 from fundus_engine.evidence import DetectorEvidence
 from fundus_engine.handoff import PixelHandoff
+from fundus_engine.importers import mask_foreground
 from fundus_engine.landmarks import Landmarks, locate_landmarks
 from fundus_engine.vocabulary import ANATOMY, BY_NAME, LESIONS
 
@@ -451,6 +452,43 @@ def exif_rotated(path: Path) -> bool:
         return False
 
 
+MIN_MARKED_FILL = 0.2  # a box made from a mask is marked for its class only if its lesion fills this much of it
+
+
+def _mask_points(detections: list[Detection], width: int, height: int) -> dict[str, np.ndarray]:
+    """region_id -> (x, y) of the mask pixels inside each box made from masks: the lesion as
+    annotated, which distances are measured from. Each set of mask files is read once."""
+    read: dict[tuple[str, ...], np.ndarray | None] = {}
+    points = {}
+    for d in detections:
+        if not d.masks:
+            continue
+        key = tuple(d.masks)
+        if key not in read:
+            try:
+                union = None
+                for path in key:
+                    mask = mask_foreground(Path(path))
+                    union = mask if union is None else union | mask
+                read[key] = union if union is not None and union.shape == (height, width) else None
+            except (OSError, ValueError):  # moved or rewritten since the labels were read: the box stands
+                read[key] = None
+        if read[key] is None:
+            continue
+        x1, y1 = max(0, int(d.xyxy[0])), max(0, int(d.xyxy[1]))
+        ys, xs = np.nonzero(read[key][y1:int(math.ceil(d.xyxy[3])) + 1, x1:int(math.ceil(d.xyxy[2])) + 1])
+        if len(xs):
+            points[d.region_id] = np.column_stack([xs + x1, ys + y1]).astype(np.float64)
+    return points
+
+
+def _fill(d: Detection, points: dict[str, np.ndarray]) -> float:
+    """How much of a box its annotated lesion fills (1 where no mask says)."""
+    if d.region_id not in points:
+        return 1.0
+    return len(points[d.region_id]) / max(1.0, (d.xyxy[2] - d.xyxy[0] + 1) * (d.xyxy[3] - d.xyxy[1] + 1))
+
+
 def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, config: CropConfig,
                trusted: Iterable[str] = ANATOMY, handoff: PixelHandoff | None = None) -> tuple[Anatomy, list[Region]]:
     bgr = handoff.take(record.path, record.sha256) if handoff is not None else None
@@ -466,8 +504,11 @@ def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, 
     image_dir = Path(out_dir) / record.sha256[:16]
     if exif_rotated(Path(record.path)):
         anat.upright_path = _write_jpeg(image_dir / "upright.jpg", bgr, max(config.jpeg_quality, 95))
-    # the class's marked copy shows its most confident box, of those the largest (labels' are all 1.0)
-    for d in sorted(detections, key=lambda d: (-d.confidence, -(d.xyxy[2] - d.xyxy[0]) * (d.xyxy[3] - d.xyxy[1]))):
+    annotated = _mask_points(detections, record.width, record.height)
+    # the class's marked copy shows its most confident box (labels' are all 1.0), of those the
+    # largest that its lesion fills well: not an area 3 DD wide, most of it retina or the fovea
+    for d in sorted(detections, key=lambda d: (-d.confidence, _fill(d, annotated) < MIN_MARKED_FILL,
+                                               -(d.xyxy[2] - d.xyxy[0]) * (d.xyxy[3] - d.xyxy[1]))):
         left, top, right, bottom = context_window(d.xyxy, record.width, record.height, config)
         crop_path = _write_jpeg(image_dir / f"{d.region_id}.crop.jpg", bgr[top:bottom, left:right], config.jpeg_quality)
         marked_path = None
@@ -478,7 +519,8 @@ def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, 
         if d.label in LESIONS:  # how it stands out from the retina around it, and where it does
             contrast = lesion_contrast(rgb, d.xyxy)
             colour, named = contrast.rgb, contrast_words(contrast.delta)
-            lesion = contrast.points if named else None  # too faint to tell apart: its box stands
+            # where it lies: its mask's pixels, else those told apart (too faint: its box stands)
+            lesion = annotated.get(d.region_id, contrast.points if named else None)
         else:
             colour = mean_colour(rgb, d.xyxy)
             named = colour_name(tuple(colour))

@@ -145,7 +145,7 @@ def _from_result(sha256: str, result) -> list[Detection]:
 
 def from_labels(record: ImageRecord) -> list[Detection]:
     found = [Detection(sha256=record.sha256, region_id="", label=b.label, xyxy=b.xyxy, confidence=1.0,
-                       source="ground_truth") for b in record.label_boxes]
+                       source="ground_truth", masks=b.masks) for b in record.label_boxes]
     return _numbered(record.sha256, found)
 
 

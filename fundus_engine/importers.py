@@ -427,6 +427,11 @@ def from_masks(images_dir: Path, masks: dict[str, Path], min_area: int = 4, merg
             for image in index.values()]
 
 
+def mask_foreground(path: Path) -> np.ndarray:
+    """A mask file's foreground, any non-zero pixel: what `mask_files_to_boxes` boxes."""
+    return _foreground(_read_mask(path), None, path)
+
+
 def mask_files_to_boxes(image: Path, size: tuple[int, int], label: str, mask_paths: Iterable[Path],
                         min_area: int = 4, merge_distance: float | None = None, max_boxes: int | None = None,
                         values: Iterable[int] | None = None) -> list[LabelBox]:
@@ -434,6 +439,7 @@ def mask_files_to_boxes(image: Path, size: tuple[int, int], label: str, mask_pat
     A mask must have the image's (width, height) `size`."""
     width, height = size
     combined = None
+    mask_paths = list(mask_paths)
     for mask_path in mask_paths:
         mask = _read_mask(mask_path)
         if mask.shape[:2] != (height, width):
@@ -443,4 +449,6 @@ def mask_files_to_boxes(image: Path, size: tuple[int, int], label: str, mask_pat
         combined = binary if combined is None else combined | binary
     if combined is None:
         return []
-    return [LabelBox(label=label, xyxy=b) for b in mask_to_boxes(combined, min_area, merge_distance, max_boxes)]
+    named = [str(m) for m in mask_paths] if values is None else []  # any non-zero pixel: crop can read them again
+    return [LabelBox(label=label, xyxy=b, masks=named)
+            for b in mask_to_boxes(combined, min_area, merge_distance, max_boxes)]

@@ -201,7 +201,8 @@ class _MaskBoxes:
             key.update(hashlib.sha256(Path(mask).read_bytes()).digest())
         kept = user_cache_dir("mask-boxes") / f"{key.hexdigest()[:32]}.json"
         with contextlib.suppress(OSError, ValueError):
-            return [LabelBox(label=label, xyxy=xyxy) for xyxy in json.loads(kept.read_text())]
+            named = [str(m) for m in masks]
+            return [LabelBox(label=label, xyxy=xyxy, masks=named) for xyxy in json.loads(kept.read_text())]
         boxes = importers.mask_files_to_boxes(image, size, label, masks, min_area, merge, max_boxes=most)
         with contextlib.suppress(OSError):  # a read-only cache: computed again next time
             kept.parent.mkdir(parents=True, exist_ok=True)

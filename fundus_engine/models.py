@@ -38,6 +38,9 @@ class Row(BaseModel):
 class LabelBox(Row):
     label: str  # canonical class name from fundus_engine.vocabulary
     xyxy: list[float] = Field(min_length=4, max_length=4)
+    # the mask files (their non-zero pixels, as one) a box was made from: inside the box they are
+    # the lesion itself, which crop measures from (an area's box may hold much retina besides)
+    masks: list[str] = []
 
 
 class Point(Row):
@@ -99,6 +102,7 @@ class Detection(Row):
     xyxy: list[float] = Field(min_length=4, max_length=4)  # pixels
     confidence: float = Field(ge=0, le=1)
     source: BoxSource
+    masks: list[str] = []  # a label box's mask files (`LabelBox.masks`)
 
 
 class Anatomy(Row):

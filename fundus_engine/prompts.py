@@ -9,6 +9,7 @@ import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import jinja2
@@ -49,7 +50,8 @@ def dd_from(distance_dd: float, what: str) -> str:
     0.1 disc diameters of" (never "at" or "over": a fovea is placed to about 0.1-0.2 DD)."""
     if distance_dd < 0.05:
         return f"within 0.1 disc diameters of {what}"
-    return f"{distance_dd:.1f} disc diameters from {what}"
+    tenths = Decimal(str(distance_dd)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)  # 0.25 is 0.3, as read
+    return f"{tenths} disc diameters from {what}"
 
 
 def placement(facts: dict) -> str:

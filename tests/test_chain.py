@@ -385,7 +385,9 @@ def test_a_class_is_mostly_in_a_quadrant_only_with_over_half_of_its_boxes_there(
         "quadrant": "superonasal", "quadrant_share": "all"}
     assert facts(superonasal, superonasal, across)["quadrant_share"] == "most"
     tie = facts(superonasal, inferonasal, across, superonasal, inferonasal)
-    assert tie["quadrant"] is None and tie["quadrants"] == ["superonasal", "inferonasal"]
+    # neither holds over half; the quadrants are not listed, as the box across the line is in neither
+    assert tie["quadrant"] is None and tie["quadrants"] == []
+    assert facts(superonasal, inferonasal)["quadrants"] == ["superonasal", "inferonasal"]
     # how near the nearest comes: the inferonasal box's corner (130, 300), hypot(30, 50) px, not its centre's 0.81 DD
     assert tie["nearest_fovea_dd"] == 0.58
 
@@ -393,14 +395,14 @@ def test_a_class_is_mostly_in_a_quadrant_only_with_over_half_of_its_boxes_there(
 def test_a_grade_with_no_finding_to_reason_from_gets_no_reasoning_chain():
     """An EyePACS-like photograph: a DR grade, and a detector trusted on no lesion class, so no
     finding is stated either way. Its grade and diagnosis are records; a cognitive chain or a
-    conversation concluding "proliferative DR" from "no finding could be established" is not."""
+    conversation or a report concluding "proliferative DR" from "no finding could be established" is not."""
     record, anat, regions = _image("55" * 32, "P5", "OD", diagnosis=DR, grade=DR_GRADES[4], dr_grade=4)
     expansions = expand(OfflineExpander(ExpandConfig(), evidence=trusting([])), [record], [anat], regions).expansions
     assert expansions[0].image.positive_findings == expansions[0].image.negative_findings == []
     out, rejects = chain([record], [anat], regions, expansions, ChainConfig())
     tasks = {r.task for r in out}
-    assert {"disease_diagnosis", "severity_grading", "report_generation", "grounded_report"} <= tasks
-    assert not tasks & {"cognitive_chain", "multi_turn"} and rejects == []
+    assert {"disease_diagnosis", "severity_grading"} <= tasks and rejects == []
+    assert not tasks & {"cognitive_chain", "multi_turn", "report_generation", "grounded_report"}
     # with one finding assessed (a trusted detector's silence on drusen), the chain has a step to reason from
     some = expand(OfflineExpander(ExpandConfig(), evidence=trusting(["drusen"])), [record], [anat], regions).expansions
     assert {"cognitive_chain", "multi_turn"} <= {r.task for r in chain([record], [anat], regions, some,

@@ -551,3 +551,38 @@ def test_a_lesion_is_described_by_how_it_differs_from_the_retina_around_it():
     assert contrast_words(lesion_contrast(fundus, [148.0, 148.0, 157.0, 157.0]).delta) == "brighter and whiter"
     assert lesion_contrast(fundus, [120.0, 20.0, 130.0, 30.0]).delta == (0, 0, 0)  # nothing there
     assert contrast_words((2.0, -1.0, 1.0)) is None  # too little to state
+
+
+def test_a_box_made_from_a_mask_is_measured_from_the_masks_pixels(tmp_path):
+    """An area box spanning the fovea whose exudates lie only in its far corner (IDRiD_14: box 0,
+    exudates 0.24 DD): how near it comes is the mask's, and the marked copy goes to a box the
+    exudate fills rather than to the larger one that is mostly retina."""
+    photo = tmp_path / "eye.png"
+    pixels = np.full((400, 400, 3), (30, 80, 170), np.uint8)  # BGR, orange retina
+    pixels[60:70, 180:190] = (90, 200, 230)  # the exudates: far corner of the big box
+    pixels[300:310, 300:310] = (90, 200, 230)  # and a small box they fill
+    cv2.imwrite(str(photo), pixels)
+    mask = np.zeros((400, 400), np.uint8)
+    mask[60:70, 180:190] = mask[300:310, 300:310] = 255
+    cv2.imwrite(str(tmp_path / "eye__hard_exudate.png"), mask)
+    masks = [str(tmp_path / "eye__hard_exudate.png")]
+    record = _record(path=str(photo), laterality="OD", disc=Point(x=350, y=150), fovea=Point(x=100, y=150))
+    big = Detection(sha256=record.sha256, region_id="r-001", label="hard_exudate", xyxy=[60.0, 60.0, 190.0, 200.0],
+                    confidence=1.0, source="ground_truth", masks=masks)
+    small = big.model_copy(update={"region_id": "r-002", "xyxy": [300.0, 300.0, 309.0, 309.0]})
+    disc = Detection(sha256=record.sha256, region_id="r-000", label="optic_disc", xyxy=[300.0, 100.0, 400.0, 200.0],
+                     confidence=1.0, source="ground_truth")
+    anat, regions = crop_image(record, [disc, big, small], tmp_path / "out", CropConfig())
+    by_id = {r.region_id: r for r in regions}
+    assert anat.fovea_centre == Point(x=100, y=150) and anat.disc_diameter_px == 100
+    assert region_facts(big.xyxy, anat)["fovea_reach_dd"] == 0  # its box covers the fovea
+    assert by_id["r-001"].fovea_reach_dd == 1.14  # the mask's nearest pixel (180, 69): hypot(80, 81) = 113.8 px
+    assert by_id["r-002"].marked_path and not by_id["r-001"].marked_path  # 100% filled against 0.6%
+
+
+def test_distances_are_stated_to_the_tenth_rounding_half_up():
+    from fundus_engine.prompts import dd_from
+
+    assert dd_from(0.25, "the fovea") == "0.3 disc diameters from the fovea"  # '%.1f' said 0.2
+    assert dd_from(0.05, "the fovea") == "0.1 disc diameters from the fovea"
+    assert dd_from(0.049, "the disc margin") == "within 0.1 disc diameters of the disc margin"

@@ -138,8 +138,8 @@ def test_region_descriptions_carry_the_measured_facts(expander):
     text = {d.label + str(i): d.description for i, d in enumerate(exp.regions)}
     assert text["microaneurysm3"] == (
         "A microaneurysm, about 0.20 disc diameters across, 0.7 disc diameters from the fovea at 1 o'clock, "
-        "in the superonasal quadrant, darker and redder than the retina around it. It appears as tiny, sharply "
-        "outlined round red dots.")
+        "in the superonasal quadrant, darker and redder than the retina around it. Microaneurysms typically "
+        "appear as tiny, sharply outlined round red dots.")  # the knowledge table's, as what is typical
     assert text["haemorrhage5"].startswith(
         "A haemorrhage, about 0.60 disc diameters across, 0.2 disc diameters from the fovea at 8 o'clock, "
         "darker than the retina around it.")  # 0.1 DD below the horizontal through the fovea: no quadrant
@@ -231,7 +231,7 @@ def test_a_weak_detector_states_no_absence_and_labels_do(expander):
 def test_provenance_names_the_offline_backend_and_its_prompt(expander):
     exp = expander.expand(_record(), ANATOMY, [])
     p = exp.provenance
-    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.9")
+    assert (p.backend, p.model, p.prompt_id, p.prompt_version) == ("offline", "knowledge-table", "expand.offline", "1.10")
     assert p.prompt_sha256 == hashlib.sha256((PROMPTS_DIR / "expand" / "offline.j2").read_bytes()).hexdigest()
     assert p.engine_version == fundus_engine.__version__
     assert make_expander(ExpandConfig()).name == "offline"
