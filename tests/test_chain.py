@@ -421,3 +421,11 @@ def test_a_lesion_with_nothing_measured_costs_no_record():
     out, rejects = chain([record], [blind], regions, expansions, ChainConfig())
     assert rejects == [] and "lesion_attribute" not in {r.task for r in out}
     assert {"finding_presence", "grounded_report", "cognitive_chain"} <= {r.task for r in out}
+
+
+def test_no_line_of_any_answer_ends_in_a_space(built):
+    """Templates joining optional parts leave no stray space before a line break (the report's
+    findings line ended "...fovea. " where nothing was absent)."""
+    for record in built:
+        for turn in record.conversations:
+            assert all(line == line.rstrip() for line in turn.value.split("\n")), (record.task, turn.value)
