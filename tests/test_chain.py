@@ -426,6 +426,11 @@ def test_a_lesion_with_nothing_measured_costs_no_record():
 def test_no_line_of_any_answer_ends_in_a_space(built):
     """Templates joining optional parts leave no stray space before a line break (the report's
     findings line ended "...fovea. " where nothing was absent)."""
-    for record in built:
+    record, anat, regions = _image("77" * 32, "P7", "OD", lesions=[("hard_exudate", [150, 300, 170, 312], 0.9)])
+    nothing_absent = expand(OfflineExpander(ExpandConfig(), evidence=trusting([])), [record], [anat], regions).expansions
+    assert nothing_absent[0].image.positive_findings and not nothing_absent[0].image.negative_findings
+    more, _ = chain([record], [anat], regions, nothing_absent, ChainConfig())
+    assert {"report_generation", "cognitive_chain"} <= {r.task for r in more}
+    for record in [*built, *more]:
         for turn in record.conversations:
             assert all(line == line.rstrip() for line in turn.value.split("\n")), (record.task, turn.value)
