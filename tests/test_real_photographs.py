@@ -15,7 +15,7 @@ import pytest
 
 from flows.build_fundusgen import build_fundusgen
 from fundus_engine.config import BuildConfig
-from fundus_engine.models import Anatomy, ImageRecord, InstructionRecord, Region
+from fundus_engine.models import Anatomy, Expansion, ImageRecord, InstructionRecord, Region
 from fundus_engine.tables import read_rows
 from fundus_engine.vocabulary import DR_GRADES, NORMAL
 
@@ -185,10 +185,14 @@ def test_a_mirrored_photograph_is_not_given_the_side_its_label_says(build):
     assert {images[s].relpath for s in mirrored} == {"EyePACS/16_left.jpeg", "EyePACS/16_right.jpeg"}
     records = [r for r in read_rows(sorted((out / "dataset").glob("*.parquet")), InstructionRecord)
                if r.sha256 in mirrored]
-    assert len(records) >= 16
-    for record in records:
-        text = " ".join(t.value for t in record.conversations)
-        assert not re.search(r"\b(right|left) eye\b|\b(OD|OS)\b", text), (record.task, text[:300])
+    # grade-only: their grade, diagnosis and landmark records, no report or chain to reason in
+    assert len(records) >= 12
+    overviews = [e.image.overview for e in read_rows(sorted((out / "stages" / "expand").glob("*.expansions.parquet")),
+                                                     Expansion) if e.sha256 in mirrored]
+    assert len(overviews) == 2
+    for task, text in [*((r.task, " ".join(t.value for t in r.conversations)) for r in records),
+                       *(("overview", o) for o in overviews)]:
+        assert not re.search(r"\b(right|left) eye\b|\b(OD|OS)\b", text), (task, text[:300])
 
 
 def test_no_quality_grade_is_stated_on_real_photographs(build):
