@@ -360,10 +360,12 @@ class Contrast(NamedTuple):
     points: np.ndarray  # (x, y) of its standing-out pixels on the side of its lightness: the lesion itself
 
 
-def lesion_contrast(rgb: np.ndarray, xyxy: list[float]) -> Contrast:
+def lesion_contrast(rgb: np.ndarray, xyxy: list[float], annotated: np.ndarray | None = None) -> Contrast:
     """The box's pixels that stand out most from the ring of retina around it (a quarter of them,
     by Lab distance from the ring's median): their mean colour, their difference from the ring,
-    and where they are (those brighter than the ring for a brighter lesion, darker for a darker)."""
+    and where they are (those brighter than the ring for a brighter lesion, darker for a darker).
+    With `annotated` (x, y of a mask's pixels in the box) only those are candidates: an area's box
+    may be mostly retina, whose quarter most unlike the ring is vessels or the fovea."""
     height, width = rgb.shape[:2]
     x1, y1 = max(0, int(xyxy[0])), max(0, int(xyxy[1]))
     x2, y2 = min(width, max(int(math.ceil(xyxy[2])), x1 + 1)), min(height, max(int(math.ceil(xyxy[3])), y1 + 1))
@@ -376,8 +378,13 @@ def lesion_contrast(rgb: np.ndarray, xyxy: list[float]) -> Contrast:
     inside = inside.reshape(-1)
     # the black outside the field of view is neither retina nor lesion
     retina = window.reshape(-1, 3).max(axis=1) >= OUTSIDE_FIELD_MAX
-    ring, box = lab[~inside & retina], lab[inside & retina]
+    ring = lab[~inside & retina]
+    if annotated is not None and len(annotated):
+        lesion = np.zeros((bottom - top, right - left), bool)
+        lesion[annotated[:, 1].astype(int) - top, annotated[:, 0].astype(int) - left] = True
+        inside &= lesion.reshape(-1)
     inside &= retina
+    box = lab[inside]
     if not len(ring) or not len(box):  # the box fills the photograph, or lies outside its field
         return Contrast([int(v) for v in window.reshape(-1, 3).mean(axis=0)], (0.0, 0.0, 0.0), np.empty((0, 2)))
     background = np.median(ring, axis=0)
@@ -517,7 +524,7 @@ def crop_image(record: ImageRecord, detections: list[Detection], out_dir: Path, 
             marked_path = _write_marked(image_dir / f"{d.region_id}.marked.jpg", bgr, d.xyxy, config.jpeg_quality)
         lesion = None
         if d.label in LESIONS:  # how it stands out from the retina around it, and where it does
-            contrast = lesion_contrast(rgb, d.xyxy)
+            contrast = lesion_contrast(rgb, d.xyxy, annotated.get(d.region_id))
             colour, named = contrast.rgb, contrast_words(contrast.delta)
             # where it lies: its mask's pixels, else those told apart (too faint: its box stands)
             lesion = annotated.get(d.region_id, contrast.points if named else None)

@@ -578,6 +578,8 @@ def test_a_box_made_from_a_mask_is_measured_from_the_masks_pixels(tmp_path):
     assert region_facts(big.xyxy, anat)["fovea_reach_dd"] == 0  # its box covers the fovea
     assert by_id["r-001"].fovea_reach_dd == 1.14  # the mask's nearest pixel (180, 69): hypot(80, 81) = 113.8 px
     assert by_id["r-002"].marked_path and not by_id["r-001"].marked_path  # 100% filled against 0.6%
+    # its colour from the mask's pixels: the box's most distinct quarter would be plain retina
+    assert by_id["r-001"].colour == "brighter and yellower" and by_id["r-001"].mean_rgb == [230, 200, 90]
 
 
 def test_distances_are_stated_to_the_tenth_rounding_half_up():
