@@ -431,6 +431,9 @@ def test_no_line_of_any_answer_ends_in_a_space(built):
     assert nothing_absent[0].image.positive_findings and not nothing_absent[0].image.negative_findings
     more, _ = chain([record], [anat], regions, nothing_absent, ChainConfig())
     assert {"report_generation", "cognitive_chain"} <= {r.task for r in more}
+    # asked which findings can be ruled out, the conversation says that none can
+    (talk,) = [r for r in more if r.task == "multi_turn"]
+    assert talk.conversations[7].value.endswith(". Nothing can be ruled out from the evidence available.")
     for record in [*built, *more]:
         for turn in record.conversations:
             assert all(line == line.rstrip() for line in turn.value.split("\n")), (record.task, turn.value)
