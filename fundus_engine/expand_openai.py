@@ -37,8 +37,7 @@ def facts_of(region: Region, record: ImageRecord) -> dict:
     facts = {"label": region.label, "name": region.display, "box_0_999": region.box_999,
              "confidence": round(region.confidence, 2), "source": region.source, "size_dd": region.size_dd,
              "fovea_distance_dd": region.fovea_distance_dd, "nearest_point_to_fovea_dd": region.fovea_reach_dd,
-             "clock_hour": region.clock_hour,
-             "quadrant": region.quadrant}
+             "clock_hour": region.clock_hour, "quadrant": region.quadrant}
     if region.label in LESIONS:  # measured against the retina around it, not named on its own
         facts["colour_against_surrounding_retina"] = region.colour
     else:

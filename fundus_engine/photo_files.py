@@ -82,7 +82,7 @@ def utf8_path(path: Path) -> Path:
     return link
 
 
-def scan(input_dir: Path, exclude: Path | Iterable[Path] | None = None, labelled=lambda relpath: False
+def scan(input_dir: Path, exclude: Iterable[Path] = (), labelled=lambda relpath: False
          ) -> tuple[list[SourceFile], list[Reject]]:
     """List image files under input_dir by content hash, outside the `exclude` folders (the
     build's output; the label folders of `ingest.label_layouts`, whose masks are no photographs).
@@ -112,15 +112,14 @@ def scan(input_dir: Path, exclude: Path | Iterable[Path] | None = None, labelled
     return sorted(sources, key=lambda s: s.relpath), rejects
 
 
-def _walk(input_dir: Path, exclude: Path | Iterable[Path] | None) -> tuple[list[Path], list[Reject]]:
+def _walk(input_dir: Path, exclude: Iterable[Path]) -> tuple[list[Path], list[Reject]]:
     """Every file under input_dir, hidden ones and the exclude folders aside. Linked folders are
     followed; a link back into its own ancestors (a loop) or to nothing is a reject, never
     skipped in silence nor followed for ever."""
     def identity(st: os.stat_result) -> tuple[int, int]:
         return st.st_dev, st.st_ino
 
-    excluded = [] if exclude is None else [exclude] if isinstance(exclude, (str, os.PathLike)) else list(exclude)
-    skip = {identity(Path(e).stat()) for e in excluded if Path(e).is_dir()}
+    skip = {identity(Path(e).stat()) for e in exclude if Path(e).is_dir()}
     files, rejects = [], []
     todo = [(input_dir, frozenset([identity(input_dir.stat())]))]
     while todo:

@@ -58,7 +58,7 @@ def test_scan_lists_images_by_content_hash(workdir):
     (workdir / "out").mkdir()
     cv2.imwrite(str(workdir / "out" / "written_by_a_run.png"), np.zeros((8, 8, 3), np.uint8))
 
-    sources, rejects = scan(workdir, exclude=workdir / "out")
+    sources, rejects = scan(workdir, exclude=[workdir / "out"])
     assert rejects == []
     assert [s.relpath for s in sources] == [f"images/synth_s1_{i:05d}_{'OD' if i % 2 == 0 else 'OS'}.jpg"
                                             for i in range(4)]
